@@ -1,0 +1,70 @@
+"""KV caches that plug into any Hugging Face causal LM through transformers' public `Cache` API.
+
+`PreallocatedCache` is the static cache of `kvlab.generate`: each layer owns one buffer sized for
+the whole request (prompt + output), written in place, and attention sees a view of the filled
+part. Unlike transformers' `StaticCache`, attention never runs over the unfilled tail, and unlike
+`DynamicCache` no step concatenates (a full copy of the cache per layer per token).
+"""
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class PreallocatedLayer(CacheLayerMixin):
+    """One layer's K/V: keys, values (batch, kv_heads, max_tokens, head_dim), first `length` slots filled."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, max_tokens: int):
+        super().__init__()
+        self.max_tokens = max_tokens
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_empty(batch, heads, self.max_tokens, head_dim)
+        self.values = value_states.new_empty(batch, heads, self.max_tokens, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.max_tokens:
+            raise RuntimeError(f"cache full: {end} tokens > preallocated {self.max_tokens}")
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_tokens
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.length = max(0, self.length - abs(tokens_to_remove))
+
+
+class PreallocatedCache(Cache):
+    def __init__(self, num_layers: int, max_tokens: int):
+        super().__init__(layers=[PreallocatedLayer(max_tokens) for _ in range(num_layers)])
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Exact bytes held by a cache's K/V storage (allocated buffers, not just the filled part)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.untyped_storage().nbytes()
+    return total

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from kvlab.errors import ConfigError, PromptTooLongError
+from kvlab.generate import generate
+from kvlab.sampling import SamplingConfig
+
+
+def hf_greedy(model, input_ids, n, **kwargs):
+    out = model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+    return out[:, input_ids.shape[1] :]
+
+
+def test_greedy_equals_hf_generate(tiny_model, prompt_ids):
+    result = generate(tiny_model.model, prompt_ids, 20)
+    assert torch.equal(result.tokens, hf_greedy(tiny_model.model, prompt_ids, 20))
+    assert len(result.token_times) == 20 and result.ttft > 0
+
+
+def test_left_padded_batch_equals_hf_generate(tiny_model):
+    torch.manual_seed(1)
+    ids = torch.randint(10, 49000, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 2
+    result = generate(tiny_model.model, ids, 12, attention_mask=mask)
+    expected = hf_greedy(tiny_model.model, ids, 12, attention_mask=mask, pad_token_id=2)
+    assert torch.equal(result.tokens, expected)
+
+
+def test_cache_holds_exactly_prompt_plus_output(tiny_model, prompt_ids):
+    config = tiny_model.model.config
+    result = generate(tiny_model.model, prompt_ids, 8)
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    expected = 2 * config.num_hidden_layers * prompt_ids.shape[0] * kv_heads * (24 + 8) * head_dim * 4
+    assert result.cache_bytes == expected
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, prompt_ids):
+    sampling = SamplingConfig(temperature=0.8, top_k=50, top_p=0.9, seed=7)
+    a = generate(tiny_model.model, prompt_ids, 10, sampling=sampling).tokens
+    b = generate(tiny_model.model, prompt_ids, 10, sampling=sampling).tokens
+    assert torch.equal(a, b)
+
+
+def test_stream_callback_sees_every_token(tiny_model, prompt_ids):
+    seen = []
+    result = generate(tiny_model.model, prompt_ids[:1], 6, on_token=lambda t: seen.append(int(t[0])))
+    assert seen == result.tokens[0].tolist()
+
+
+def test_prompt_longer_than_context_is_rejected(tiny_model):
+    too_long = torch.zeros(1, tiny_model.context_length, dtype=torch.long)
+    with pytest.raises(PromptTooLongError):
+        generate(tiny_model.model, too_long, 1)
+
+
+def test_bad_lengths_are_rejected(tiny_model, prompt_ids):
+    with pytest.raises(ConfigError):
+        generate(tiny_model.model, prompt_ids, 0)
