@@ -70,7 +70,8 @@ def generate(
         )
     device = input_ids.device
     if cache is None:
-        cache = PreallocatedCache(model.config.num_hidden_layers, total)
+        # The last sampled token is never fed back, so the cache holds total - 1 positions.
+        cache = PreallocatedCache(model.config.num_hidden_layers, total - 1)
     generator = sampling.make_generator(device)
 
     # Positions follow model.generate: count only real (unpadded) tokens.

@@ -33,7 +33,7 @@ def test_cache_holds_exactly_prompt_plus_output(tiny_model, prompt_ids):
     result = generate(tiny_model.model, prompt_ids, 8)
     head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
-    expected = 2 * config.num_hidden_layers * prompt_ids.shape[0] * kv_heads * (24 + 8) * head_dim * 4
+    expected = 2 * config.num_hidden_layers * prompt_ids.shape[0] * kv_heads * (24 + 8 - 1) * head_dim * 4
     assert result.cache_bytes == expected
 
 

@@ -125,3 +125,27 @@ def get_spec(name: str) -> ModelSpec:
             f"unknown model {name!r}; known short names: {', '.join(MODELS)} "
             "(or give a hub id[@revision], a local model directory or a .gguf file)"
         ) from None
+
+
+def describe_size(spec: ModelSpec) -> str:
+    """Parameter count and where the weights come from, without loading them."""
+    import importlib.util
+    from pathlib import Path
+
+    if spec.source == "random":
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kwargs = dict(spec.config)
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        return f"{params / 1e6:.1f}M params, in-process"
+    if spec.source == "gguf":
+        found = importlib.util.find_spec(spec.gguf_package)
+        if found is None or not found.submodule_search_locations:
+            return "package not installed"
+        path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+        return f"{path.stat().st_size / 2**20:.0f} MiB GGUF, offline" if path.is_file() else "file missing"
+    return f"hub {spec.hub_id}@{spec.revision}"

@@ -1,0 +1,222 @@
+"""Baseline (`model.generate`) and optimized (`kvlab.generate` + a technique's cache) on identical inputs.
+
+Per dtype and prompt length: warm-up runs, then `repeats` rounds that alternate baseline and optimized
+so that drift of the machine hits both alike. Output length is fixed (min = max new tokens).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from kvlab.bench.config import BenchConfig
+from kvlab.bench.metrics import Floor, PeakMemory, Summary, decode_weight_bytes, measure_bandwidth, synchronize
+from kvlab.bench.techniques import TECHNIQUES
+from kvlab.cache import kv_cache_bytes
+from kvlab.errors import PromptTooLongError
+from kvlab.generate import generate
+from kvlab.models.loader import LoadedModel, load_model, resolve_device
+
+
+class TimingStreamer(BaseStreamer):
+    """Timestamps each token `model.generate` emits; its first `put` is the prompt, not a token."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = 0.0
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Sample:
+    """One measured call."""
+
+    token_times: list[float]
+    tokens: list[list[int]]
+    kv_cache_bytes: int
+    peak_memory_bytes: int
+    peak_memory_delta_bytes: int
+    memory_kind: str
+
+
+@dataclass(slots=True)
+class RunRecord:
+    method: str
+    dtype: str
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    ttft_s: Summary
+    tpot_s: Summary
+    output_tokens_per_s: Summary
+    prefill_tokens_per_s: Summary
+    peak_memory_bytes: Summary
+    peak_memory_delta_bytes: Summary
+    memory_kind: str
+    kv_cache_bytes: int
+    tpot_over_floor: float
+    tokens: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Agreement:
+    """Greedy outputs of the two paths on the same inputs."""
+
+    dtype: str
+    prompt_len: int
+    identical: bool
+    matching_prefix: int  # shortest common prefix over the batch rows
+    new_tokens: int
+
+
+@dataclass(slots=True)
+class BenchResult:
+    config: BenchConfig
+    model_name: str
+    model_source: str
+    meaningful_ppl: bool
+    floors: dict[str, Floor]
+    runs: list[RunRecord]
+    agreement: list[Agreement]
+    ppl: dict | None = None
+
+
+def run_baseline(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[float], torch.Tensor, int]:
+    device = input_ids.device
+    streamer = TimingStreamer(device)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    synchronize(device)
+    streamer.start = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+    return streamer.times, out.sequences[:, input_ids.shape[1] :], kv_cache_bytes(out.cache)
+
+
+def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
+    total = input_ids.shape[1] + new_tokens - 1  # the last sampled token is never fed back
+    cache = TECHNIQUES[config.technique].make_cache(loaded.model, total, config)
+    result = generate(loaded.model, input_ids, new_tokens, cache=cache)
+    return result.token_times, result.tokens, result.cache_bytes
+
+
+def measure(method: str, loaded: LoadedModel, input_ids: torch.Tensor, config: BenchConfig) -> Sample:
+    with PeakMemory(input_ids.device) as peak:
+        if method == "baseline":
+            times, tokens, kv_bytes = run_baseline(loaded, input_ids, config.new_tokens)
+        else:
+            times, tokens, kv_bytes = run_optimized(loaded, input_ids, config.new_tokens, config)
+    return Sample(times, tokens.tolist(), kv_bytes, peak.bytes, peak.delta, peak.kind)
+
+
+def summarize(method: str, dtype: str, input_ids: torch.Tensor, samples: list[Sample], floor: Floor) -> RunRecord:
+    batch, prompt_len = input_ids.shape
+    ttft = [s.token_times[0] for s in samples]
+    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in samples]
+    return RunRecord(
+        method=method,
+        dtype=dtype,
+        batch_size=batch,
+        prompt_len=prompt_len,
+        new_tokens=len(samples[0].token_times),
+        ttft_s=Summary.of(ttft),
+        tpot_s=Summary.of(tpot),
+        output_tokens_per_s=Summary.of([batch * len(s.token_times) / s.token_times[-1] for s in samples]),
+        prefill_tokens_per_s=Summary.of([batch * prompt_len / t for t in ttft]),
+        peak_memory_bytes=Summary.of([float(s.peak_memory_bytes) for s in samples]),
+        peak_memory_delta_bytes=Summary.of([float(s.peak_memory_delta_bytes) for s in samples]),
+        memory_kind=samples[0].memory_kind,
+        kv_cache_bytes=samples[0].kv_cache_bytes,
+        tpot_over_floor=Summary.of(tpot).median / floor.tpot_s,
+        tokens=samples[0].tokens,
+    )
+
+
+def agreement(dtype: str, prompt_len: int, baseline: list[list[int]], optimized: list[list[int]]) -> Agreement:
+    prefixes = []
+    for row_a, row_b in zip(baseline, optimized, strict=True):
+        n = 0
+        while n < min(len(row_a), len(row_b)) and row_a[n] == row_b[n]:
+            n += 1
+        prefixes.append(n)
+    return Agreement(dtype, prompt_len, baseline == optimized, min(prefixes), len(baseline[0]))
+
+
+def make_inputs(token_ids: torch.Tensor, batch_size: int, prompt_len: int) -> torch.Tensor:
+    """Consecutive, non-overlapping windows of the dataset's token stream: row i = tokens[i*L:(i+1)*L]."""
+    needed = batch_size * prompt_len
+    if token_ids.numel() < needed:
+        raise PromptTooLongError(
+            f"the dataset has {token_ids.numel()} tokens; {batch_size} prompts of {prompt_len} need {needed}"
+        )
+    return token_ids[:needed].view(batch_size, prompt_len)
+
+
+def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResult:
+    """Measure every (dtype, prompt length) cell for the configured methods."""
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    methods = ["baseline", "optimized"] if config.method == "both" else [config.method]
+    runs, agreements, floors, ppl = [], [], {}, None
+    loaded = None
+    for dtype in config.dtypes:
+        loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
+        longest = max(config.prompt_lengths) + config.new_tokens
+        if longest > loaded.context_length:
+            raise PromptTooLongError(
+                f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
+                f"{config.model}'s context of {loaded.context_length} tokens"
+            )
+        floors[dtype] = Floor(decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, device))
+        if ppl is None and ppl_fn is not None:
+            ppl = ppl_fn(loaded)
+        cells = [(length, method) for length in config.prompt_lengths for method in methods]
+        progress = tqdm(total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run")
+        for prompt_len in config.prompt_lengths:
+            input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
+            samples: dict[str, list[Sample]] = {method: [] for method in methods}
+            for round_index in range(config.warmup + config.repeats):
+                for method in methods:
+                    sample = measure(method, loaded, input_ids, config)
+                    if round_index >= config.warmup:
+                        samples[method].append(sample)
+                    progress.update()
+            for method in methods:
+                runs.append(summarize(method, dtype, input_ids, samples[method], floors[dtype]))
+            if len(methods) == 2:
+                agreements.append(
+                    agreement(dtype, prompt_len, samples["baseline"][0].tokens, samples["optimized"][0].tokens)
+                )
+        progress.close()
+    return BenchResult(
+        config=config,
+        model_name=loaded.name,
+        model_source=loaded.source,
+        meaningful_ppl=loaded.meaningful_ppl,
+        floors=floors,
+        runs=runs,
+        agreement=agreements,
+        ppl=ppl,
+    )

@@ -1,0 +1,187 @@
+"""Perplexity under a compressed KV cache: streaming (token by token) and compressed-context.
+
+Streaming protocol (StreamingLLM, Xiao et al. 2023, Sec. 4.1, Fig. 3): the text (e.g. one PG-19 book,
+20k+ tokens, far past a 2,048-token context) is fed one token at a time at its true position t;
+the logits after token t score token t+1, so N tokens give N-1 NLLs. The press evicts at every step,
+so the cache holds at most `max_cache_tokens`. Configurations (`STREAMING_CONFIGS`):
+
+    full           dense cache, no eviction; stops at the model's context (positions past it are untrained)
+    window         recent tokens only (StreamingLLM without sinks), re-rotated
+    streaming_llm  4 sinks + recent window, re-rotated (positions assigned inside the cache, Sec. 3.2)
+    h2o, tova      the same budget chosen by H2O / TOVA scores, re-rotated
+    recompute      the oracle: token t+1 scored from a fresh forward over the last `max_cache_tokens`
+                   tokens (sliding window with re-computation, Fig. 1b); O(N * window) compute
+
+Results keep every per-token NLL, so a caller plots cumulative PPL, exp(mean NLL of tokens <= t), vs t.
+
+Compressed-context protocol (kvpress-style): prefill `context_len` tokens through a `PressCache`
+(compressed right after prefill at `compression_ratio` or to `max_cache_tokens`), then score the
+continuation in one forward over the compressed cache; the NLL covers tokens context_len..N-1.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab.cache import PreallocatedCache, kv_cache_bytes
+from kvlab.errors import ConfigError
+from kvlab.press.base import Press
+from kvlab.press.h2o import H2OPress
+from kvlab.press.hf import PressCache
+from kvlab.press.streaming_llm import StreamingLLMPress
+from kvlab.press.tova import TOVAPress
+from kvlab.press.wrappers import KeyRerotationPress
+
+FULL, RECOMPUTE = "full", "recompute"
+STREAMING_CONFIGS: dict[str, Callable[[], Press | None]] = {
+    FULL: lambda: None,
+    "window": lambda: KeyRerotationPress(StreamingLLMPress(n_sink=0)),
+    "streaming_llm": lambda: KeyRerotationPress(StreamingLLMPress(n_sink=4)),
+    "h2o": lambda: KeyRerotationPress(H2OPress()),
+    "tova": lambda: KeyRerotationPress(TOVAPress()),
+    RECOMPUTE: lambda: None,
+}
+
+
+@dataclass(slots=True)
+class PPLResult:
+    """nll[i]: NLL (nats) of scored token i, in text order; kv_bytes: cache storage (streaming: at the end;
+    compressed-context: right after compression)."""
+
+    name: str
+    nll: torch.Tensor
+    first_scored: int  # index in the text of the token nll[0] scores
+    kv_bytes: int = 0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(float(self.nll.mean())) if self.nll.numel() else float("nan")
+
+    def cumulative_nll(self) -> torch.Tensor:
+        """Mean NLL of the first i+1 scored tokens, for i in range(len(nll))."""
+        return self.nll.cumsum(0) / torch.arange(1, self.nll.numel() + 1, dtype=self.nll.dtype)
+
+    def cumulative_ppl(self) -> torch.Tensor:
+        return self.cumulative_nll().exp()
+
+
+def _as_row(input_ids: torch.Tensor) -> torch.Tensor:
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+        raise ConfigError(f"input_ids must be (num_tokens>=2,) or (1, num_tokens>=2), got {tuple(input_ids.shape)}")
+    return ids
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").double()
+
+
+@torch.inference_mode()
+def streaming_ppl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: str = "streaming_llm",
+    *,
+    max_cache_tokens: int = 1024,
+    press: Press | None = None,
+    max_tokens: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> PPLResult:
+    """Streaming PPL of `input_ids` (num_tokens,) under one configuration of `STREAMING_CONFIGS`.
+
+    `press` overrides the configuration's press (any press; wrap it in `KeyRerotationPress` to go past
+    the context). `max_tokens` truncates the text; `on_step(t)` is called after each token (progress).
+    """
+    if config not in STREAMING_CONFIGS:
+        raise ConfigError(f"unknown streaming configuration {config!r}; choose one of {', '.join(STREAMING_CONFIGS)}")
+    if max_cache_tokens < 2:
+        raise ConfigError(f"max_cache_tokens must be >= 2, got {max_cache_tokens}")
+    ids = _as_row(input_ids)[:, :max_tokens].to(model.device)
+    if config == RECOMPUTE:
+        return _recompute_ppl(model, ids, max_cache_tokens, on_step)
+    press = press if press is not None else STREAMING_CONFIGS[config]()
+    num_tokens = ids.shape[1]
+    if press is None:
+        num_tokens = min(num_tokens, int(model.config.max_position_embeddings))
+        cache = PreallocatedCache(model.config.num_hidden_layers, num_tokens)
+        return _token_by_token(model, ids[:, :num_tokens], cache, config, on_step)
+    cache = PressCache(press, model, max_cache_tokens=max_cache_tokens)
+    with cache.hooks(model):
+        return _token_by_token(model, ids, cache, config, on_step)
+
+
+def _token_by_token(model, ids, cache, name, on_step) -> PPLResult:
+    num_tokens = ids.shape[1]
+    nll = torch.empty(num_tokens - 1, dtype=torch.float64)
+    for t in range(num_tokens - 1):
+        logits = model(
+            input_ids=ids[:, t : t + 1],
+            position_ids=torch.tensor([[t]], device=ids.device),
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        nll[t] = _nll(logits, ids[:, t + 1])[0]
+        if on_step is not None:
+            on_step(t)
+    return PPLResult(name=name, nll=nll, first_scored=1, kv_bytes=kv_cache_bytes(cache))
+
+
+def _recompute_ppl(model, ids, window: int, on_step) -> PPLResult:
+    num_tokens = ids.shape[1]
+    nll = torch.empty(num_tokens - 1, dtype=torch.float64)
+    for t in range(num_tokens - 1):
+        start = max(0, t + 1 - window)
+        logits = model(input_ids=ids[:, start : t + 1], use_cache=False, logits_to_keep=1).logits[:, -1]
+        nll[t] = _nll(logits, ids[:, t + 1])[0]
+        if on_step is not None:
+            on_step(t)
+    return PPLResult(name=RECOMPUTE, nll=nll, first_scored=1)
+
+
+@torch.inference_mode()
+def compressed_context_ppl(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    press: Press | None,
+    *,
+    context_len: int,
+    compression_ratio: float | None = None,
+    max_cache_tokens: int | None = None,
+    name: str = "",
+) -> PPLResult:
+    """PPL of input_ids[context_len:] after the first `context_len` tokens are prefilled and compressed.
+
+    press=None is the uncompressed baseline. The whole text must fit the model's context.
+    """
+    ids = _as_row(input_ids).to(model.device)
+    num_tokens = ids.shape[1]
+    if not 0 < context_len < num_tokens:
+        raise ConfigError(f"context_len must be in [1, {num_tokens - 1}], got {context_len}")
+    if num_tokens > int(model.config.max_position_embeddings):
+        raise ConfigError(f"{num_tokens} tokens exceed the model's context ({model.config.max_position_embeddings})")
+    if press is None:
+        cache = PreallocatedCache(model.config.num_hidden_layers, num_tokens)
+        return _score_after_context(model, ids, context_len, cache, name or FULL)
+    cache = PressCache(press, model, max_cache_tokens=max_cache_tokens, compression_ratio=compression_ratio)
+    with cache.hooks(model):
+        return _score_after_context(model, ids, context_len, cache, name or press.describe())
+
+
+def _score_after_context(model, ids, context_len, cache, name) -> PPLResult:
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    first = model(
+        input_ids=ids[:, :context_len], position_ids=positions[:, :context_len], cache=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1:]
+    kv_bytes = kv_cache_bytes(cache)  # after compression, before the continuation grows the cache
+    logits = [first]
+    if ids.shape[1] - 1 > context_len:
+        rest = model(
+            input_ids=ids[:, context_len:-1], position_ids=positions[:, context_len:-1], cache=cache, use_cache=True
+        ).logits
+        logits.append(rest)
+    nll = _nll(torch.cat(logits, dim=1), ids[:, context_len:])
+    return PPLResult(name=name, nll=nll, first_scored=context_len, kv_bytes=kv_bytes)

@@ -1,0 +1,227 @@
+"""kvlab's single entry point: bench | ppl | generate | models | report compare.
+
+Bad input ends with one line on stderr and exit status 2; nothing is written.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from kvlab.errors import KvlabError
+
+
+def _add_model_args(parser: argparse.ArgumentParser, with_dtype: bool = True) -> None:
+    parser.add_argument("--model", help="short name (see `kvlab models`), hub id[@revision], local dir or .gguf")
+    if with_dtype:
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="baseline model.generate() vs an optimized path, same inputs")
+    bench.add_argument("--technique", default="static-cache")
+    bench.add_argument("--batch-level", default="small", help="small | medium | large")
+    bench.add_argument("--config", help="YAML file (default: configs/<technique>/<batch-level>.yaml)")
+    bench.add_argument("--experiment-name", help="results/<technique>/<experiment-name>/")
+    bench.add_argument("--method", choices=["baseline", "optimized", "both"], default=None)
+    bench.add_argument("--benchmark-memory", action=argparse.BooleanOptionalAction, default=None)
+    bench.add_argument("--dataset", help="wikitext2 | pg19 | file:PATH")
+    bench.add_argument("--data-dir", help="local data directory (default: $KVLAB_DATA_DIR)")
+    bench.add_argument("--dtypes", nargs="+", default=None, help="e.g. float32 bfloat16")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing experiment's results")
+    bench.add_argument("--results-dir", default="results")
+    _add_model_args(bench, with_dtype=False)
+
+    ppl = commands.add_parser("ppl", help="sliding-window perplexity (HF guide protocol)")
+    _add_model_args(ppl)
+    ppl.add_argument("--dataset", default="wikitext2")
+    ppl.add_argument("--split", default=None)
+    ppl.add_argument("--data-dir", default=None)
+    ppl.add_argument("--max-length", type=int, default=1024)
+    ppl.add_argument("--stride", type=int, default=512)
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+
+    gen = commands.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    _add_model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+
+    commands.add_parser("models", help="list the model registry")
+
+    report = commands.add_parser("report", help="work with written results")
+    report_commands = report.add_subparsers(dest="report_command", required=True)
+    compare = report_commands.add_parser("compare", help="one table across experiments")
+    compare.add_argument("paths", nargs="+", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        handler = {"bench": cmd_bench, "ppl": cmd_ppl, "generate": cmd_generate, "models": cmd_models, "report": cmd_report}
+        return handler[args.command](args, argv) or 0
+    except KvlabError as error:
+        print(f"kvlab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads <= 0:
+            raise KvlabError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def cmd_bench(args, argv) -> int:
+    from kvlab.bench import config as bench_config
+    from kvlab.bench import report, runner
+    from kvlab.bench.datasets import load_text
+    from kvlab.bench.techniques import known_techniques
+
+    flags = {
+        "experiment_name": args.experiment_name,
+        "method": args.method,
+        "benchmark_memory": args.benchmark_memory,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "dtypes": args.dtypes,
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    config = bench_config.resolve(args.technique, args.batch_level, args.config, args.set, flags, known_techniques())
+    out_dir = report.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
+    report.claim_experiment_dir(out_dir, args.overwrite)
+    text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)
+    from kvlab.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model) if config.model else None
+    token_ids = _tokenize(tokenizer, text.text)
+    ppl_fn = _bench_ppl(config, text) if config.ppl.enabled else None
+    result = runner.run(config, token_ids, ppl_fn)
+    command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
+    path = report.write_report(result, out_dir, command)
+    print(f"kvlab: report written to {path / 'report.md'}")
+    return 0
+
+
+def _tokenize(tokenizer, text: str):
+    from kvlab.bench.perplexity import tokenize
+
+    return tokenize(tokenizer, text)[0]
+
+
+def _bench_ppl(config, text):
+    import dataclasses
+
+    from kvlab.bench.perplexity import sliding_window_perplexity
+
+    def measure(loaded):
+        result = sliding_window_perplexity(
+            loaded, text, max_length=config.ppl.max_length, stride=config.ppl.stride, max_tokens=config.ppl.max_tokens
+        )
+        return dataclasses.asdict(result) | {"protocol": result.protocol, "tokens_scored": result.num_tokens_scored}
+
+    return measure
+
+
+def cmd_ppl(args, argv) -> int:
+    from kvlab.bench.datasets import load_text
+    from kvlab.bench.perplexity import sliding_window_perplexity
+    from kvlab.models.loader import load_model
+
+    _set_threads(args.threads)
+    for name, value in [("--max-length", args.max_length), ("--stride", args.stride), ("--max-tokens", args.max_tokens)]:
+        if value is not None and value <= 0:
+            raise KvlabError(f"{name} must be positive, got {value}")
+    text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
+    loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
+    result = sliding_window_perplexity(
+        loaded, text, max_length=args.max_length, stride=args.stride, max_tokens=args.max_tokens
+    )
+    print(f"model: {loaded.name} ({loaded.source})")
+    print(f"data: {text.description}")
+    print(f"protocol: {result.protocol}")
+    print(f"ppl: {result.ppl:.4f} over {result.num_tokens_scored} tokens ({result.seconds:.1f} s)")
+    if not loaded.meaningful_ppl:
+        print("note: random weights, this perplexity is meaningless")
+    return 0
+
+
+def cmd_generate(args, argv) -> int:
+    import torch
+
+    from kvlab.generate import generate
+    from kvlab.models.loader import load_model
+    from kvlab.sampling import SamplingConfig
+
+    _set_threads(args.threads)
+    if args.max_tokens <= 0:
+        raise KvlabError(f"--max-tokens must be positive, got {args.max_tokens}")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
+    tokenizer = loaded.tokenizer
+    if tokenizer.chat_template and not args.no_chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = args.prompt
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=loaded.model.device)
+    if input_ids.shape[1] == 0:
+        raise KvlabError("the prompt is empty")
+    generated: list[int] = []
+    printed = 0
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal printed
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        # Hold back a trailing replacement character: the next token may complete a multi-byte symbol.
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        print(text[printed:safe], end="", flush=True)
+        printed = max(printed, safe)
+
+    result = generate(
+        loaded.model, input_ids, args.max_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id, on_token=stream
+    )
+    print()
+    n = result.tokens.shape[1]
+    print(f"[{n} tokens, TTFT {result.ttft * 1000:.0f} ms, TPOT {result.tpot * 1000:.1f} ms]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args, argv) -> int:
+    from kvlab.models.registry import MODELS, describe_size
+
+    print(f"{'name':<20} {'source':<7} {'size':<26} description")
+    for spec in MODELS.values():
+        print(f"{spec.name:<20} {spec.source:<7} {describe_size(spec):<26} {spec.description}")
+    return 0
+
+
+def cmd_report(args, argv) -> int:
+    from kvlab.bench.report import compare
+
+    print(compare(args.paths), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`kvlab bench` end to end on a tiny model: the report files exist and hold what they promise."""
+
+import json
+
+import pytest
+import torch
+
+from kvlab.bench.metrics import PeakMemory, decode_weight_bytes
+from kvlab.bench.runner import agreement, make_inputs
+from kvlab.cli import main
+from kvlab.models.loader import load_model
+
+ARGS = [
+    "bench", "--model", "tiny-llama", "--experiment-name", "e2e", "--dtypes", "float32",
+    "--set", "prompt_lengths=[16, 32]", "--set", "new_tokens=6", "--set", "repeats=2",
+    "--set", "ppl.max_tokens=256", "--set", "ppl.max_length=64", "--set", "ppl.stride=32",
+]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    assert main([*ARGS, "--results-dir", str(root)]) == 0
+    return root / "static-cache" / "e2e", root
+
+
+def test_report_files_are_written(experiment):
+    path, _ = experiment
+    assert {p.name for p in path.iterdir()} >= {"report.md", "results.json", "config.yaml", "tpot_vs_prompt.png", "memory.png"}
+    report = (path / "report.md").read_text()
+    assert "kvlab bench --model tiny-llama" in report and "meaningless" in report
+
+
+def test_results_hold_raw_samples_agreement_and_floor(experiment):
+    payload = json.loads((experiment[0] / "results.json").read_text())
+    assert payload["schema_version"] == 1
+    runs = payload["runs"]
+    assert {(r["method"], r["prompt_len"]) for r in runs} == {(m, n) for m in ("baseline", "optimized") for n in (16, 32)}
+    for run in runs:
+        assert len(run["tpot_s"]["samples"]) == 2 and run["tpot_s"]["min"] <= run["tpot_s"]["median"]
+        assert run["kv_cache_bytes"] > 0 and run["tpot_over_floor"] > 0
+    assert all(a["identical"] for a in payload["agreement"])  # fp32 greedy must agree
+    assert payload["floors"]["float32"]["bandwidth_bytes_per_s"] > 0
+
+
+def test_existing_experiment_is_not_overwritten_silently(experiment, capsys):
+    path, root = experiment
+    before = (path / "results.json").read_text()
+    assert main([*ARGS, "--results-dir", str(root)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (path / "results.json").read_text() == before
+
+
+def test_report_compare_builds_one_table(experiment, capsys):
+    assert main(["report", "compare", str(experiment[0])]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| static-cache/e2e |") == 4
+
+
+def test_kv_bytes_of_baseline_and_optimized_are_exact(experiment):
+    payload = json.loads((experiment[0] / "results.json").read_text())
+    # tiny-llama: 2 layers, 2 kv heads, head_dim 16, fp32; K and V; prompt + all but the last new token
+    # (neither path feeds its final token back), batch 1.
+    for run in payload["runs"]:
+        tokens = run["prompt_len"] + run["new_tokens"] - 1
+        assert run["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * tokens
+
+
+def test_agreement_reports_the_common_prefix():
+    a = agreement("bfloat16", 8, [[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 9, 4], [5, 6, 7, 8]])
+    assert (a.identical, a.matching_prefix) == (False, 2)
+
+
+def test_inputs_are_consecutive_windows():
+    ids = torch.arange(100)
+    assert make_inputs(ids, 2, 10).tolist() == [list(range(10)), list(range(10, 20))]
+
+
+def test_decode_weight_bytes_counts_tied_embedding_once():
+    tied = load_model("tiny-llama").model
+    assert decode_weight_bytes(tied) == sum(p.numel() * 4 for p in tied.parameters())
+    untied = load_model("tiny-gpt-neox").model
+    embed = untied.get_input_embeddings().weight
+    expected = sum(p.numel() * 4 for p in untied.parameters()) - embed.numel() * 4 + embed.shape[1] * 4
+    assert decode_weight_bytes(untied) == expected
+
+
+def test_peak_memory_sees_an_allocation_inside_the_region():
+    with PeakMemory(torch.device("cpu")) as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert peak.delta >= 60 * 2**20

@@ -1,0 +1,66 @@
+import pytest
+
+from kvlab.bench.config import from_dict, parse_overrides, resolve
+from kvlab.errors import ConfigError
+
+TECHNIQUES = ["static-cache"]
+
+
+def resolve_with(tmp_path, yaml_text=None, overrides=(), **flags):
+    path = None
+    if yaml_text is not None:
+        path = tmp_path / "exp.yaml"
+        path.write_text(yaml_text)
+    return resolve("static-cache", "small", str(path) if path else None, list(overrides), flags, TECHNIQUES)
+
+
+def test_shipped_presets_resolve_for_every_batch_level():
+    sizes = [resolve("static-cache", level, None, [], {}, TECHNIQUES).batch_size for level in ("small", "medium", "large")]
+    assert sizes == sorted(sizes) and sizes[0] == 1
+
+
+def test_precedence_defaults_then_yaml_then_set_then_flags(tmp_path):
+    config = resolve_with(tmp_path, "new_tokens: 40\nrepeats: 5\n", ["new_tokens=50", "ppl.max_tokens=100"], repeats=7)
+    assert (config.new_tokens, config.repeats, config.ppl.max_tokens) == (50, 7, 100)
+    assert config.ppl.stride == 512  # untouched default survives the nested override
+
+
+def test_set_parses_lists_and_scalars():
+    assert parse_overrides(["dtypes=[float32]", "ppl.enabled=false"]) == {"dtypes": ["float32"], "ppl": {"enabled": False}}
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("bogus: 1\n", "unknown config key 'bogus'"),
+        ("ppl:\n  nope: 2\n", "unknown config key 'ppl.nope'"),
+        ("new_tokens: [1, 2\n", "malformed YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("new_tokens: 0\n", "new_tokens must be a positive integer"),
+        ("prompt_lengths: [128, -4]\n", "prompt_lengths must be a positive integer"),
+        ("dtypes: [float8]\n", "unknown dtype"),
+        ("method: fastest\n", "method must be one of"),
+        ("ppl:\n  stride: 2048\n", "ppl.stride"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key_named(tmp_path, yaml_text, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_with(tmp_path, yaml_text)
+
+
+def test_unknown_technique_and_batch_level():
+    with pytest.raises(ConfigError, match="unknown technique"):
+        resolve("warp-drive", "small", None, [], {}, TECHNIQUES)
+    with pytest.raises(ConfigError, match="batch level"):
+        resolve("static-cache", "huge", None, [], {}, TECHNIQUES)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve("static-cache", "small", str(tmp_path / "none.yaml"), [], {}, TECHNIQUES)
+
+
+def test_from_dict_roundtrip():
+    config = from_dict({"technique": "static-cache", "prompt_lengths": 64})
+    assert config.prompt_lengths == [64]
+    assert from_dict(config.to_dict()) == config

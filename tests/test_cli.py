@@ -1,0 +1,67 @@
+"""The CLI's contract for bad input: one clear line on stderr, exit status 2, no traceback, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvlab.cli import main
+
+
+def run_cli(*args, env=None):
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "kvlab.cli", *args], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--technique", "nope"], "unknown technique"),
+        (["bench", "--batch-level", "huge"], "batch level"),
+        (["bench", "--set", "frobnicate=1"], "unknown config key"),
+        (["bench", "--set", "new_tokens=-3"], "new_tokens must be a positive integer"),
+        (["bench", "--set", "prompt_lengths=[0]"], "prompt_lengths must be a positive integer"),
+        (["ppl", "--dataset", "imagenet"], "unknown dataset"),
+        (["ppl", "--model", "gpt-17"], "unknown model"),
+        (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be positive"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_malformed_yaml_file(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dtypes: [float32\n")
+    assert main(["bench", "--config", str(bad), "--results-dir", str(tmp_path / "r")]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+
+
+def test_prompt_longer_than_context(capsys, tmp_path):
+    args = ["bench", "--model", "tiny-llama", "--set", "prompt_lengths=[600]", "--results-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "exceeds" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_missing_data_offline(capsys, tmp_path):
+    assert main(["ppl", "--model", "tiny-llama", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "KVLAB_DATA_DIR" in err and "--data-dir" in err
+
+
+def test_hub_model_offline_names_the_local_options():
+    result = run_cli("generate", "hi", "--model", "pythia-70m")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "smollm2-135m" in result.stderr and "pythia-70m-random" in result.stderr
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "pythia-70m", "pythia-70m-random"):
+        assert name in out
