@@ -1,16 +1,23 @@
 """kvlab: faster, smaller LLM inference, proved by side-by-side measurements."""
 
+from kvlab.engine.async_engine import AsyncLLM
 from kvlab.errors import ConfigError, KvlabError, ModelUnavailableError, PromptTooLongError
-from kvlab.generate import GenerationResult, SamplingConfig, generate
+from kvlab.generate import GenerationResult, generate
+from kvlab.llm import LLM
+from kvlab.engine.request import SamplingParams
 from kvlab.models.loader import load_model
+from kvlab.sampling import SamplingConfig
 
 __all__ = [
+    "LLM",
+    "AsyncLLM",
     "ConfigError",
     "GenerationResult",
     "KvlabError",
     "ModelUnavailableError",
     "PromptTooLongError",
     "SamplingConfig",
+    "SamplingParams",
     "generate",
     "load_model",
 ]

@@ -95,6 +95,10 @@ def cmd_bench(args, argv) -> int:
     from kvlab.bench.datasets import load_text
     from kvlab.bench.techniques import known_techniques
 
+    if args.technique == "paged":
+        from kvlab.bench.serving import run_paged_bench
+
+        return run_paged_bench(args, argv)
     flags = {
         "experiment_name": args.experiment_name,
         "method": args.method,

@@ -1,0 +1,124 @@
+"""AsyncLLM: the engine behind an asyncio API. Each request is an async stream of its outputs.
+
+    llm = AsyncLLM("tiny-llama", num_blocks=64)
+    async for output in llm.generate("Hello", SamplingParams(max_tokens=8)):
+        print(output.text)
+    await llm.shutdown()
+
+One background task drives the engine; each step runs in a worker thread so the event loop stays
+responsive. The engine is touched by one party at a time: requests added or aborted from the event
+loop are queued and applied between steps, never while a step runs.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from kvlab.engine.config import EngineConfig
+from kvlab.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from kvlab.engine.request import SamplingParams
+from kvlab.models.loader import LoadedModel
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed; the requests in flight cannot continue."""
+
+
+class AsyncLLM:
+    def __init__(self, model: str | LoadedModel, config: EngineConfig | None = None, **overrides):
+        self._attach(LLMEngine.from_model(model, config, **overrides))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pending: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they are produced; the last one has `finished` set. Leaving the
+        loop early (break, cancellation) aborts the request."""
+        if self._closed:
+            raise RuntimeError("AsyncLLM is shut down")
+        request = self.engine.make_request(prompt, params, request_id)  # raises PromptTooLongError here
+        if request.request_id in self._queues:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self._submit(lambda: self.engine.scheduler.add_request(request))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request.request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        """End a request; its stream yields a final output with finish_reason "abort"."""
+        self._submit(lambda: self._abort_now(request_id))
+
+    def get_stats(self) -> EngineStats:
+        """Running/waiting counts, block usage, prefix-cache hit rate, preemptions, tokens/s."""
+        return self.engine.get_stats()
+
+    async def shutdown(self) -> None:
+        """Stop the background task and abort whatever is still in flight."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        self._apply_pending()
+        for request_id in list(self._queues):
+            self._abort_now(request_id)
+
+    def _submit(self, operation: Callable[[], None]) -> None:
+        self._pending.append(operation)
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    def _abort_now(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        queue = self._queues.get(request_id)
+        if output is not None and queue is not None:
+            queue.put_nowait(output)
+
+    def _apply_pending(self) -> None:
+        operations, self._pending = self._pending, []
+        for operation in operations:
+            operation()
+
+    async def _run(self) -> None:
+        while not self._closed:
+            self._apply_pending()
+            if not self.engine.has_unfinished_requests():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as error:  # a failed step poisons every request in flight
+                for request_id, queue in list(self._queues.items()):
+                    self.engine.abort(request_id)
+                    dead = EngineDeadError(f"engine step failed: {type(error).__name__}: {error}")
+                    queue.put_nowait(dead)
+                continue
+            for output in outputs:
+                queue = self._queues.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)

@@ -1,0 +1,223 @@
+"""LLMEngine: the synchronous engine loop. Requests in (text or token ids), outputs per step.
+
+engine = LLMEngine.from_model("tiny-llama", num_blocks=64)
+engine.add_request("Hello", SamplingParams(max_tokens=8))
+while engine.has_unfinished_requests():
+    for output in engine.step(): ...
+"""
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+from kvlab.attention.backends.registry import get_backend
+from kvlab.engine.config import EngineConfig
+from kvlab.engine.model_runner import ModelRunner
+from kvlab.engine.request import Request, RequestStatus, SamplingParams
+from kvlab.engine.scheduler import Scheduler
+from kvlab.errors import PromptTooLongError
+from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
+from kvlab.models.native import build_engine_model
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's state after a step: everything generated so far, and what this step added."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_blocks: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens_per_s: float  # prefill tokens computed per second of step time (recompute included)
+    generation_tokens_per_s: float
+
+    @property
+    def block_usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+
+@dataclass(slots=True)
+class _Counters:
+    step_seconds: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    ids: itertools.count = field(default_factory=itertools.count)
+
+
+class LLMEngine:
+    """Composed from its parts (tests build it around a toy model); `from_model` loads everything."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        tokenizer,
+        eos_token_id: int | None,
+    ):
+        if config.max_model_len is None:
+            raise ValueError("LLMEngine needs a resolved config.max_model_len")
+        self.config = config
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self._counters = _Counters()
+
+    @classmethod
+    def from_model(
+        cls, model: str | LoadedModel, config: EngineConfig | None = None, **overrides
+    ) -> "LLMEngine":
+        """`overrides` are EngineConfig fields (unknown names raise ConfigError)."""
+        config = EngineConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype, config.device)
+        hf_config = loaded.model.config
+        # Output is capped at the model's context; a prompt alone must leave room for one token.
+        max_model_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
+        config = replace(config, max_model_len=max_model_len)
+        dtype, device = resolve_dtype(config.dtype), resolve_device(config.device)
+        model = build_engine_model(loaded.model)
+        num_blocks = config.resolve_num_blocks(model.kv_bytes_per_token(dtype) * config.block_size)
+        runner = ModelRunner(
+            model,
+            get_backend(config.attention_backend, device),
+            num_layers=model.num_layers,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            dtype=dtype,
+            device=device,
+        )
+        return cls(config, Scheduler(config, num_blocks), runner, loaded.tokenizer, _eos_token_id(hf_config))
+
+    def make_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Tokenise and validate without touching engine state (safe from another thread)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise PromptTooLongError("the prompt is empty after tokenisation")
+        if len(token_ids) >= self.config.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(token_ids)} tokens; the model's context is {self.config.max_model_len} "
+                "and at least one token must be generated"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._counters.ids)}"
+        request = Request(request_id, token_ids, params, eos_token_id=self.eos_token_id, prompt=text)
+        self.scheduler.check_fits(request)
+        return request
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        request = self.make_request(prompt, params, request_id)
+        self.scheduler.add_request(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request; its final output, or None if it was unknown or had already finished."""
+        for request in self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED):
+            self.runner.release(request.request_id)
+            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            return _output(request, [], text)
+        return None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and commit one step; one output per request that got a token (or finished)."""
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled)
+        finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
+        self._counters.step_seconds += time.perf_counter() - started
+        self._counters.num_prompt_tokens += scheduled.num_prefill_tokens
+        self._counters.num_generated_tokens += len(sampled)
+        outputs = []
+        for item in scheduled.scheduled:
+            request = item.request
+            if request.request_id not in sampled:
+                continue
+            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            stop_at = _first_stop(text, request.sampling_params.stop)
+            if stop_at is not None and not request.is_finished:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+                finished.add(request.request_id)
+            if stop_at is not None:
+                text = text[:stop_at]
+            if request.request_id in finished:
+                self.runner.release(request.request_id)
+            outputs.append(_output(request, [sampled[request.request_id]], text))
+        return outputs
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for output in self.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]
+
+    def get_stats(self) -> EngineStats:
+        counters, pool = self._counters, self.scheduler.kv.pool
+        seconds = counters.step_seconds or float("inf")
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_used_blocks=pool.num_used_blocks,
+            num_blocks=pool.num_blocks,
+            prefix_cache_hit_rate=self.scheduler.kv.prefix_stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_per_s=counters.num_prompt_tokens / seconds,
+            generation_tokens_per_s=counters.num_generated_tokens / seconds,
+        )
+
+
+def _output(request: Request, new_token_ids: list[int], text: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=list(request.output_token_ids),
+        new_token_ids=new_token_ids,
+        text=text,
+        finish_reason=request.status.finish_reason,
+    )
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _eos_token_id(hf_config) -> int | None:
+    eos = getattr(hf_config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) else eos

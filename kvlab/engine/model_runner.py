@@ -1,0 +1,119 @@
+"""One engine step on the model: flatten the scheduled requests, run the forward pass over the paged
+KV cache, and sample a token for each request whose step reaches its last known token.
+
+The runner owns the KV cache: per layer (key_cache, value_cache), each
+(num_blocks, block_size, num_kv_heads, head_dim), preallocated once. The engine-native model writes
+each new token's K/V at `metadata.slot_mapping` and attends through the attention backend.
+"""
+
+import torch
+
+from kvlab.attention.backends.base import AttentionBackend
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.engine.request import Request
+from kvlab.engine.scheduler import SchedulerOutput
+from kvlab.models.native import EngineModel
+from kvlab.sampling import sample
+
+
+class ModelRunner:
+    """model: an engine-native model (kvlab.models.native.EngineModel or anything with its call
+    contract): `model(input_ids, positions, kv_caches, metadata, backend) -> hidden (T, hidden)`
+    and `model.compute_logits(hidden) -> (N, vocab)`."""
+
+    def __init__(
+        self,
+        model: EngineModel,
+        backend: AttentionBackend,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.model = model
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(num_layers)
+        ]
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv_caches)
+
+    def prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """-> input_ids (T,) int64, positions (T,) int64 (true positions, for RoPE), metadata."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        size = self.block_size
+        for scheduled in output.scheduled:
+            n = scheduled.num_new_tokens
+            input_ids.extend(scheduled.token_ids)
+            positions.extend(range(scheduled.start, scheduled.start + n))
+            # Cache slots differ from positions once a press compacted the request (see request.py).
+            table = scheduled.block_ids
+            slot_mapping.extend(
+                table[s // size] * size + s % size
+                for s in range(scheduled.start_slot, scheduled.start_slot + n)
+            )
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(scheduled.start_slot + n)
+            tables.append(table[: -(-seq_lens[-1] // size)])
+        width = max(len(t) for t in tables)
+        device = self.device
+        metadata = AttentionMetadata(
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device
+            ),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            max_query_len=max(s.num_new_tokens for s in output.scheduled),
+            max_seq_len=max(seq_lens),
+            block_size=size,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=device)
+        return ids, torch.tensor(positions, dtype=torch.long, device=device), metadata
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns the sampled token of each request with `samples` set."""
+        if output.is_empty:
+            return {}
+        input_ids, positions, metadata = self.prepare_inputs(output)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        ends = metadata.query_start_loc[1:] - 1
+        rows = [i for i, s in enumerate(output.scheduled) if s.samples]
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[ends[rows]])
+        requests = [output.scheduled[i].request for i in rows]
+        tokens = self.sample(logits, requests)
+        return {r.request_id: t for r, t in zip(requests, tokens.tolist(), strict=True)}
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logits (N, vocab) -> (N,) token ids; greedy rows in one argmax, others with their own seeds."""
+        tokens = logits.argmax(dim=-1)
+        for i, request in enumerate(requests):
+            config = request.sampling_params.sampling_config
+            if config.is_greedy:
+                continue
+            if request.request_id not in self.generators:
+                self.generators[request.request_id] = config.make_generator(logits.device)
+            tokens[i] = sample(logits[i : i + 1], config, self.generators[request.request_id])[0]
+        return tokens
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's sampling state."""
+        self.generators.pop(request_id, None)

@@ -1,0 +1,135 @@
+"""A request's life in the engine: its tokens, its status and how much of it the KV cache holds.
+
+Two counts matter and differ once a press has compacted the cache:
+  num_computed_tokens  tokens whose K/V were computed; the next token's true (RoPE) position
+  num_cached_tokens    slots the request occupies in its blocks (computed minus evicted by a press)
+"""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvlab.errors import ConfigError
+from kvlab.sampling import SamplingConfig
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks released; waits to be recomputed from its tokens
+    FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the model's context reached
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI-style reason ("stop", "length", "abort"), None while the request lives."""
+        return self.value if self.is_finished else None
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings: how to pick tokens (`SamplingConfig`) and when to stop."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        _ = self.sampling_config  # validates temperature / top_k / top_p with SamplingConfig's messages
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        # Accept lists from YAML/JSON callers, store tuples so the params stay hashable and immutable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(s == "" for s in self.stop):
+            raise ConfigError("stop strings must be non-empty")
+
+    @property
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed
+        )
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_id: int | None = None
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_evicted_tokens: int = 0
+    # Hashes of this request's full blocks, chained (block i's hash covers tokens[: (i+1) * block_size]).
+    # They depend only on token ids, so they survive preemption.
+    block_hashes: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        if not self.prompt_token_ids:
+            raise ConfigError(f"request {self.request_id!r} has an empty prompt")
+        self.prompt_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole list."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Known tokens whose K/V are not computed yet (prompt chunks, or the last sampled token)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until every prompt token (and, after preemption, every earlier output) is computed
+        except the newest sampled token, which a decode step feeds."""
+        return self.num_pending_tokens > 1 or self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def is_compacted(self) -> bool:
+        """A press dropped tokens: the blocks no longer hold the plain prefix, so they are never shared."""
+        return self.num_evicted_tokens > 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
