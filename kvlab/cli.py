@@ -163,9 +163,8 @@ def cmd_ppl(args, argv) -> int:
     print(f"model: {loaded.name} ({loaded.source})")
     print(f"data: {text.description}")
     print(f"protocol: {result.protocol}")
-    print(f"ppl: {result.ppl:.4f} over {result.num_tokens_scored} tokens ({result.seconds:.1f} s)")
-    if not loaded.meaningful_ppl:
-        print("note: random weights, this perplexity is meaningless")
+    print(f"ppl: {result.label} over {result.num_tokens_scored} tokens ({result.seconds:.1f} s)")
+    print(f"ppl with the guide snippet's per-window (labels - 1) weighting: {result.guide_ppl:.4f}")
     return 0
 
 

@@ -190,7 +190,7 @@ def test_text_of_one_token_is_rejected(tiny_model):
 @pytest.mark.integration
 def test_smollm2_wikitext2_matches_the_guide_recipe(smollm2):
     """Real weights, real data: the guide's recipe written out independently gives the same PPL."""
-    max_tokens, max_length, stride = 1536, 512, 256
+    max_tokens, max_length, stride = 768, 256, 128
     text = load_text("wikitext2")
     result = sliding_window_perplexity(
         smollm2, text, max_length=max_length, stride=stride, max_tokens=max_tokens, show_progress=False
@@ -200,6 +200,7 @@ def test_smollm2_wikitext2_matches_the_guide_recipe(smollm2):
     reference = guide_snippet_ppl(smollm2.model, ids, max_length, stride)
     assert result.is_meaningful and result.num_windows == 5 and result.num_tokens_scored == max_tokens - 1
     assert abs(result.guide_ppl - reference) < 0.005, (result.guide_ppl, reference)
-    # The exact count and the guide's (trg_len - 1) weighting differ by well under 0.1 %.
-    assert result.ppl == pytest.approx(reference, rel=1e-3)
+    # The exact count and the guide's (trg_len - 1) weighting differ by O(1/stride) relative
+    # (here 25.544 vs 25.566).
+    assert result.ppl == pytest.approx(reference, rel=2 / stride)
     assert 5 < result.ppl < 100
