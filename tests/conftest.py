@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Triton kernels are checked on CPU by Triton's interpreter, which must be chosen before triton is first
+# imported (importing transformers may import it), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests never reach the hub; a hub call would otherwise retry for ~30 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KVLAB_DATA_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")))

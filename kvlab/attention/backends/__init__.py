@@ -1,0 +1,1 @@
+"""Attention backends over the paged KV cache; pick one with `registry.get_backend(name)`."""

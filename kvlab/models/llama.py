@@ -1,0 +1,102 @@
+"""Engine-native Llama (also SmolLM2, Mistral-style GQA checkpoints saved as Llama).
+
+Per layer: RMSNorm -> fused QKV -> RoPE (in place, q and k together) -> write K/V to the paged
+cache -> attention backend -> o_proj -> residual -> RMSNorm -> fused gate/up -> SiLU(gate) * up ->
+down -> residual. Weights come from the HF model; fused matrices are concatenated once at build.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvlab.attention.backends.base import AttentionBackend
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.errors import ConfigError
+from kvlab.models.native import EngineModel, RotaryEmbedding
+
+
+@dataclass(slots=True)
+class LlamaLayer:
+    input_norm: Tensor  # (hidden,)
+    qkv: Tensor  # ((H + 2K) * D, hidden): rows q | k | v
+    qkv_bias: Tensor | None
+    o_proj: Tensor  # (hidden, H * D)
+    o_bias: Tensor | None
+    post_norm: Tensor
+    gate_up: Tensor  # (2 * intermediate, hidden): rows gate | up
+    gate_up_bias: Tensor | None
+    down: Tensor  # (hidden, intermediate)
+    down_bias: Tensor | None
+
+
+def _maybe_cat(*tensors: Tensor | None) -> Tensor | None:
+    return None if tensors[0] is None else torch.cat(tensors)
+
+
+class LlamaEngineModel(EngineModel):
+    def __init__(self, hf_model) -> None:
+        config = hf_model.config
+        if config.hidden_act != "silu":
+            raise ConfigError(f"engine-native Llama supports hidden_act 'silu', got {config.hidden_act!r}")
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_layers = config.num_hidden_layers
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.embed = hf_model.get_input_embeddings().weight.detach()
+        self.lm_head = hf_model.get_output_embeddings().weight.detach()  # same storage when tied
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.final_norm = hf_model.model.norm.weight.detach()
+        self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
+        self.layers = [self._fuse(layer) for layer in hf_model.model.layers]
+
+    @staticmethod
+    def _fuse(layer) -> LlamaLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            return LlamaLayer(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                qkv_bias=_maybe_cat(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
+                o_proj=attn.o_proj.weight.detach(),
+                o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                gate_up_bias=_maybe_cat(mlp.gate_proj.bias, mlp.up_proj.bias),
+                down=mlp.down_proj.weight.detach(),
+                down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        """input_ids, positions (T,) -> final-normed hidden states (T, hidden)."""
+        num_tokens = input_ids.shape[0]
+        num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        hidden_size = self.embed.shape[1]
+        cos, sin = self.rotary.tables(positions)
+        residual = F.embedding(input_ids, self.embed)
+        for layer, (key_cache, value_cache) in zip(self.layers, kv_caches, strict=True):
+            x = F.rms_norm(residual, (hidden_size,), layer.input_norm, self.eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            # q and k are adjacent in each row, so one rotation covers both heads sets.
+            self.rotary.rotate_(qkv[:, : q_size + kv_size].view(num_tokens, -1, head_dim), cos, sin)
+            query = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+            key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+            value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
+            backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+            attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
+            residual = residual + F.linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
+            x = F.rms_norm(residual, (hidden_size,), layer.post_norm, self.eps)
+            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            residual = residual + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return F.rms_norm(residual, (hidden_size,), self.final_norm, self.eps)

@@ -1,0 +1,175 @@
+"""Engine-native models: lean forward passes over a paged KV cache, with weights from an HF model.
+
+    model = build_engine_model(hf_model)
+    kv_caches = model.allocate_kv_caches(num_blocks=64, block_size=16)
+    hidden = model(input_ids, positions, kv_caches, metadata, backend)     # (T,) ints -> (T, hidden)
+    logits = model.compute_logits(hidden[selected_indices])
+
+One module per architecture (llama.py, gpt_neox.py); this file holds what they share (RoPE tables,
+the base class) and the dispatch by `config.model_type`.
+"""
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from kvlab.attention.backends.base import AttentionBackend
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.errors import ConfigError
+
+# model_type -> "module:Class"; a new architecture is one module and one line here.
+ARCHITECTURES = {
+    "llama": "kvlab.models.llama:LlamaEngineModel",
+    "gpt_neox": "kvlab.models.gpt_neox:GPTNeoXEngineModel",
+}
+
+
+def build_engine_model(hf_model) -> "EngineModel":
+    """The engine-native twin of `hf_model` (same device and dtype; fused weights are copies,
+    the rest, including tied embeddings, share the HF model's storage)."""
+    model_type = hf_model.config.model_type
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"no engine-native module for model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    module, _, cls = ARCHITECTURES[model_type].partition(":")
+    return getattr(importlib.import_module(module), cls)(hf_model)
+
+
+def rope_inverse_frequencies(config, rotary_dim: int) -> tuple[Tensor, float]:
+    """(rotary_dim // 2,) float32 inverse frequencies and the cos/sin scaling factor.
+
+    Default RoPE (Su et al. 2021): inv_freq_i = theta^(-2i / rotary_dim), theta from
+    `config.rope_parameters["rope_theta"]`. Scaled variants (linear, llama3, yarn, ...) are static
+    functions of the config, so transformers' own initialisers are reused for them.
+    """
+    legacy = {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    params = getattr(config, "rope_parameters", None) or legacy
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+        return 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
+    if rope_type == "dynamic":
+        raise ConfigError(
+            "dynamic RoPE rescales with sequence length; engine-native models do not support it"
+        )
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables, (max_positions, rotary_dim // 2) each, in the model dtype.
+
+    Rotation in the "rotate half" layout HF Llama and GPT-NeoX use: for x = [x1, x2],
+    x' = [x1 cos - x2 sin, x2 cos + x1 sin], applied to the first rotary_dim dims of each head.
+    """
+
+    def __init__(self, config, rotary_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        inv_freq, scaling = rope_inverse_frequencies(config, rotary_dim)
+        angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float32), inv_freq)
+        self.cos = (angles.cos() * scaling).to(device=device, dtype=dtype)
+        self.sin = (angles.sin() * scaling).to(device=device, dtype=dtype)
+        self.rotary_dim = rotary_dim
+
+    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin for `positions` (T,), shaped (T, 1, rotary_dim // 2): looked up once per step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def rotate_(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+        """Rotate x (T, heads, head_dim) in place (x may be a view into the fused QKV output)."""
+        x1, x2 = x[..., : self.rotary_dim].chunk(2, dim=-1)
+        x1_sin = x1 * sin  # the one temporary: x1 is overwritten before x2 needs it
+        x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
+        x2.mul_(cos).add_(x1_sin)
+
+
+class EngineModel:
+    """Base of engine-native models: forward(input_ids, positions, kv_caches, metadata, backend).
+
+    Subclasses set the cache geometry (num_layers, num_kv_heads, head_dim), `dtype`, `device`,
+    `lm_head` and implement `forward`, which returns final-normed hidden states (T, hidden).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    embed: Tensor
+    lm_head: Tensor
+    final_norm: Tensor | tuple[Tensor, Tensor]
+    layers: list
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(
+                f"need one (key_cache, value_cache) per layer ({self.num_layers}), got {len(kv_caches)}"
+            )
+        with torch.inference_mode():
+            return self.forward(input_ids, positions, kv_caches, metadata, backend)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (N, hidden) -> logits (N, vocab), in the model dtype."""
+        return torch.nn.functional.linear(hidden, self.lm_head)
+
+    def allocate_kv_caches(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Zeroed per-layer caches, each (num_blocks, block_size, num_kv_heads, head_dim)."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        options = dict(dtype=dtype or self.dtype, device=device or self.device)
+        return [
+            (torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in range(self.num_layers)
+        ]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of distinct weight storage the forward pass reads (tied embeddings counted once):
+        the numerator of the bs-1 decode memory-bandwidth floor."""
+        seen, total = set(), 0
+        final_norm = self.final_norm if isinstance(self.final_norm, tuple) else (self.final_norm,)
+        tensors = [self.embed, self.lm_head, *final_norm, *self._layer_tensors()]
+        for tensor in tensors:
+            key = (tensor.untyped_storage().data_ptr(), tensor.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+    def _layer_tensors(self) -> list[Tensor]:
+        found = []
+        for layer in self.layers:
+            for name in layer.__slots__:
+                value = getattr(layer, name)
+                found.extend(value if isinstance(value, tuple) else [value] if value is not None else [])
+        return found
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Exact K+V bytes one token occupies across all layers."""
+        element = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
