@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-length", type=int, default=1024)
     ppl.add_argument("--stride", type=int, default=512)
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    ppl.add_argument("--mode", choices=["sliding", "streaming"], default="sliding")
+    ppl.add_argument(
+        "--press", action="append", default=None,
+        help="streaming mode: configuration(s) to compare (full, window, streaming_llm, h2o, tova, recompute); repeatable",
+    )
+    ppl.add_argument("--cache-tokens", type=int, default=1024, help="streaming mode: KV budget per layer")
+    ppl.add_argument("--output", type=Path, default=None, help="streaming mode: write JSON + plot here")
 
     gen = commands.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")
@@ -58,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
 
     commands.add_parser("models", help="list the model registry")
+    commands.add_parser("presses", help="list the KV-compression methods and their options")
 
     report = commands.add_parser("report", help="work with written results")
     report_commands = report.add_subparsers(dest="report_command", required=True)
@@ -70,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        handler = {"bench": cmd_bench, "ppl": cmd_ppl, "generate": cmd_generate, "models": cmd_models, "report": cmd_report}
+        handler = {
+            "bench": cmd_bench,
+            "ppl": cmd_ppl,
+            "generate": cmd_generate,
+            "models": cmd_models,
+            "presses": cmd_presses,
+            "report": cmd_report,
+        }
         return handler[args.command](args, argv) or 0
     except KvlabError as error:
         print(f"kvlab: error: {error}", file=sys.stderr)
@@ -156,6 +171,10 @@ def cmd_ppl(args, argv) -> int:
         if value is not None and value <= 0:
             raise KvlabError(f"{name} must be positive, got {value}")
     text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
+    if args.mode == "streaming":
+        from kvlab.bench.streaming_report import run_streaming
+
+        return run_streaming(args, text, argv)
     loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
     result = sliding_window_perplexity(
         loaded, text, max_length=args.max_length, stride=args.stride, max_tokens=args.max_tokens
@@ -216,6 +235,16 @@ def cmd_models(args, argv) -> int:
     print(f"{'name':<20} {'source':<7} {'size':<26} description")
     for spec in MODELS.values():
         print(f"{spec.name:<20} {spec.source:<7} {describe_size(spec):<26} {spec.description}")
+    return 0
+
+
+def cmd_presses(args, argv) -> int:
+    from kvlab.press.registry import PRESSES, press_options
+
+    for name, cls in PRESSES.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        options = ", ".join(f"{key}={value!r}" for key, value in press_options(name).items())
+        print(f"{name:<14} {summary}\n{'':<14} options: {options or 'none'}")
     return 0
 
 

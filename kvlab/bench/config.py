@@ -91,6 +91,10 @@ class BenchConfig:
         if not self.experiment_name or "/" in self.experiment_name:
             raise ConfigError(f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}")
         self.ppl.validate()
+        from kvlab.bench.techniques import TECHNIQUES
+
+        if self.technique in TECHNIQUES:
+            TECHNIQUES[self.technique].validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,6 +49,7 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
         "runs": [dataclasses.asdict(run) for run in result.runs],
         "agreement": [dataclasses.asdict(a) for a in result.agreement],
         "ppl": result.ppl,
+        "quality": result.quality,
     }
     (staging / "results.json").write_text(json.dumps(payload, indent=1))
     (staging / "config.yaml").write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
@@ -155,6 +156,15 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         lines += ["", "## Perplexity", "", f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens.", "", f"Protocol: {ppl['protocol']}"]
         if not model["meaningful_ppl"]:
             lines += ["", "This model has random weights: its perplexity is meaningless (reported only to show the path runs)."]
+    quality = payload.get("quality")
+    if quality:
+        lines += [
+            "", "## Quality under compression (same tokens)", "",
+            "| cache | PPL | KV MiB |", "|---|---:|---:|",
+            f"| full | {quality['full_ppl']:.3f} | {_mib(quality['full_kv_bytes'])} |",
+            f"| {config['technique']} | {quality['press_ppl']:.3f} | {_mib(quality['press_kv_bytes'])} |",
+            "", f"Protocol: {quality['protocol']}",
+        ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"

@@ -92,6 +92,7 @@ class BenchResult:
     runs: list[RunRecord]
     agreement: list[Agreement]
     ppl: dict | None = None
+    quality: dict | None = None  # technique-specific quality (e.g. compressed-cache PPL vs full cache)
 
 
 def run_baseline(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[float], torch.Tensor, int]:
@@ -116,8 +117,10 @@ def run_baseline(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int) 
 
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
     total = input_ids.shape[1] + new_tokens - 1  # the last sampled token is never fed back
-    cache = TECHNIQUES[config.technique].make_cache(loaded.model, total, config)
-    result = generate(loaded.model, input_ids, new_tokens, cache=cache)
+    technique = TECHNIQUES[config.technique]
+    cache = technique.make_cache(loaded.model, total, config)
+    with technique.hooks(cache, loaded.model):
+        result = generate(loaded.model, input_ids, new_tokens, cache=cache)
     return result.token_times, result.tokens, result.cache_bytes
 
 
@@ -179,7 +182,7 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
     if config.threads:
         torch.set_num_threads(config.threads)
     methods = ["baseline", "optimized"] if config.method == "both" else [config.method]
-    runs, agreements, floors, ppl = [], [], {}, None
+    runs, agreements, floors, ppl, quality = [], [], {}, None, None
     loaded = None
     for dtype in config.dtypes:
         loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
@@ -192,6 +195,9 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         floors[dtype] = Floor(decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, device))
         if ppl is None and ppl_fn is not None:
             ppl = ppl_fn(loaded)
+        quality_fn = TECHNIQUES[config.technique].quality
+        if quality is None and quality_fn is not None and config.ppl.enabled:
+            quality = quality_fn(loaded, token_ids, config)
         cells = [(length, method) for length in config.prompt_lengths for method in methods]
         progress = tqdm(total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run")
         for prompt_len in config.prompt_lengths:
@@ -219,4 +225,5 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         runs=runs,
         agreement=agreements,
         ppl=ppl,
+        quality=quality,
     )

@@ -32,6 +32,7 @@ from kvlab.errors import ConfigError
 from kvlab.press.base import Press
 from kvlab.press.h2o import H2OPress
 from kvlab.press.hf import PressCache
+from kvlab.press.registry import PRESSES, get_press
 from kvlab.press.streaming_llm import StreamingLLMPress
 from kvlab.press.tova import TOVAPress
 from kvlab.press.wrappers import KeyRerotationPress
@@ -72,12 +73,16 @@ class PPLResult:
 def _as_row(input_ids: torch.Tensor) -> torch.Tensor:
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
-        raise ConfigError(f"input_ids must be (num_tokens>=2,) or (1, num_tokens>=2), got {tuple(input_ids.shape)}")
+        raise ConfigError(
+            f"input_ids must be (num_tokens>=2,) or (1, num_tokens>=2), got {tuple(input_ids.shape)}"
+        )
     return ids
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").double()
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).double()
 
 
 @torch.inference_mode()
@@ -93,17 +98,29 @@ def streaming_ppl(
 ) -> PPLResult:
     """Streaming PPL of `input_ids` (num_tokens,) under one configuration of `STREAMING_CONFIGS`.
 
-    `press` overrides the configuration's press (any press; wrap it in `KeyRerotationPress` to go past
-    the context). `max_tokens` truncates the text; `on_step(t)` is called after each token (progress).
+    Any registered press name is also accepted (wrapped in `KeyRerotationPress`). `press` overrides
+    the configuration's press (any press; wrap it in `KeyRerotationPress` to go past the context).
+    `max_tokens` truncates the text; `on_step(t)` is called after each token (progress).
     """
-    if config not in STREAMING_CONFIGS:
-        raise ConfigError(f"unknown streaming configuration {config!r}; choose one of {', '.join(STREAMING_CONFIGS)}")
+    if config not in STREAMING_CONFIGS and config not in PRESSES:
+        raise ConfigError(
+            f"unknown streaming configuration {config!r}; choose one of {', '.join(STREAMING_CONFIGS)} "
+            f"or a press ({', '.join(PRESSES)})"
+        )
     if max_cache_tokens < 2:
         raise ConfigError(f"max_cache_tokens must be >= 2, got {max_cache_tokens}")
     ids = _as_row(input_ids)[:, :max_tokens].to(model.device)
     if config == RECOMPUTE:
         return _recompute_ppl(model, ids, max_cache_tokens, on_step)
-    press = press if press is not None else STREAMING_CONFIGS[config]()
+    if press is None:
+        press = (
+            STREAMING_CONFIGS[config]() if config in STREAMING_CONFIGS else get_press(config, rerotate=True)
+        )
+    if press is not None and not press.evicts_during_decode:
+        raise ConfigError(
+            f"{press.describe()} compresses only after prefill; streaming needs a press that evicts "
+            "during decode (streaming_llm, h2o, tova) -- use compressed_context_ppl for the others"
+        )
     num_tokens = ids.shape[1]
     if press is None:
         num_tokens = min(num_tokens, int(model.config.max_position_embeddings))
@@ -162,7 +179,9 @@ def compressed_context_ppl(
     if not 0 < context_len < num_tokens:
         raise ConfigError(f"context_len must be in [1, {num_tokens - 1}], got {context_len}")
     if num_tokens > int(model.config.max_position_embeddings):
-        raise ConfigError(f"{num_tokens} tokens exceed the model's context ({model.config.max_position_embeddings})")
+        raise ConfigError(
+            f"{num_tokens} tokens exceed the model's context ({model.config.max_position_embeddings})"
+        )
     if press is None:
         cache = PreallocatedCache(model.config.num_hidden_layers, num_tokens)
         return _score_after_context(model, ids, context_len, cache, name or FULL)
@@ -174,13 +193,20 @@ def compressed_context_ppl(
 def _score_after_context(model, ids, context_len, cache, name) -> PPLResult:
     positions = torch.arange(ids.shape[1], device=ids.device)[None]
     first = model(
-        input_ids=ids[:, :context_len], position_ids=positions[:, :context_len], cache=cache, use_cache=True, logits_to_keep=1
+        input_ids=ids[:, :context_len],
+        position_ids=positions[:, :context_len],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     ).logits[:, -1:]
     kv_bytes = kv_cache_bytes(cache)  # after compression, before the continuation grows the cache
     logits = [first]
     if ids.shape[1] - 1 > context_len:
         rest = model(
-            input_ids=ids[:, context_len:-1], position_ids=positions[:, context_len:-1], cache=cache, use_cache=True
+            input_ids=ids[:, context_len:-1],
+            position_ids=positions[:, context_len:-1],
+            cache=cache,
+            use_cache=True,
         ).logits
         logits.append(rest)
     nll = _nll(torch.cat(logits, dim=1), ids[:, context_len:])

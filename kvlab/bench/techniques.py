@@ -5,6 +5,7 @@ path is `kvlab.generate` with the cache the technique builds (static, compressed
 paths see identical inputs and differ only in what the technique changes.
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,19 +14,34 @@ from transformers.cache_utils import Cache
 
 from kvlab.bench.config import BenchConfig
 from kvlab.cache import PreallocatedCache
+from kvlab.errors import ConfigError
 
+
+def _no_hooks(cache: Cache, model: PreTrainedModel) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _no_validation(config: BenchConfig) -> None:
+    if config.press is not None:
+        raise ConfigError(f"technique {config.technique!r} takes no 'press' section")
 
 
 @dataclass(frozen=True, slots=True)
 class Technique:
     name: str
     description: str
-    # (model, total_tokens, config) -> the cache kvlab.generate uses for one request batch
+    # (model, cache_tokens, config) -> the cache kvlab.generate uses for one batch of requests
     make_cache: Callable[[PreTrainedModel, int, BenchConfig], Cache]
+    # (cache, model) -> context manager the optimized run executes in (e.g. observation hooks)
+    hooks: Callable[[Cache, PreTrainedModel], contextlib.AbstractContextManager] = _no_hooks
+    # checks the technique's own config section before any model loads
+    validate: Callable[[BenchConfig], None] = _no_validation
+    # (loaded model, token ids, config) -> extra quality measurements for the report, or None
+    quality: Callable | None = None
 
 
-def _static_cache(model: PreTrainedModel, total_tokens: int, config: BenchConfig) -> Cache:
-    return PreallocatedCache(model.config.num_hidden_layers, total_tokens)
+def _static_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache:
+    return PreallocatedCache(model.config.num_hidden_layers, cache_tokens)
 
 
 TECHNIQUES: dict[str, Technique] = {
@@ -38,4 +54,10 @@ TECHNIQUES: dict[str, Technique] = {
 
 
 def known_techniques() -> list[str]:
-    return sorted(TECHNIQUES)
+    return sorted([*TECHNIQUES, "paged"])  # paged: the serving engine's own benchmark (kvlab.bench.serving)
+
+
+# Every registered press is a technique too (imported here, after Technique exists, to avoid a cycle).
+from kvlab.bench.press_technique import press_techniques  # noqa: E402
+
+TECHNIQUES.update(press_techniques())

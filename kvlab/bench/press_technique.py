@@ -1,0 +1,126 @@
+"""Every registered press as a bench technique: `kvlab bench --technique snapkv ...`.
+
+The optimized path is `kvlab.generate` with a `PressCache`. Config section:
+
+    press:
+      compression_ratio: 0.5     # fraction of the prompt's K/V removed; or max_cache_tokens: 256
+      rerotate: false            # key re-rotation wrapper (positions inside the cache)
+      per_head: false            # AdaKV-style per-head budgets wrapper
+      options: {}                # the press's own options (e.g. window, kernel, n_sink)
+
+Quality is measured under the protocol that fits the press, against the full cache on the same tokens:
+presses that evict during decode (StreamingLLM, H2O, TOVA) by streaming PPL (token by token, the
+press evicting every step, budget = max_cache_tokens); prefill-time presses by compressed-context
+PPL (each window of `ppl.max_length` tokens: prefill the first half, compress, score the second).
+"""
+
+import math
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from kvlab.bench.config import BenchConfig
+from kvlab.errors import ConfigError
+from kvlab.models.loader import LoadedModel
+from kvlab.press.hf import PressCache, check_budget_args
+from kvlab.press.registry import PRESSES, get_press
+
+PRESS_KEYS = ("compression_ratio", "max_cache_tokens", "rerotate", "per_head", "options")
+
+
+def _section(config: BenchConfig) -> dict[str, Any]:
+    return config.press or {"compression_ratio": 0.5}
+
+
+def build_press(config: BenchConfig):
+    section = _section(config)
+    return get_press(
+        config.technique,
+        rerotate=bool(section.get("rerotate", False)),
+        per_head=bool(section.get("per_head", False)),
+        **(section.get("options") or {}),
+    )
+
+
+def validate(config: BenchConfig) -> None:
+    section = _section(config)
+    if not isinstance(section, dict):
+        raise ConfigError(f"press must be a mapping with keys {', '.join(PRESS_KEYS)}")
+    unknown = sorted(set(section) - set(PRESS_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key 'press.{unknown[0]}'; valid keys: {', '.join('press.' + k for k in PRESS_KEYS)}")
+    check_budget_args(section.get("max_cache_tokens"), section.get("compression_ratio"))
+    build_press(config)
+
+
+def make_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache:
+    section = _section(config)
+    return PressCache(
+        build_press(config),
+        model,
+        max_cache_tokens=section.get("max_cache_tokens"),
+        compression_ratio=section.get("compression_ratio"),
+    )
+
+
+def hooks(cache: Cache, model: PreTrainedModel):
+    return cache.hooks(model)
+
+
+def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -> dict[str, Any]:
+    """Full cache vs the press on the same tokens, under the protocol the press calls for."""
+    from kvlab.bench.streaming_ppl import compressed_context_ppl, streaming_ppl
+
+    press = build_press(config)
+    section = _section(config)
+    model, length = loaded.model, config.ppl.max_length
+    if press.evicts_during_decode:
+        budget = section.get("max_cache_tokens") or max(2, math.ceil(length * (1 - section["compression_ratio"])))
+        ids = token_ids[: min(config.ppl.max_tokens, loaded.context_length)]
+        full = streaming_ppl(model, ids, "full")
+        pressed = streaming_ppl(model, ids, config.technique, max_cache_tokens=budget, press=press)
+        protocol = (
+            f"streaming PPL: {ids.numel()} tokens fed one at a time at their true positions, the press evicting "
+            f"every step to a budget of {budget} tokens per layer; full = uncompressed cache"
+        )
+        return {"protocol": protocol, "full_ppl": full.ppl, "press_ppl": pressed.ppl, "press_kv_bytes": pressed.kv_bytes, "full_kv_bytes": full.kv_bytes}
+    windows = [token_ids[i : i + length] for i in range(0, min(config.ppl.max_tokens, token_ids.numel()) - length + 1, length)]
+    if not windows:
+        raise ConfigError(f"ppl.max_tokens ({config.ppl.max_tokens}) must cover one window of ppl.max_length ({length})")
+    budget = {"max_cache_tokens": section.get("max_cache_tokens"), "compression_ratio": section.get("compression_ratio")}
+    full_nll, press_nll, press_bytes, full_bytes = [], [], 0, 0
+    for window in windows:
+        full = compressed_context_ppl(model, window, None, context_len=length // 2)
+        pressed = compressed_context_ppl(model, window, press, context_len=length // 2, **budget)
+        full_nll.append(full.nll)
+        press_nll.append(pressed.nll)
+        press_bytes, full_bytes = pressed.kv_bytes, full.kv_bytes
+    protocol = (
+        f"compressed-context PPL: {len(windows)} windows of {length} tokens; prefill the first {length // 2}, "
+        f"compress ({budget}), score the other {length - length // 2} in one forward over the compressed cache"
+    )
+    return {
+        "protocol": protocol,
+        "full_ppl": math.exp(float(torch.cat(full_nll).mean())),
+        "press_ppl": math.exp(float(torch.cat(press_nll).mean())),
+        "press_kv_bytes": press_bytes,
+        "full_kv_bytes": full_bytes,
+    }
+
+
+def press_techniques() -> dict:
+    from kvlab.bench.techniques import Technique
+
+    return {
+        name: Technique(
+            name,
+            f"kvlab.generate + PressCache({name}): {(cls.__doc__ or name).strip().splitlines()[0]}",
+            make_cache,
+            hooks,
+            validate,
+            quality,
+        )
+        for name, cls in PRESSES.items()
+    }

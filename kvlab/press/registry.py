@@ -1,0 +1,63 @@
+"""Press names -> classes (one line per press), built with strict keyword arguments.
+
+get_press("snapkv", window=64)            -> SnapKVPress(window=64, kernel=5)
+get_press("streaming_llm", rerotate=True) -> KeyRerotationPress(StreamingLLMPress(n_sink=4))
+get_press("h2o", per_head=True)           -> PerHeadBudgetPress(H2OPress(...))
+"""
+
+import dataclasses
+
+from kvlab.errors import ConfigError
+from kvlab.press.base import Press
+from kvlab.press.h2o import H2OPress
+from kvlab.press.knorm import KnormPress
+from kvlab.press.pyramidkv import PyramidKVPress
+from kvlab.press.random import RandomPress
+from kvlab.press.snapkv import SnapKVPress
+from kvlab.press.streaming_llm import StreamingLLMPress
+from kvlab.press.tova import TOVAPress
+from kvlab.press.wrappers import KeyRerotationPress, PerHeadBudgetPress
+
+PRESSES: dict[str, type[Press]] = {
+    "streaming_llm": StreamingLLMPress,
+    "h2o": H2OPress,
+    "snapkv": SnapKVPress,
+    "pyramidkv": PyramidKVPress,
+    "tova": TOVAPress,
+    "knorm": KnormPress,
+    "random": RandomPress,
+}
+
+
+def list_presses() -> list[str]:
+    return list(PRESSES)
+
+
+def press_options(name: str) -> dict[str, object]:
+    """The options a press takes and their defaults (for `kvlab presses`)."""
+    return {f.name: f.default for f in dataclasses.fields(_press_class(name))}
+
+
+def _press_class(name: str) -> type[Press]:
+    try:
+        return PRESSES[name]
+    except KeyError:
+        raise ConfigError(f"unknown press {name!r}; choose one of {', '.join(PRESSES)}") from None
+
+
+def get_press(name: str, *, rerotate: bool = False, per_head: bool = False, **options) -> Press:
+    """Build a press by name; an unknown option is an error. `rerotate`/`per_head` add the wrappers."""
+    cls = _press_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"press {name!r} has no option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known)) or 'none'}"
+        )
+    press: Press = cls(**options)
+    if per_head:
+        press = PerHeadBudgetPress(press)
+    if rerotate:
+        press = KeyRerotationPress(press)
+    return press
