@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", nargs="+", default=None, help="e.g. float32 bfloat16")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing experiment's results")
+    bench.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one experiment per value, plus a sweep table and plot")
     bench.add_argument("--results-dir", default="results")
     _add_model_args(bench, with_dtype=False)
 
@@ -125,19 +126,31 @@ def cmd_bench(args, argv) -> int:
         "device": args.device,
         "threads": args.threads,
     }
-    config = bench_config.resolve(args.technique, args.batch_level, args.config, args.set, flags, known_techniques())
-    out_dir = report.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
-    report.claim_experiment_dir(out_dir, args.overwrite)
-    text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)
+    from kvlab.bench.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model) if config.model else None
-    token_ids = _tokenize(tokenizer, text.text)
-    ppl_fn = _bench_ppl(config, text) if config.ppl.enabled else None
-    result = runner.run(config, token_ids, ppl_fn)
+    sweep_key, sweep_values = parse_sweep(args.sweep) if args.sweep else (None, [None])
+    configs = []
+    for value in sweep_values:
+        overrides = args.set + ([f"{sweep_key}={value}"] if sweep_key else [])
+        config = bench_config.resolve(args.technique, args.batch_level, args.config, overrides, flags, known_techniques())
+        if sweep_key:
+            config.experiment_name = f"{config.experiment_name}-{value}"
+        out_dir = report.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
+        report.claim_experiment_dir(out_dir, args.overwrite)
+        configs.append((config, out_dir))
+    text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
+    token_ids = _tokenize(load_tokenizer(configs[0][0].model), text.text)
     command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
-    path = report.write_report(result, out_dir, command)
-    print(f"kvlab: report written to {path / 'report.md'}")
+    for config, out_dir in configs:
+        ppl_fn = _bench_ppl(config, text) if config.ppl.enabled else None
+        path = report.write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
+        print(f"kvlab: report written to {path / 'report.md'}")
+    if sweep_key:
+        name = configs[0][0].experiment_name.rsplit("-", 1)[0]
+        sweep_dir = report.experiment_dir(configs[0][0].technique, f"{name}-sweep", Path(args.results_dir))
+        write_sweep(sweep_key, sweep_values, [d for _, d in configs], sweep_dir)
+        print(f"kvlab: sweep written to {sweep_dir / 'sweep.md'}")
     return 0
 
 

@@ -1,0 +1,44 @@
+"""A press as a bench technique: the saving shows in exact KV bytes, quality is measured, sweeps work."""
+
+import json
+
+import pytest
+
+from kvlab.cli import main
+
+ARGS = [
+    "--model", "tiny-llama", "--dtypes", "float32",
+    "--set", "prompt_lengths=[96]", "--set", "new_tokens=4", "--set", "repeats=1", "--set", "warmup=0",
+    "--set", "ppl.max_length=160", "--set", "ppl.stride=80", "--set", "ppl.max_tokens=320",
+]
+
+
+@pytest.mark.parametrize("press", ["streaming_llm", "snapkv"])
+def test_press_technique_shrinks_the_cache_and_reports_quality(press, tmp_path):
+    args = ["bench", "--technique", press, "--experiment-name", "t", "--results-dir", str(tmp_path), *ARGS]
+    assert main([*args, "--set", "press.compression_ratio=0.5"]) == 0
+    payload = json.loads((tmp_path / press / "t" / "results.json").read_text())
+    runs = {r["method"]: r for r in payload["runs"]}
+    assert runs["optimized"]["kv_cache_bytes"] < 0.6 * runs["baseline"]["kv_cache_bytes"]
+    quality = payload["quality"]
+    assert quality["press_kv_bytes"] < quality["full_kv_bytes"] and quality["press_ppl"] > 0
+    assert "Quality under compression" in (tmp_path / press / "t" / "report.md").read_text()
+
+
+def test_sweep_writes_one_experiment_per_value_and_a_summary(tmp_path):
+    args = ["bench", "--technique", "knorm", "--experiment-name", "s", "--results-dir", str(tmp_path), *ARGS]
+    assert main([*args, "--sweep", "press.compression_ratio=0.25,0.5"]) == 0
+    assert (tmp_path / "knorm" / "s-0.25" / "results.json").is_file()
+    sweep = json.loads((tmp_path / "knorm" / "s-sweep" / "sweep.json").read_text())
+    assert sweep["values"] == [0.25, 0.5] and (tmp_path / "knorm" / "s-sweep" / "sweep.png").is_file()
+
+
+def test_unknown_press_option_fails_before_loading(tmp_path, capsys):
+    args = ["bench", "--technique", "snapkv", "--results-dir", str(tmp_path), "--set", "press.options={windw: 3}"]
+    assert main(args) == 2
+    assert "windw" in capsys.readouterr().err
+
+
+def test_out_of_range_ratio_fails(tmp_path, capsys):
+    assert main(["bench", "--technique", "h2o", "--results-dir", str(tmp_path), "--set", "press.compression_ratio=1.5"]) == 2
+    assert "compression_ratio" in capsys.readouterr().err
