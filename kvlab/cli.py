@@ -12,7 +12,9 @@ from kvlab.errors import KvlabError
 
 
 def _add_model_args(parser: argparse.ArgumentParser, with_dtype: bool = True) -> None:
-    parser.add_argument("--model", help="short name (see `kvlab models`), hub id[@revision], local dir or .gguf")
+    parser.add_argument(
+        "--model", help="short name (see `kvlab models`), hub id[@revision], local dir or .gguf"
+    )
     if with_dtype:
         parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
@@ -33,9 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dataset", help="wikitext2 | pg19 | file:PATH")
     bench.add_argument("--data-dir", help="local data directory (default: $KVLAB_DATA_DIR)")
     bench.add_argument("--dtypes", nargs="+", default=None, help="e.g. float32 bfloat16")
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    bench.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key"
+    )
     bench.add_argument("--overwrite", action="store_true", help="replace an existing experiment's results")
-    bench.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one experiment per value, plus a sweep table and plot")
+    bench.add_argument(
+        "--sweep", metavar="KEY=V1,V2,...", help="one experiment per value, plus a sweep table and plot"
+    )
     bench.add_argument("--results-dir", default="results")
     _add_model_args(bench, with_dtype=False)
 
@@ -49,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ppl.add_argument("--mode", choices=["sliding", "streaming"], default="sliding")
     ppl.add_argument(
-        "--press", action="append", default=None,
+        "--press",
+        action="append",
+        default=None,
         help="streaming mode: configuration(s) to compare (full, window, streaming_llm, h2o, tova, recompute); repeatable",
     )
     ppl.add_argument("--cache-tokens", type=int, default=1024, help="streaming mode: KV budget per layer")
@@ -133,7 +141,9 @@ def cmd_bench(args, argv) -> int:
     configs = []
     for value in sweep_values:
         overrides = args.set + ([f"{sweep_key}={value}"] if sweep_key else [])
-        config = bench_config.resolve(args.technique, args.batch_level, args.config, overrides, flags, known_techniques())
+        config = bench_config.resolve(
+            args.technique, args.batch_level, args.config, overrides, flags, known_techniques()
+        )
         if sweep_key:
             config.experiment_name = f"{config.experiment_name}-{value}"
         out_dir = report.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
@@ -167,9 +177,16 @@ def _bench_ppl(config, text):
 
     def measure(loaded):
         result = sliding_window_perplexity(
-            loaded, text, max_length=config.ppl.max_length, stride=config.ppl.stride, max_tokens=config.ppl.max_tokens
+            loaded,
+            text,
+            max_length=config.ppl.max_length,
+            stride=config.ppl.stride,
+            max_tokens=config.ppl.max_tokens,
         )
-        return dataclasses.asdict(result) | {"protocol": result.protocol, "tokens_scored": result.num_tokens_scored}
+        return dataclasses.asdict(result) | {
+            "protocol": result.protocol,
+            "tokens_scored": result.num_tokens_scored,
+        }
 
     return measure
 
@@ -180,7 +197,11 @@ def cmd_ppl(args, argv) -> int:
     from kvlab.models.loader import load_model
 
     _set_threads(args.threads)
-    for name, value in [("--max-length", args.max_length), ("--stride", args.stride), ("--max-tokens", args.max_tokens)]:
+    for name, value in [
+        ("--max-length", args.max_length),
+        ("--stride", args.stride),
+        ("--max-tokens", args.max_tokens),
+    ]:
         if value is not None and value <= 0:
             raise KvlabError(f"{name} must be positive, got {value}")
     text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
@@ -188,7 +209,9 @@ def cmd_ppl(args, argv) -> int:
         from kvlab.bench.streaming_report import run_streaming
 
         return run_streaming(args, text, argv)
-    loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
+    loaded = load_model(
+        args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
+    )
     result = sliding_window_perplexity(
         loaded, text, max_length=args.max_length, stride=args.stride, max_tokens=args.max_tokens
     )
@@ -210,15 +233,21 @@ def cmd_generate(args, argv) -> int:
     _set_threads(args.threads)
     if args.max_tokens <= 0:
         raise KvlabError(f"--max-tokens must be positive, got {args.max_tokens}")
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    loaded = load_model(
+        args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
+    )
     tokenizer = loaded.tokenizer
     if tokenizer.chat_template and not args.no_chat:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         prompt = args.prompt
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=loaded.model.device)
+    input_ids = torch.tensor(
+        [tokenizer(prompt, add_special_tokens=False).input_ids], device=loaded.model.device
+    )
     if input_ids.shape[1] == 0:
         raise KvlabError("the prompt is empty")
     generated: list[int] = []
@@ -234,11 +263,18 @@ def cmd_generate(args, argv) -> int:
         printed = max(printed, safe)
 
     result = generate(
-        loaded.model, input_ids, args.max_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id, on_token=stream
+        loaded.model,
+        input_ids,
+        args.max_tokens,
+        sampling=sampling,
+        eos_token_id=tokenizer.eos_token_id,
+        on_token=stream,
     )
     print()
     n = result.tokens.shape[1]
-    print(f"[{n} tokens, TTFT {result.ttft * 1000:.0f} ms, TPOT {result.tpot * 1000:.1f} ms]", file=sys.stderr)
+    print(
+        f"[{n} tokens, TTFT {result.ttft * 1000:.0f} ms, TPOT {result.tpot * 1000:.1f} ms]", file=sys.stderr
+    )
     return 0
 
 

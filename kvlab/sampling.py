@@ -34,7 +34,9 @@ class SamplingConfig:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """logits: (batch, vocab) -> token ids (batch,)."""
     if config.is_greedy:
         return logits.argmax(dim=-1)

@@ -10,7 +10,9 @@ if not torch.cuda.is_available():
 
 # Tests never reach the hub; a hub call would otherwise retry for ~30 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("KVLAB_DATA_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")))
+os.environ.setdefault(
+    "KVLAB_DATA_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+)
 
 TINY_MODELS = ["tiny-llama", "tiny-gpt-neox"]
 

@@ -11,7 +11,9 @@ from kvlab.cli import main
 
 def run_cli(*args, env=None):
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "kvlab.cli", *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "kvlab.cli", *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
 
 
 @pytest.mark.parametrize(

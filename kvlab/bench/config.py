@@ -63,9 +63,13 @@ class BenchConfig:
 
     def validate(self, known_techniques: list[str]) -> None:
         if self.technique not in known_techniques:
-            raise ConfigError(f"unknown technique {self.technique!r}; choose one of {', '.join(known_techniques)}")
+            raise ConfigError(
+                f"unknown technique {self.technique!r}; choose one of {', '.join(known_techniques)}"
+            )
         if self.batch_level not in BATCH_LEVELS:
-            raise ConfigError(f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}")
+            raise ConfigError(
+                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.dtypes:
@@ -89,7 +93,9 @@ class BenchConfig:
         if self.threads is not None:
             _positive("threads", self.threads)
         if not self.experiment_name or "/" in self.experiment_name:
-            raise ConfigError(f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}")
+            raise ConfigError(
+                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
+            )
         self.ppl.validate()
         from kvlab.bench.techniques import TECHNIQUES
 
@@ -168,7 +174,9 @@ def _check_keys(prefix: str, data: dict[str, Any], cls: type) -> None:
     valid = [f.name for f in fields(cls)]
     for key in data:
         if key not in valid:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys: {', '.join(prefix + v for v in valid)}")
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys: {', '.join(prefix + v for v in valid)}"
+            )
 
 
 def resolve(

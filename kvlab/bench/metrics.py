@@ -61,7 +61,9 @@ class PeakMemory:
             except OSError:
                 self.region_reset = False  # the peak then covers the process lifetime; reported as such
             self._start = (_status_kib("VmRSS") or 0) * 1024
-            self.kind = "peak RSS (VmHWM, reset per run)" if self.region_reset else "peak RSS (process lifetime)"
+            self.kind = (
+                "peak RSS (VmHWM, reset per run)" if self.region_reset else "peak RSS (process lifetime)"
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,7 +80,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(dtype: torch.dtype, device: torch.device, num_bytes: int = 256 * 2**20, iters: int = 10) -> float:
+def measure_bandwidth(
+    dtype: torch.dtype, device: torch.device, num_bytes: int = 256 * 2**20, iters: int = 10
+) -> float:
     """Sustained read bandwidth (bytes/s) of a matrix-vector product at `dtype`: what batch-1 decode does.
 
     The matrix (default 256 MiB) is far larger than any CPU cache, so each product streams it from memory.

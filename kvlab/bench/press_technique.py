@@ -50,7 +50,9 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError(f"press must be a mapping with keys {', '.join(PRESS_KEYS)}")
     unknown = sorted(set(section) - set(PRESS_KEYS))
     if unknown:
-        raise ConfigError(f"unknown config key 'press.{unknown[0]}'; valid keys: {', '.join('press.' + k for k in PRESS_KEYS)}")
+        raise ConfigError(
+            f"unknown config key 'press.{unknown[0]}'; valid keys: {', '.join('press.' + k for k in PRESS_KEYS)}"
+        )
     check_budget_args(section.get("max_cache_tokens"), section.get("compression_ratio"))
     build_press(config)
 
@@ -77,7 +79,9 @@ def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -
     section = _section(config)
     model, length = loaded.model, config.ppl.max_length
     if press.evicts_during_decode:
-        budget = section.get("max_cache_tokens") or max(2, math.ceil(length * (1 - section["compression_ratio"])))
+        budget = section.get("max_cache_tokens") or max(
+            2, math.ceil(length * (1 - section["compression_ratio"]))
+        )
         ids = token_ids[: min(config.ppl.max_tokens, loaded.context_length)]
         full = streaming_ppl(model, ids, "full")
         pressed = streaming_ppl(model, ids, config.technique, max_cache_tokens=budget, press=press)
@@ -85,11 +89,25 @@ def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -
             f"streaming PPL: {ids.numel()} tokens fed one at a time at their true positions, the press evicting "
             f"every step to a budget of {budget} tokens per layer; full = uncompressed cache"
         )
-        return {"protocol": protocol, "full_ppl": full.ppl, "press_ppl": pressed.ppl, "press_kv_bytes": pressed.kv_bytes, "full_kv_bytes": full.kv_bytes}
-    windows = [token_ids[i : i + length] for i in range(0, min(config.ppl.max_tokens, token_ids.numel()) - length + 1, length)]
+        return {
+            "protocol": protocol,
+            "full_ppl": full.ppl,
+            "press_ppl": pressed.ppl,
+            "press_kv_bytes": pressed.kv_bytes,
+            "full_kv_bytes": full.kv_bytes,
+        }
+    windows = [
+        token_ids[i : i + length]
+        for i in range(0, min(config.ppl.max_tokens, token_ids.numel()) - length + 1, length)
+    ]
     if not windows:
-        raise ConfigError(f"ppl.max_tokens ({config.ppl.max_tokens}) must cover one window of ppl.max_length ({length})")
-    budget = {"max_cache_tokens": section.get("max_cache_tokens"), "compression_ratio": section.get("compression_ratio")}
+        raise ConfigError(
+            f"ppl.max_tokens ({config.ppl.max_tokens}) must cover one window of ppl.max_length ({length})"
+        )
+    budget = {
+        "max_cache_tokens": section.get("max_cache_tokens"),
+        "compression_ratio": section.get("compression_ratio"),
+    }
     full_nll, press_nll, press_bytes, full_bytes = [], [], 0, 0
     for window in windows:
         full = compressed_context_ppl(model, window, None, context_len=length // 2)

@@ -25,7 +25,9 @@ def experiment_dir(technique: str, experiment: str, root: Path = RESULTS_ROOT) -
 def claim_experiment_dir(path: Path, overwrite: bool) -> None:
     """Fail before any work if results exist and --overwrite was not given."""
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"{path} already holds results; pass --overwrite or choose another --experiment-name")
+        raise ConfigError(
+            f"{path} already holds results; pass --overwrite or choose another --experiment-name"
+        )
 
 
 def write_report(result: BenchResult, path: Path, command: str) -> Path:
@@ -36,7 +38,11 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
         "schema_version": SCHEMA_VERSION,
         "command": command,
         "machine": machine_info(),
-        "model": {"name": result.model_name, "source": result.model_source, "meaningful_ppl": result.meaningful_ppl},
+        "model": {
+            "name": result.model_name,
+            "source": result.model_source,
+            "meaningful_ppl": result.meaningful_ppl,
+        },
         "config": result.config.to_dict(),
         "floors": {
             dtype: {
@@ -95,7 +101,9 @@ def comparison_rows(payload: dict) -> list[str]:
             f"| {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} | {_cell(r['ttft_s'])} "
             f"| {_cell(r['tpot_s'])} | {r['tpot_over_floor']:.2f}x | {r['output_tokens_per_s']['median']:.1f} "
             f"| {r['prefill_tokens_per_s']['median']:.0f} | {_mib(r['peak_memory_bytes']['median'])} "
-            f"| {_mib(r['peak_memory_delta_bytes']['median'])} | {_mib(r['kv_cache_bytes'])} | " + " | ".join(ratios) + " |"
+            f"| {_mib(r['peak_memory_delta_bytes']['median'])} | {_mib(r['kv_cache_bytes'])} | "
+            + " | ".join(ratios)
+            + " |"
         )
     return rows
 
@@ -145,25 +153,50 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
             f"| {_ms(floor['floor_tpot_s'])} |"
         )
     if payload["agreement"]:
-        lines += ["", "## Greedy agreement (same inputs)", "", "| dtype | prompt | identical | matching prefix |", "|---|---:|---|---:|"]
+        lines += [
+            "",
+            "## Greedy agreement (same inputs)",
+            "",
+            "| dtype | prompt | identical | matching prefix |",
+            "|---|---:|---|---:|",
+        ]
         for a in payload["agreement"]:
             flag = "yes" if a["identical"] else "**NO**"
-            lines.append(f"| {a['dtype']} | {a['prompt_len']} | {flag} | {a['matching_prefix']} / {a['new_tokens']} |")
+            lines.append(
+                f"| {a['dtype']} | {a['prompt_len']} | {flag} | {a['matching_prefix']} / {a['new_tokens']} |"
+            )
         if any(not a["identical"] and a["dtype"] == "float32" for a in payload["agreement"]):
-            lines += ["", "**WARNING: in float32 the optimized path's greedy output differs from the baseline.**"]
+            lines += [
+                "",
+                "**WARNING: in float32 the optimized path's greedy output differs from the baseline.**",
+            ]
     if payload["ppl"]:
         ppl = payload["ppl"]
-        lines += ["", "## Perplexity", "", f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens.", "", f"Protocol: {ppl['protocol']}"]
+        lines += [
+            "",
+            "## Perplexity",
+            "",
+            f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens.",
+            "",
+            f"Protocol: {ppl['protocol']}",
+        ]
         if not model["meaningful_ppl"]:
-            lines += ["", "This model has random weights: its perplexity is meaningless (reported only to show the path runs)."]
+            lines += [
+                "",
+                "This model has random weights: its perplexity is meaningless (reported only to show the path runs).",
+            ]
     quality = payload.get("quality")
     if quality:
         lines += [
-            "", "## Quality under compression (same tokens)", "",
-            "| cache | PPL | KV MiB |", "|---|---:|---:|",
+            "",
+            "## Quality under compression (same tokens)",
+            "",
+            "| cache | PPL | KV MiB |",
+            "|---|---:|---:|",
             f"| full | {quality['full_ppl']:.3f} | {_mib(quality['full_kv_bytes'])} |",
             f"| {config['technique']} | {quality['press_ppl']:.3f} | {_mib(quality['press_kv_bytes'])} |",
-            "", f"Protocol: {quality['protocol']}",
+            "",
+            f"Protocol: {quality['protocol']}",
         ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
@@ -178,11 +211,18 @@ def _plots(runs: list[RunRecord], directory: Path) -> list[str]:
 
     names = []
     series = sorted({(r.method, r.dtype) for r in runs})
-    for metric, label, filename in [("tpot_s", "TPOT (ms)", "tpot_vs_prompt.png"), ("ttft_s", "TTFT (ms)", "ttft_vs_prompt.png")]:
+    for metric, label, filename in [
+        ("tpot_s", "TPOT (ms)", "tpot_vs_prompt.png"),
+        ("ttft_s", "TTFT (ms)", "ttft_vs_prompt.png"),
+    ]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, dtype in series:
-            points = sorted((r.prompt_len, getattr(r, metric).median * 1000) for r in runs if (r.method, r.dtype) == (method, dtype))
-            ax.plot(*zip(*points), marker="o", label=f"{method} {dtype}")
+            points = sorted(
+                (r.prompt_len, getattr(r, metric).median * 1000)
+                for r in runs
+                if (r.method, r.dtype) == (method, dtype)
+            )
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} {dtype}")
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -196,7 +236,12 @@ def _plots(runs: list[RunRecord], directory: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r.method}\n{r.dtype}" for r in chosen]
     x = range(len(chosen))
-    ax.bar([i - 0.2 for i in x], [r.peak_memory_delta_bytes.median / 2**20 for r in chosen], 0.4, label="peak Δ MiB")
+    ax.bar(
+        [i - 0.2 for i in x],
+        [r.peak_memory_delta_bytes.median / 2**20 for r in chosen],
+        0.4,
+        label="peak Δ MiB",
+    )
     ax.bar([i + 0.2 for i in x], [r.kv_cache_bytes / 2**20 for r in chosen], 0.4, label="KV cache MiB")
     ax.set_xticks(list(x), labels)
     ax.set_title(f"memory at prompt {longest}")
@@ -227,7 +272,11 @@ def compare(paths: list[Path]) -> str:
         base = {(r["dtype"], r["prompt_len"]): r for r in payload["runs"] if r["method"] == "baseline"}
         for r in payload["runs"]:
             b = base.get((r["dtype"], r["prompt_len"]))
-            ratio = f"{r['tpot_s']['median'] / b['tpot_s']['median']:.2f}x" if b and r["method"] != "baseline" else ""
+            ratio = (
+                f"{r['tpot_s']['median'] / b['tpot_s']['median']:.2f}x"
+                if b and r["method"] != "baseline"
+                else ""
+            )
             rows.append(
                 f"| {name} | {payload['model']['name']} | {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} "
                 f"| {_ms(r['ttft_s']['median'])} | {_ms(r['tpot_s']['median'])} | {ratio} | {_mib(r['kv_cache_bytes'])} | {ppl} |"

@@ -12,7 +12,14 @@ from tqdm import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from kvlab.bench.config import BenchConfig
-from kvlab.bench.metrics import Floor, PeakMemory, Summary, decode_weight_bytes, measure_bandwidth, synchronize
+from kvlab.bench.metrics import (
+    Floor,
+    PeakMemory,
+    Summary,
+    decode_weight_bytes,
+    measure_bandwidth,
+    synchronize,
+)
 from kvlab.bench.techniques import TECHNIQUES
 from kvlab.cache import kv_cache_bytes
 from kvlab.errors import PromptTooLongError
@@ -95,7 +102,9 @@ class BenchResult:
     quality: dict | None = None  # technique-specific quality (e.g. compressed-cache PPL vs full cache)
 
 
-def run_baseline(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[float], torch.Tensor, int]:
+def run_baseline(
+    loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int
+) -> tuple[list[float], torch.Tensor, int]:
     device = input_ids.device
     streamer = TimingStreamer(device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -133,7 +142,9 @@ def measure(method: str, loaded: LoadedModel, input_ids: torch.Tensor, config: B
     return Sample(times, tokens.tolist(), kv_bytes, peak.bytes, peak.delta, peak.kind)
 
 
-def summarize(method: str, dtype: str, input_ids: torch.Tensor, samples: list[Sample], floor: Floor) -> RunRecord:
+def summarize(
+    method: str, dtype: str, input_ids: torch.Tensor, samples: list[Sample], floor: Floor
+) -> RunRecord:
     batch, prompt_len = input_ids.shape
     ttft = [s.token_times[0] for s in samples]
     tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in samples]
@@ -156,7 +167,9 @@ def summarize(method: str, dtype: str, input_ids: torch.Tensor, samples: list[Sa
     )
 
 
-def agreement(dtype: str, prompt_len: int, baseline: list[list[int]], optimized: list[list[int]]) -> Agreement:
+def agreement(
+    dtype: str, prompt_len: int, baseline: list[list[int]], optimized: list[list[int]]
+) -> Agreement:
     prefixes = []
     for row_a, row_b in zip(baseline, optimized, strict=True):
         n = 0
@@ -192,14 +205,18 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                 f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
                 f"{config.model}'s context of {loaded.context_length} tokens"
             )
-        floors[dtype] = Floor(decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, device))
+        floors[dtype] = Floor(
+            decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, device)
+        )
         if ppl is None and ppl_fn is not None:
             ppl = ppl_fn(loaded)
         quality_fn = TECHNIQUES[config.technique].quality
         if quality is None and quality_fn is not None and config.ppl.enabled:
             quality = quality_fn(loaded, token_ids, config)
         cells = [(length, method) for length in config.prompt_lengths for method in methods]
-        progress = tqdm(total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run")
+        progress = tqdm(
+            total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run"
+        )
         for prompt_len in config.prompt_lengths:
             input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
             samples: dict[str, list[Sample]] = {method: [] for method in methods}
@@ -213,7 +230,9 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                 runs.append(summarize(method, dtype, input_ids, samples[method], floors[dtype]))
             if len(methods) == 2:
                 agreements.append(
-                    agreement(dtype, prompt_len, samples["baseline"][0].tokens, samples["optimized"][0].tokens)
+                    agreement(
+                        dtype, prompt_len, samples["baseline"][0].tokens, samples["optimized"][0].tokens
+                    )
                 )
         progress.close()
     return BenchResult(

@@ -25,18 +25,26 @@ def run_streaming(args, text, argv: list[str]) -> int:
     configs = args.press or DEFAULT_CONFIGS
     for name in configs:
         if name not in STREAMING_CONFIGS:
-            raise ConfigError(f"unknown streaming configuration {name!r}; choose from {', '.join(STREAMING_CONFIGS)}")
+            raise ConfigError(
+                f"unknown streaming configuration {name!r}; choose from {', '.join(STREAMING_CONFIGS)}"
+            )
     if args.cache_tokens < 2:
         raise ConfigError(f"--cache-tokens must be >= 2, got {args.cache_tokens}")
-    loaded = load_model(args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu")
+    loaded = load_model(
+        args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
+    )
     ids = tokenize(loaded.tokenizer, text.text)[0][: args.max_tokens]
-    output = args.output or Path("results") / "streaming-ppl" / f"{loaded.name}-{args.dataset.replace(':', '-')}"
+    output = (
+        args.output or Path("results") / "streaming-ppl" / f"{loaded.name}-{args.dataset.replace(':', '-')}"
+    )
     rows = {}
     for name in configs:
         total = min(ids.numel(), loaded.context_length) if name == "full" else ids.numel()
         bar = tqdm(total=total - 1, desc=f"streaming {name}", unit="tok")
         started = time.perf_counter()
-        result = streaming_ppl(loaded.model, ids, name, max_cache_tokens=args.cache_tokens, on_step=lambda t: bar.update())
+        result = streaming_ppl(
+            loaded.model, ids, name, max_cache_tokens=args.cache_tokens, on_step=lambda _step, bar=bar: bar.update()
+        )
         bar.close()
         rows[name] = {
             "ppl": result.ppl,
@@ -45,7 +53,9 @@ def run_streaming(args, text, argv: list[str]) -> int:
             "seconds": time.perf_counter() - started,
             "cumulative_ppl": result.cumulative_ppl().tolist(),
         }
-        print(f"{name:<14} ppl {result.ppl:10.3f} over {result.nll.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB")
+        print(
+            f"{name:<14} ppl {result.ppl:10.3f} over {result.nll.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB"
+        )
     protocol = (
         f"token-by-token over the first {ids.numel()} tokens of {text.description}; KV budget {args.cache_tokens} "
         f"tokens per layer (full: no eviction, stops at the {loaded.context_length}-token context); "

@@ -1,9 +1,9 @@
 """One loader for every model kvlab runs: registry short names, hub ids, local directories, GGUF files.
 
-    load_model("smollm2-135m")                      embedded GGUF, converted once to safetensors
-    load_model("EleutherAI/pythia-70m-deduped@step143000")
-    load_model("./my-model-dir") / load_model("model.gguf")
-    load_model("tiny-llama")                        random weights built in-process
+load_model("smollm2-135m")                      embedded GGUF, converted once to safetensors
+load_model("EleutherAI/pythia-70m-deduped@step143000")
+load_model("./my-model-dir") / load_model("model.gguf")
+load_model("tiny-llama")                        random weights built in-process
 """
 
 import importlib.util
@@ -106,7 +106,9 @@ def _load_spec(spec: ModelSpec, seed: int) -> LoadedModel:
         return _load_hub(spec.hub_id, spec.revision, spec.name)
     if spec.source == "gguf":
         directory = _converted_gguf_dir(spec)
-        return _load_directory(directory, spec.name, source=f"{spec.gguf_package}/{spec.gguf_file} (cached at {directory})")
+        return _load_directory(
+            directory, spec.name, source=f"{spec.gguf_package}/{spec.gguf_file} (cached at {directory})"
+        )
     config_kwargs = dict(spec.config)
     config = AutoConfig.for_model(config_kwargs.pop("model_type"), **config_kwargs)
     with torch.random.fork_rng():
@@ -139,7 +141,9 @@ def _load_hub(hub_id: str, revision: str | None, name: str) -> LoadedModel:
         raise ModelUnavailableError(
             f"cannot load {hub_id}{at} from the Hugging Face hub ({type(error).__name__}); {OFFLINE_HINT}"
         ) from None
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=f"hub {hub_id}@{revision or 'main'}")
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, source=f"hub {hub_id}@{revision or 'main'}"
+    )
 
 
 def _gguf_path(spec: ModelSpec) -> Path:
@@ -177,7 +181,9 @@ def _load_gguf_file(path: Path) -> LoadedModel:
 def _convert_gguf(path: Path, target: Path) -> None:
     print(f"kvlab: converting {path.name} to safetensors once (cache: {target})", flush=True)
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(f"cannot read GGUF file {path}: {error}") from None

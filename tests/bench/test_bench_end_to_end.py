@@ -11,9 +11,25 @@ from kvlab.cli import main
 from kvlab.models.loader import load_model
 
 ARGS = [
-    "bench", "--model", "tiny-llama", "--experiment-name", "e2e", "--dtypes", "float32",
-    "--set", "prompt_lengths=[16, 32]", "--set", "new_tokens=6", "--set", "repeats=2",
-    "--set", "ppl.max_tokens=256", "--set", "ppl.max_length=64", "--set", "ppl.stride=32",
+    "bench",
+    "--model",
+    "tiny-llama",
+    "--experiment-name",
+    "e2e",
+    "--dtypes",
+    "float32",
+    "--set",
+    "prompt_lengths=[16, 32]",
+    "--set",
+    "new_tokens=6",
+    "--set",
+    "repeats=2",
+    "--set",
+    "ppl.max_tokens=256",
+    "--set",
+    "ppl.max_length=64",
+    "--set",
+    "ppl.stride=32",
 ]
 
 
@@ -26,7 +42,13 @@ def experiment(tmp_path_factory):
 
 def test_report_files_are_written(experiment):
     path, _ = experiment
-    assert {p.name for p in path.iterdir()} >= {"report.md", "results.json", "config.yaml", "tpot_vs_prompt.png", "memory.png"}
+    assert {p.name for p in path.iterdir()} >= {
+        "report.md",
+        "results.json",
+        "config.yaml",
+        "tpot_vs_prompt.png",
+        "memory.png",
+    }
     report = (path / "report.md").read_text()
     assert "kvlab bench --model tiny-llama" in report and "meaningless" in report
 
@@ -35,7 +57,9 @@ def test_results_hold_raw_samples_agreement_and_floor(experiment):
     payload = json.loads((experiment[0] / "results.json").read_text())
     assert payload["schema_version"] == 1
     runs = payload["runs"]
-    assert {(r["method"], r["prompt_len"]) for r in runs} == {(m, n) for m in ("baseline", "optimized") for n in (16, 32)}
+    assert {(r["method"], r["prompt_len"]) for r in runs} == {
+        (m, n) for m in ("baseline", "optimized") for n in (16, 32)
+    }
     for run in runs:
         assert len(run["tpot_s"]["samples"]) == 2 and run["tpot_s"]["min"] <= run["tpot_s"]["median"]
         assert run["kv_cache_bytes"] > 0 and run["tpot_over_floor"] > 0

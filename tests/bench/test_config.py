@@ -15,18 +15,26 @@ def resolve_with(tmp_path, yaml_text=None, overrides=(), **flags):
 
 
 def test_shipped_presets_resolve_for_every_batch_level():
-    sizes = [resolve("static-cache", level, None, [], {}, TECHNIQUES).batch_size for level in ("small", "medium", "large")]
+    sizes = [
+        resolve("static-cache", level, None, [], {}, TECHNIQUES).batch_size
+        for level in ("small", "medium", "large")
+    ]
     assert sizes == sorted(sizes) and sizes[0] == 1
 
 
 def test_precedence_defaults_then_yaml_then_set_then_flags(tmp_path):
-    config = resolve_with(tmp_path, "new_tokens: 40\nrepeats: 5\n", ["new_tokens=50", "ppl.max_tokens=100"], repeats=7)
+    config = resolve_with(
+        tmp_path, "new_tokens: 40\nrepeats: 5\n", ["new_tokens=50", "ppl.max_tokens=100"], repeats=7
+    )
     assert (config.new_tokens, config.repeats, config.ppl.max_tokens) == (50, 7, 100)
     assert config.ppl.stride == 512  # untouched default survives the nested override
 
 
 def test_set_parses_lists_and_scalars():
-    assert parse_overrides(["dtypes=[float32]", "ppl.enabled=false"]) == {"dtypes": ["float32"], "ppl": {"enabled": False}}
+    assert parse_overrides(["dtypes=[float32]", "ppl.enabled=false"]) == {
+        "dtypes": ["float32"],
+        "ppl": {"enabled": False},
+    }
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,24 @@ import pytest
 from kvlab.cli import main
 
 ARGS = [
-    "--model", "tiny-llama", "--dtypes", "float32",
-    "--set", "prompt_lengths=[96]", "--set", "new_tokens=4", "--set", "repeats=1", "--set", "warmup=0",
-    "--set", "ppl.max_length=160", "--set", "ppl.stride=80", "--set", "ppl.max_tokens=320",
+    "--model",
+    "tiny-llama",
+    "--dtypes",
+    "float32",
+    "--set",
+    "prompt_lengths=[96]",
+    "--set",
+    "new_tokens=4",
+    "--set",
+    "repeats=1",
+    "--set",
+    "warmup=0",
+    "--set",
+    "ppl.max_length=160",
+    "--set",
+    "ppl.stride=80",
+    "--set",
+    "ppl.max_tokens=320",
 ]
 
 
@@ -34,11 +49,32 @@ def test_sweep_writes_one_experiment_per_value_and_a_summary(tmp_path):
 
 
 def test_unknown_press_option_fails_before_loading(tmp_path, capsys):
-    args = ["bench", "--technique", "snapkv", "--results-dir", str(tmp_path), "--set", "press.options={windw: 3}"]
+    args = [
+        "bench",
+        "--technique",
+        "snapkv",
+        "--results-dir",
+        str(tmp_path),
+        "--set",
+        "press.options={windw: 3}",
+    ]
     assert main(args) == 2
     assert "windw" in capsys.readouterr().err
 
 
 def test_out_of_range_ratio_fails(tmp_path, capsys):
-    assert main(["bench", "--technique", "h2o", "--results-dir", str(tmp_path), "--set", "press.compression_ratio=1.5"]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "--technique",
+                "h2o",
+                "--results-dir",
+                str(tmp_path),
+                "--set",
+                "press.compression_ratio=1.5",
+            ]
+        )
+        == 2
+    )
     assert "compression_ratio" in capsys.readouterr().err
