@@ -13,6 +13,7 @@ loop are queued and applied between steps, never while a step runs.
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+from kvlab.engine.compression import RequestPress
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from kvlab.engine.request import SamplingParams
@@ -42,13 +43,18 @@ class AsyncLLM:
         self._closed = False
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        press: RequestPress | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they are produced; the last one has `finished` set. Leaving the
-        loop early (break, cancellation) aborts the request."""
+        loop early (break, cancellation) aborts the request. `press`: see kvlab.engine.compression."""
         if self._closed:
             raise RuntimeError("AsyncLLM is shut down")
-        request = self.engine.make_request(prompt, params, request_id)  # raises PromptTooLongError here
+        # Validation errors (PromptTooLongError, an unsupported press) surface here, in the caller.
+        request = self.engine.make_request(prompt, params, request_id, press)
         if request.request_id in self._queues:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

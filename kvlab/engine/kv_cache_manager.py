@@ -61,8 +61,14 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> PrefixHit:
         """Longest verified run of cached full blocks at the start of the request's tokens. The last
-        token is never served from cache: its logits are needed to sample the next one."""
-        if not self.enable_prefix_caching or request.is_compacted or request.num_computed_tokens:
+        token is never served from cache: its logits are needed to sample the next one. A request
+        whose press observes the prompt's queries gets no hit: cached tokens' queries were never computed."""
+        if (
+            not self.enable_prefix_caching
+            or request.is_compacted
+            or request.num_computed_tokens
+            or request.observes_prefill_queries
+        ):
             return PrefixHit()
         num_full = (request.num_tokens - 1) // self.block_size
         self._ensure_hashes(request, num_full)

@@ -11,10 +11,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 from kvlab.attention.backends.registry import get_backend
+from kvlab.engine.compression import RequestPress, compress_request
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.request import Request, RequestStatus, SamplingParams
-from kvlab.engine.scheduler import Scheduler
+from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvlab.models.native import build_engine_model
@@ -47,6 +48,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_per_s: float  # prefill tokens computed per second of step time (recompute included)
     generation_tokens_per_s: float
+    num_press_evicted_tokens: int = 0  # cached tokens dropped by requests' presses (blocks freed)
 
     @property
     def block_usage(self) -> float:
@@ -58,6 +60,7 @@ class _Counters:
     step_seconds: float = 0.0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_press_evicted_tokens: int = 0
     ids: itertools.count = field(default_factory=itertools.count)
 
 
@@ -109,9 +112,14 @@ class LLMEngine:
         return cls(config, Scheduler(config, num_blocks), runner, loaded.tokenizer, _eos_token_id(hf_config))
 
     def make_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        press: RequestPress | None = None,
     ) -> Request:
-        """Tokenise and validate without touching engine state (safe from another thread)."""
+        """Tokenise and validate without touching engine state (safe from another thread). `press`
+        compresses the request's K/V once its prefill completes (see compression.py)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
@@ -125,14 +133,22 @@ class LLMEngine:
                 "and at least one token must be generated"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._counters.ids)}"
-        request = Request(request_id, token_ids, params, eos_token_id=self.eos_token_id, prompt=text)
+        if press is not None:
+            press.budget(len(token_ids), len(self.runner.kv_caches))  # raises ConfigError if unsupported
+        request = Request(
+            request_id, token_ids, params, eos_token_id=self.eos_token_id, prompt=text, press=press
+        )
         self.scheduler.check_fits(request)
         return request
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        press: RequestPress | None = None,
     ) -> str:
-        request = self.make_request(prompt, params, request_id)
+        request = self.make_request(prompt, params, request_id, press)
         self.scheduler.add_request(request)
         return request.request_id
 
@@ -153,6 +169,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         sampled = self.runner.execute(scheduled)
         finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
+        self._run_presses(scheduled)
         self._counters.step_seconds += time.perf_counter() - started
         self._counters.num_prompt_tokens += scheduled.num_prefill_tokens
         self._counters.num_generated_tokens += len(sampled)
@@ -172,6 +189,20 @@ class LLMEngine:
                 self.runner.release(request.request_id)
             outputs.append(_output(request, [sampled[request.request_id]], text))
         return outputs
+
+    def _run_presses(self, scheduled: SchedulerOutput) -> None:
+        """Compress each request with a press whose prefill completed in this step and that goes on."""
+        for item in scheduled.scheduled:
+            request = item.request
+            if (
+                request.press is None
+                or not (item.is_prefill and item.samples)
+                or request.status is not RequestStatus.RUNNING
+            ):
+                continue
+            queries = self.runner.recorded_queries.pop(request.request_id, None)
+            evicted = compress_request(request, self.scheduler.kv, self.runner.kv_caches, queries)
+            self._counters.num_press_evicted_tokens += evicted
 
     def generate(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
@@ -198,6 +229,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_per_s=counters.num_prompt_tokens / seconds,
             generation_tokens_per_s=counters.num_generated_tokens / seconds,
+            num_press_evicted_tokens=counters.num_press_evicted_tokens,
         )
 
 

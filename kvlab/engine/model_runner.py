@@ -10,6 +10,7 @@ import torch
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
+from kvlab.engine.compression import QueryRecorder
 from kvlab.engine.request import Request
 from kvlab.engine.scheduler import SchedulerOutput
 from kvlab.models.native import EngineModel
@@ -43,6 +44,9 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
         self.generators: dict[str, torch.Generator | None] = {}
+        # request id -> per layer the post-RoPE query chunks of its prompt, for presses that score by
+        # attention (see compression.py); taken by the engine once the prefill completes.
+        self.recorded_queries: dict[str, list[list[torch.Tensor]]] = {}
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -91,8 +95,10 @@ class ModelRunner:
         """Run one step; returns the sampled token of each request with `samples` set."""
         if output.is_empty:
             return {}
+        for request_id in output.preempted_request_ids:  # recomputed from scratch: its chunks restart
+            self.recorded_queries.pop(request_id, None)
         input_ids, positions, metadata = self.prepare_inputs(output)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self._backend_for(output))
         ends = metadata.query_start_loc[1:] - 1
         rows = [i for i, s in enumerate(output.scheduled) if s.samples]
         if not rows:
@@ -101,6 +107,18 @@ class ModelRunner:
         requests = [output.scheduled[i].request for i in rows]
         tokens = self.sample(logits, requests)
         return {r.request_id: t for r, t in zip(requests, tokens.tolist(), strict=True)}
+
+    def _backend_for(self, output: SchedulerOutput) -> AttentionBackend:
+        """The backend, wrapped to record queries when a prefill in this step belongs to a request whose
+        press scores tokens by attention."""
+        rows, start = {}, 0
+        for scheduled in output.scheduled:
+            if scheduled.is_prefill and scheduled.request.observes_prefill_queries:
+                rows[scheduled.request.request_id] = (start, start + scheduled.num_new_tokens)
+            start += scheduled.num_new_tokens
+        if not rows:
+            return self.backend
+        return QueryRecorder(self.backend, self.kv_caches, rows, self.recorded_queries)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits (N, vocab) -> (N,) token ids; greedy rows in one argmax, others with their own seeds."""
@@ -115,5 +133,6 @@ class ModelRunner:
         return tokens
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's sampling state."""
+        """Forget a finished request's sampling state and recorded queries."""
         self.generators.pop(request_id, None)
+        self.recorded_queries.pop(request_id, None)

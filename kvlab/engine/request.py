@@ -8,9 +8,13 @@ Two counts matter and differ once a press has compacted the cache:
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvlab.errors import ConfigError
 from kvlab.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from kvlab.engine.compression import RequestPress
 
 
 class RequestStatus(enum.Enum):
@@ -83,6 +87,7 @@ class Request:
     # They depend only on token ids, so they survive preemption.
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    press: "RequestPress | None" = None  # compresses the request's K/V once its prefill completes
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -129,6 +134,11 @@ class Request:
     def is_compacted(self) -> bool:
         """A press dropped tokens: the blocks no longer hold the plain prefix, so they are never shared."""
         return self.num_evicted_tokens > 0
+
+    @property
+    def observes_prefill_queries(self) -> bool:
+        """Its press scores tokens by the prompt's queries, so every prompt token must be computed."""
+        return self.press is not None and self.press.needs_queries
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,545 @@
+"""`kvlab bench --technique paged`: the serving engine against Hugging Face on identical requests.
+
+One run measures, on one model and prompts cut from real text (seeded):
+  mixed    a mix of prompt and output lengths, all arriving at t=0, ignore EOS: output tokens/s of
+           the engine (continuous batching) vs HF static batching (`model.generate` on left-padded
+           batches in arrival order, each batch running to its longest requested output; only each
+           request's requested tokens count as output); the engine's TTFT/TPOT percentiles; KV
+           blocks used vs allocated and peak memory of both.
+  prefix   requests sharing a long system prompt, served one at a time: TTFT with and without the
+           prefix cache (the first request, which fills the cache, is left out of both).
+  decode   batch-1 TPOT of the engine, `model.generate` and `kvlab.generate` on the same prompt,
+           per dtype, against the measured bandwidth floor (`metrics.Floor`).
+Config: defaults < configs/paged/<level>.yaml < --set < flags; validated before any model loads.
+"""
+
+import contextlib
+import dataclasses
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab.bench.config import (
+    BATCH_LEVELS,
+    CONFIG_ROOT,
+    _check_keys,
+    _positive,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
+from kvlab.engine.config import EngineConfig
+from kvlab.errors import ConfigError
+from kvlab.models.loader import DTYPES
+from kvlab.models.registry import DEFAULT_MODEL
+
+TECHNIQUE = "paged"
+
+
+@dataclass(slots=True)
+class MixedWorkload:
+    num_requests: int = 24
+    prompt_len_min: int = 32
+    prompt_len_max: int = 256
+    output_len_min: int = 16
+    output_len_max: int = 128
+    hf_batch_size: int = 8  # requests per `model.generate` call of the static-batching baseline
+    repeats: int = 1  # rounds alternating engine and HF, so a busy spell on the machine hits both
+
+
+@dataclass(slots=True)
+class PrefixWorkload:
+    num_requests: int = 6
+    prefix_len: int = 512  # the shared system prompt
+    suffix_len: int = 32  # each request's own question
+    output_len: int = 4
+
+
+@dataclass(slots=True)
+class DecodeWorkload:
+    prompt_len: int = 128
+    new_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 3
+
+
+SECTIONS = {"mixed": MixedWorkload, "prefix": PrefixWorkload, "decode": DecodeWorkload}
+
+
+@dataclass(slots=True)
+class ServingConfig:
+    technique: str = TECHNIQUE
+    batch_level: str = "small"
+    experiment_name: str = "default"
+    model: str = DEFAULT_MODEL
+    dataset: str = "wikitext2"
+    split: str | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"  # of the mixed and prefix workloads
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])  # of the decode comparison
+    threads: int | None = None
+    seed: int = 0
+    method: str = "both"
+    benchmark_memory: bool = True
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields except dtype and device
+    mixed: MixedWorkload = field(default_factory=MixedWorkload)
+    prefix: PrefixWorkload = field(default_factory=PrefixWorkload)
+    decode: DecodeWorkload = field(default_factory=DecodeWorkload)
+
+    def validate(self) -> None:
+        if self.batch_level not in BATCH_LEVELS:
+            raise ConfigError(
+                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
+            )
+        if self.technique != TECHNIQUE:
+            raise ConfigError(f"this config is for technique {self.technique!r}, not {TECHNIQUE!r}")
+        if self.method != "both":
+            raise ConfigError(
+                f"the paged bench measures the engine against HF: method must be 'both', got {self.method!r}"
+            )
+        for dtype in [self.dtype, *self.dtypes]:
+            if dtype not in DTYPES:
+                raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if not self.dtypes:
+            raise ConfigError("dtypes must name at least one dtype")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        if not self.experiment_name or "/" in self.experiment_name:
+            raise ConfigError(
+                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
+            )
+        for section in SECTIONS:
+            for item in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), item.name)
+                if item.name in ("warmup",):
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ConfigError(f"{section}.warmup must be an integer >= 0, got {value!r}")
+                else:
+                    _positive(f"{section}.{item.name}", value)
+        mixed = self.mixed
+        if mixed.prompt_len_min > mixed.prompt_len_max or mixed.output_len_min > mixed.output_len_max:
+            raise ConfigError("mixed: each *_min must be <= its *_max")
+        if mixed.output_len_min < 2 or self.decode.new_tokens < 2:
+            raise ConfigError("output lengths must be >= 2 (TPOT needs a token after the first)")
+        if self.prefix.num_requests < 2:
+            raise ConfigError("prefix.num_requests must be >= 2 (the first request only fills the cache)")
+        self.engine_config(self.dtype)  # unknown or bad engine keys fail here, before any model loads
+
+    def engine_config(self, dtype: str, **changes: Any) -> EngineConfig:
+        for key in ("dtype", "device"):
+            if key in self.engine:
+                raise ConfigError(
+                    f"engine.{key} is set at the top level of the paged bench config ({key}: ...)"
+                )
+        return EngineConfig.from_dict({**self.engine, "dtype": dtype, "device": self.device, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(data: dict[str, Any]) -> ServingConfig:
+    """Build a ServingConfig, rejecting unknown keys at any level."""
+    data = dict(data)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = data.pop(name, None) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a mapping, got {values!r}")
+        _check_keys(f"{name}.", values, cls)
+        sections[name] = cls(**values)
+    _check_keys("", data, ServingConfig)
+    if "dtypes" in data and not isinstance(data["dtypes"], list):
+        data["dtypes"] = [data["dtypes"]]
+    if not isinstance(data.get("engine", {}), dict):
+        raise ConfigError(f"engine must be a mapping of EngineConfig fields, got {data['engine']!r}")
+    return ServingConfig(**data, **sections)
+
+
+def resolve_config(args) -> ServingConfig:
+    """Layer defaults < YAML < --set < flags, then validate everything."""
+    if args.batch_level not in BATCH_LEVELS:
+        raise ConfigError(f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {args.batch_level!r}")
+    path = Path(args.config) if args.config else CONFIG_ROOT / TECHNIQUE / f"{args.batch_level}.yaml"
+    data = merge({"technique": TECHNIQUE, "batch_level": args.batch_level}, read_yaml(path))
+    data = merge(data, parse_overrides(args.set or []))
+    flags = {
+        "experiment_name": args.experiment_name,
+        "method": args.method,
+        "benchmark_memory": args.benchmark_memory,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "dtypes": args.dtypes,
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    data = merge(data, {key: value for key, value in flags.items() if value is not None})
+    config = from_dict(data)
+    config.validate()
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    prompt_ids: list[int]
+    output_len: int
+
+
+def mixed_requests(token_ids: list[int], workload: MixedWorkload, seed: int) -> list[BenchRequest]:
+    """Seeded lengths; prompts are consecutive windows of the text from a seeded offset, so no two
+    requests share a prefix by accident."""
+    rng = random.Random(seed)
+    lengths = [
+        (
+            rng.randint(workload.prompt_len_min, workload.prompt_len_max),
+            rng.randint(workload.output_len_min, workload.output_len_max),
+        )
+        for _ in range(workload.num_requests)
+    ]
+    offset = _offset(rng, len(token_ids), sum(p for p, _ in lengths))
+    requests = []
+    for prompt_len, output_len in lengths:
+        requests.append(BenchRequest(token_ids[offset : offset + prompt_len], output_len))
+        offset += prompt_len
+    return requests
+
+
+def prefix_requests(token_ids: list[int], workload: PrefixWorkload, seed: int) -> list[BenchRequest]:
+    """One shared system prompt (a text window), then each request's own suffix (the next windows)."""
+    rng = random.Random(seed + 1)
+    total = workload.prefix_len + workload.num_requests * workload.suffix_len
+    offset = _offset(rng, len(token_ids), total)
+    prefix = token_ids[offset : offset + workload.prefix_len]
+    offset += workload.prefix_len
+    requests = []
+    for i in range(workload.num_requests):
+        suffix = token_ids[offset + i * workload.suffix_len : offset + (i + 1) * workload.suffix_len]
+        requests.append(BenchRequest(prefix + suffix, workload.output_len))
+    return requests
+
+
+def _offset(rng: random.Random, available: int, needed: int) -> int:
+    if needed > available:
+        raise ConfigError(f"the workload needs {needed} prompt tokens; the dataset has only {available}")
+    return rng.randrange(available - needed + 1)
+
+
+def tokens_needed(config: ServingConfig) -> int:
+    mixed, prefix = config.mixed, config.prefix
+    return max(
+        mixed.num_requests * mixed.prompt_len_max,
+        prefix.prefix_len + prefix.num_requests * prefix.suffix_len,
+        config.decode.prompt_len,
+    )
+
+
+def load_token_ids(config: ServingConfig, tokenizer, text=None) -> tuple[list[int], str]:
+    """Token ids of the dataset's text (a `datasets.Text`, loaded if not given); only a leading part
+    (with margin) is tokenised."""
+    from kvlab.bench.datasets import load_text
+    from kvlab.bench.perplexity import tokenize
+
+    text = text or load_text(config.dataset, split=config.split, data_dir=config.data_dir)
+    needed = tokens_needed(config)
+    ids, _ = tokenize(tokenizer, text.text[: 16 * needed])
+    if ids.numel() < needed:
+        ids, _ = tokenize(tokenizer, text.text)
+    return ids.tolist(), text.description
+
+
+def run_paged_bench(args, argv: list[str]) -> int:
+    import shlex
+
+    from kvlab.bench import report
+    from kvlab.bench.serving_report import write_serving_report
+
+    config = resolve_config(args)
+    out_dir = report.experiment_dir(TECHNIQUE, config.experiment_name, Path(args.results_dir))
+    report.claim_experiment_dir(out_dir, args.overwrite)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    payload = run_all(config)
+    payload["command"] = "kvlab " + " ".join(shlex.quote(a) for a in argv)
+    path = write_serving_report(payload, out_dir)
+    print(f"kvlab: report written to {path / 'report.md'}")
+    return 0
+
+
+def run_all(config: ServingConfig) -> dict[str, Any]:
+    """Every measurement of the paged bench; returns the results payload (raw samples included)."""
+    from kvlab.bench.datasets import load_text
+    from kvlab.bench.machine import machine_info
+    from kvlab.engine.llm_engine import LLMEngine
+    from kvlab.models.loader import load_model
+
+    text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)  # fails fast, no model yet
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
+    longest = max(
+        config.mixed.prompt_len_max + config.mixed.output_len_max,
+        config.decode.prompt_len + config.decode.new_tokens,
+        config.prefix.prefix_len + config.prefix.suffix_len + config.prefix.output_len,
+    )
+    if longest > loaded.context_length:
+        raise ConfigError(
+            f"the workload needs {longest} tokens of context; {config.model} has {loaded.context_length}"
+        )
+    token_ids, data_description = load_token_ids(config, loaded.tokenizer, text)
+    engine = LLMEngine.from_model(loaded, config.engine_config(config.dtype))
+    payload: dict[str, Any] = {
+        "machine": machine_info(),
+        "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
+        "data": data_description,
+        "config": config.to_dict(),
+        "engine_config": engine.config.to_dict(),
+    }
+    requests = mixed_requests(token_ids, config.mixed, config.seed)
+    _progress(f"mixed workload: {len(requests)} requests on the engine, then HF static batching")
+    payload["mixed"] = measure_mixed(loaded, engine, requests, config)
+    _progress(f"shared prefix: {config.prefix.num_requests} requests, without then with the prefix cache")
+    payload["prefix"] = measure_prefix(engine, prefix_requests(token_ids, config.prefix, config.seed))
+    _progress(f"batch-1 decode in {', '.join(config.dtypes)}: engine, kvlab.generate, model.generate")
+    payload["decode"] = measure_decode(config, token_ids, {config.dtype: (loaded, engine)})
+    return payload
+
+
+def measure_mixed(loaded, engine, requests: list[BenchRequest], config: ServingConfig) -> dict[str, Any]:
+    device = loaded.model.device
+    warm = [BenchRequest(requests[0].prompt_ids[:16], 4)]
+    serve(with_changes(engine), warm)
+    hf_static(loaded, warm, 1)
+    engine_runs, hf_runs = [], []
+    for _ in range(config.mixed.repeats):
+        with _peak_memory(device, config.benchmark_memory) as engine_peak:
+            engine_run = serve(with_changes(engine), requests)
+        engine_runs.append(engine_run | _peak_fields(engine_peak))  # the peak is known on exit
+        with _peak_memory(device, config.benchmark_memory) as hf_peak:
+            hf_run = hf_static(loaded, requests, config.mixed.hf_batch_size)
+        hf_runs.append(hf_run | _peak_fields(hf_peak))
+    # Report each path's median round by wall time; every round's wall time is kept.
+    engine_run, hf_run = _median_run(engine_runs), _median_run(hf_runs)
+    useful = sum(r.output_len for r in requests)
+    pool_bytes = engine.runner.kv_cache_bytes
+    num_blocks = engine.scheduler.kv.num_blocks
+    engine_run |= {
+        "output_tokens_per_s": useful / engine_run["wall_s"],
+        "num_blocks": num_blocks,
+        "block_size": engine.config.block_size,
+        "kv_pool_bytes": pool_bytes,
+        "peak_kv_bytes_in_use": max(engine_run["used_blocks"]) * pool_bytes // num_blocks,
+    }
+    hf_run |= {
+        "output_tokens_per_s": useful / hf_run["wall_s"],
+    }
+    engine_tokens, hf_tokens = engine_run.pop("tokens"), hf_run.pop("tokens")
+    return {
+        "requests": [{"prompt_len": len(r.prompt_ids), "output_len": r.output_len} for r in requests],
+        "useful_output_tokens": useful,
+        "engine": engine_run,
+        "hf_static": hf_run,
+        "agreement": agreement(engine_tokens, hf_tokens),
+        "engine_tokens": engine_tokens,
+    }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda run: run["wall_s"])
+    return ordered[(len(ordered) - 1) // 2] | {"wall_s_rounds": [run["wall_s"] for run in runs]}
+
+
+def _progress(message: str) -> None:
+    print(f"kvlab: paged bench: {message}", file=sys.stderr, flush=True)
+
+
+def _peak_memory(device: torch.device, enabled: bool):
+    from kvlab.bench.metrics import PeakMemory
+
+    return PeakMemory(device) if enabled else contextlib.nullcontext()
+
+
+def _peak_fields(peak) -> dict[str, Any]:
+    """Peak memory of a region; None values when benchmark_memory is off."""
+    if peak is None:
+        return {"peak_memory_bytes": None, "peak_memory_delta_bytes": None, "memory_kind": "not measured"}
+    return {"peak_memory_bytes": peak.bytes, "peak_memory_delta_bytes": peak.delta, "memory_kind": peak.kind}
+
+
+def serve(engine, requests: list[BenchRequest]) -> dict[str, Any]:
+    """All requests arrive at t=0; records each request's first and last token time and, after every
+    step, the blocks in use and the tokens they hold."""
+    from kvlab.engine.request import SamplingParams
+
+    pool, scheduler = engine.scheduler.kv.pool, engine.scheduler
+    start = time.perf_counter()
+    ids = [
+        engine.add_request(r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
+        for r in requests
+    ]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    used_blocks, stored_tokens = [], []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        used_blocks.append(pool.num_used_blocks)
+        stored_tokens.append(sum(r.num_cached_tokens for r in scheduler.running))
+        for output in outputs:
+            first.setdefault(output.request_id, elapsed)
+            last[output.request_id] = elapsed
+            if output.finished:
+                tokens[output.request_id] = output.output_token_ids
+    wall = time.perf_counter() - start
+    stats = engine.get_stats()
+    return {
+        "wall_s": wall,
+        "ttft_s": [first[i] for i in ids],
+        "tpot_s": [(last[i] - first[i]) / (len(tokens[i]) - 1) for i in ids],
+        "used_blocks": used_blocks,
+        "stored_tokens": stored_tokens,
+        "num_preemptions": stats.num_preemptions,
+        "tokens": [tokens[i] for i in ids],
+    }
+
+
+def hf_static(loaded, requests: list[BenchRequest], batch_size: int) -> dict[str, Any]:
+    """`model.generate` on left-padded batches in arrival order; each batch runs to its longest output."""
+    from kvlab.cache import kv_cache_bytes
+
+    model, device = loaded.model, loaded.model.device
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    tokens, kv_bytes, generated = [], [], 0
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i : i + batch_size]
+        width, new = max(len(r.prompt_ids) for r in batch), max(r.output_len for r in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+                return_dict_in_generate=True,
+            )
+        rows = out.sequences[:, width:].tolist()
+        tokens += [row[: r.output_len] for row, r in zip(rows, batch, strict=True)]
+        kv_bytes.append(kv_cache_bytes(out.cache))
+        generated += len(batch) * new
+    return {
+        "wall_s": time.perf_counter() - start,
+        "generated_tokens": generated,
+        "peak_kv_bytes": max(kv_bytes),
+        "tokens": tokens,
+    }
+
+
+def agreement(engine_tokens: list[list[int]], hf_tokens: list[list[int]]) -> dict[str, Any]:
+    prefixes = []
+    for a, b in zip(engine_tokens, hf_tokens, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+    identical = sum(a == b for a, b in zip(engine_tokens, hf_tokens, strict=True))
+    return {"identical_requests": identical, "num_requests": len(prefixes), "matching_prefix": prefixes}
+
+
+def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
+    """One request at a time (TTFT is then prefill latency, not queueing), without then with the cache."""
+    result: dict[str, Any] = {"prompt_len": len(requests[0].prompt_ids), "num_requests": len(requests)}
+    for label, caching in (("without_cache", False), ("with_cache", True)):
+        fresh = with_changes(engine, enable_prefix_caching=caching)
+        ttfts = [serve(fresh, [request])["ttft_s"][0] for request in requests]
+        result[label] = {"ttft_s": ttfts, "hit_rate": fresh.get_stats().prefix_cache_hit_rate}
+    return result
+
+
+def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
+    """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
+    from kvlab.bench.metrics import Floor, decode_weight_bytes, measure_bandwidth
+    from kvlab.engine.llm_engine import LLMEngine
+    from kvlab.models.loader import load_model
+
+    workload = config.decode
+    prompt = token_ids[: workload.prompt_len]
+    results = {}
+    for dtype in config.dtypes:
+        if dtype in loaded_by_dtype:
+            loaded, engine = loaded_by_dtype[dtype]
+        else:
+            loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
+            engine = LLMEngine.from_model(loaded, config.engine_config(dtype))
+        paths = decode_paths(loaded, engine, prompt, workload.new_tokens)
+        samples: dict[str, list[float]] = {name: [] for name in paths}
+        for round_index in range(workload.warmup + workload.repeats):
+            for name, run in paths.items():
+                times = run()
+                if round_index >= workload.warmup:
+                    samples[name].append((times[-1] - times[0]) / (len(times) - 1))
+        floor = Floor(
+            decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, loaded.model.device)
+        )
+        results[dtype] = {
+            "weight_bytes_per_token": floor.weight_bytes_per_token,
+            "bandwidth_bytes_per_s": floor.bandwidth_bytes_per_s,
+            "floor_tpot_s": floor.tpot_s,
+            "tpot_s": samples,
+        }
+        loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
+    return {"prompt_len": len(prompt), "new_tokens": workload.new_tokens, "by_dtype": results}
+
+
+def decode_paths(loaded, engine, prompt: list[int], new_tokens: int) -> dict[str, Callable[[], list[float]]]:
+    """Per path, a call that decodes `new_tokens` after `prompt` and returns each token's time."""
+    from kvlab.bench.runner import run_baseline
+    from kvlab.generate import generate
+
+    input_ids = torch.tensor([prompt], device=loaded.model.device)
+    return {
+        "model.generate": lambda: run_baseline(loaded, input_ids, new_tokens)[0],
+        "kvlab.generate": lambda: generate(loaded.model, input_ids, new_tokens).token_times,
+        "engine": lambda: serve_times(with_changes(engine, enable_prefix_caching=False), prompt, new_tokens),
+    }
+
+
+def serve_times(engine, prompt: list[int], new_tokens: int) -> list[float]:
+    """Seconds from submission to each token of one request on the engine."""
+    from kvlab.engine.request import SamplingParams
+
+    start = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    times = []
+    while engine.has_unfinished_requests():
+        if engine.step():
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def with_changes(engine, **changes: Any):
+    """A fresh engine (new scheduler, empty pool, zeroed stats) sharing `engine`'s model and KV tensors."""
+    from kvlab.engine.llm_engine import LLMEngine
+    from kvlab.engine.scheduler import Scheduler
+
+    config = replace(engine.config, **changes)
+    return LLMEngine(
+        config,
+        Scheduler(config, engine.scheduler.kv.num_blocks),
+        engine.runner,
+        engine.tokenizer,
+        engine.eos_token_id,
+    )

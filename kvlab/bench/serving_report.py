@@ -1,0 +1,299 @@
+"""The paged bench's self-describing results: results.json (versioned, raw samples), config.yaml,
+report.md with the issue's bars (pass or miss, as measured) and PNG plots, in
+results/paged/<experiment>/. Written to a staging directory and swapped in only when complete.
+"""
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from kvlab.bench.report import SCHEMA_VERSION
+
+# The issue's bars: (key, description, target, higher_is_better)
+BARS = [
+    ("mixed_throughput_ratio", "engine output tok/s / HF static batching (mixed workload)", 2.0, True),
+    ("prefix_ttft_ratio", "TTFT without / with prefix cache (shared system prompt)", 3.0, True),
+    ("bf16_decode_over_floor", "engine batch-1 decode TPOT / bandwidth floor, bfloat16", 1.5, False),
+]
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(np.asarray(samples), [50, 90, 99]).tolist()
+    return {"p50": p50, "p90": p90, "p99": p99}
+
+
+def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]["by_dtype"]
+    measured = {
+        "mixed_throughput_ratio": mixed["engine"]["output_tokens_per_s"]
+        / mixed["hf_static"]["output_tokens_per_s"],
+        # The first request fills the cache; it is a miss in both runs.
+        "prefix_ttft_ratio": statistics.median(prefix["without_cache"]["ttft_s"][1:])
+        / statistics.median(prefix["with_cache"]["ttft_s"][1:]),
+        "bf16_decode_over_floor": (
+            statistics.median(decode["bfloat16"]["tpot_s"]["engine"]) / decode["bfloat16"]["floor_tpot_s"]
+            if "bfloat16" in decode
+            else None
+        ),
+    }
+    rows = []
+    for key, description, target, higher in BARS:
+        value = measured[key]
+        met = None if value is None else (value >= target if higher else value <= target)
+        rows.append(
+            {
+                "bar": key,
+                "description": description,
+                "target": target,
+                "higher_is_better": higher,
+                "measured": value,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def write_serving_report(payload: dict[str, Any], path: Path) -> Path:
+    payload = {"schema_version": SCHEMA_VERSION, **payload}
+    payload["bars"] = bars(payload)
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "results.json").write_text(json.dumps(payload, indent=1))
+    (staging / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+    plots = _plots(payload, staging)
+    (staging / "report.md").write_text(render_markdown(payload, plots))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    return path
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _mib(num_bytes: float | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
+def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
+    config, machine, model = payload["config"], payload["machine"], payload["model"]
+    mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]
+    engine, hf = mixed["engine"], mixed["hf_static"]
+    lines = [
+        f"# paged / {config['experiment_name']}",
+        "",
+        "Reproduce with:",
+        "",
+        f"    {payload['command']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
+        f"{machine['ram_gib']} GiB RAM, GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, "
+        f"transformers {machine['transformers']}. Model: `{model['name']}` ({model['source']}). "
+        f"Prompts: token windows of {payload['data']}. Engine: {_engine_line(payload['engine_config'])}.",
+        "",
+        "## Bars",
+        "",
+        "| bar | target | measured | met |",
+        "|---|---:|---:|---|",
+    ]
+    for bar in payload["bars"]:
+        sign = ">=" if bar["higher_is_better"] else "<="
+        value = "not measured" if bar["measured"] is None else f"{bar['measured']:.2f}x"
+        met = {True: "yes", False: "**NO (missed)**", None: "n/a"}[bar["met"]]
+        lines.append(f"| {bar['description']} | {sign} {bar['target']}x | {value} | {met} |")
+    if not model["meaningful_ppl"]:
+        lines += ["", "This model has random weights: outputs are meaningless; timings show the paths run."]
+    ttft, tpot = percentiles(engine["ttft_s"]), percentiles(engine["tpot_s"])
+    agree = mixed["agreement"]
+    requests = mixed["requests"]
+    lines += [
+        "",
+        "## Mixed workload: continuous batching vs HF static batching",
+        "",
+        f"{len(requests)} requests (seed {config['seed']}), prompts {_span(requests, 'prompt_len')} tokens, "
+        f"outputs {_span(requests, 'output_len')} tokens, EOS ignored, {config['dtype']}, all arriving at "
+        f"t=0. HF static: `model.generate` on left-padded batches of {config['mixed']['hf_batch_size']} in "
+        f"arrival order; each batch runs to its longest output ({hf['generated_tokens']} tokens generated, "
+        f"{mixed['useful_output_tokens']} of them requested). Output tok/s counts requested tokens only. "
+        f"{config['mixed']['repeats']} round(s), engine and HF alternating; the median round by wall time is "
+        f"shown (engine rounds {_seconds(engine['wall_s_rounds'])} s, HF {_seconds(hf['wall_s_rounds'])} s).",
+        "",
+        "| path | wall s | output tok/s | peak mem MiB | peak Δ MiB | peak KV in use MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+        _run_row("engine", engine, engine["peak_kv_bytes_in_use"]),
+        _run_row("HF static", hf, hf["peak_kv_bytes"]),
+        "",
+        f"Engine latency (ms; TTFT includes queueing, since all requests arrive together): "
+        f"TTFT p50 {_ms(ttft['p50'])}, p90 {_ms(ttft['p90'])}, p99 {_ms(ttft['p99'])}; "
+        f"TPOT p50 {_ms(tpot['p50'])}, p90 {_ms(tpot['p90'])}, p99 {_ms(tpot['p99'])}. "
+        f"Preemptions: {engine['num_preemptions']}.",
+        "",
+        f"Greedy agreement, engine vs HF static: {agree['identical_requests']} / {agree['num_requests']} "
+        f"requests identical; shortest common prefix {min(agree['matching_prefix'])} tokens (padding changes "
+        "HF's matmul shapes, so low-precision runs may drift).",
+        "",
+        "## Memory: KV blocks",
+        "",
+        *_memory_lines(engine, hf),
+        "",
+        "## Shared prefix: TTFT with and without the prefix cache",
+        "",
+        f"{prefix['num_requests']} requests of {prefix['prompt_len']} tokens sharing a "
+        f"{config['prefix']['prefix_len']}-token system prompt, served one at a time; the first request "
+        "(which fills the cache) is left out of the medians.",
+        "",
+        "| prefix cache | TTFT median ms | TTFT min–max ms | hit rate |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in ("without_cache", "with_cache"):
+        run = prefix[label]
+        rest = run["ttft_s"][1:]
+        lines.append(
+            f"| {label.replace('_', ' ')} | {_ms(statistics.median(rest))} "
+            f"| {_ms(min(rest))}–{_ms(max(rest))} | {run['hit_rate']:.0%} |"
+        )
+    lines += [
+        "",
+        "## Batch-1 decode vs the bandwidth floor",
+        "",
+        f"Prompt {decode['prompt_len']} tokens, {decode['new_tokens']} new tokens; median TPOT over "
+        f"{config['decode']['repeats']} runs after {config['decode']['warmup']} warm-up, paths alternating. "
+        "Floor = weight bytes read per token / bandwidth of a 256 MiB matrix-vector product at the dtype, "
+        "measured in this run.",
+        "",
+        "| dtype | floor ms | engine ms | kvlab.generate ms | model.generate ms "
+        "| engine / floor | kvlab.generate / floor | model.generate / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dtype, run in decode["by_dtype"].items():
+        floor = run["floor_tpot_s"]
+        medians = [
+            statistics.median(run["tpot_s"][p]) for p in ("engine", "kvlab.generate", "model.generate")
+        ]
+        lines.append(
+            f"| {dtype} | {_ms(floor)} | "
+            + " | ".join(_ms(m) for m in medians)
+            + " | "
+            + " | ".join(f"{m / floor:.2f}x" for m in medians)
+            + " |"
+        )
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _run_row(name: str, run: dict[str, Any], kv_bytes: int) -> str:
+    return (
+        f"| {name} | {run['wall_s']:.2f} | {run['output_tokens_per_s']:.1f} "
+        f"| {_mib(run['peak_memory_bytes'])} | {_mib(run['peak_memory_delta_bytes'])} | {_mib(kv_bytes)} |"
+    )
+
+
+def _seconds(samples: list[float]) -> str:
+    return ", ".join(f"{s:.1f}" for s in samples)
+
+
+def _span(requests: list[dict[str, int]], key: str) -> str:
+    return f"{min(r[key] for r in requests)}–{max(r[key] for r in requests)}"
+
+
+def _engine_line(engine: dict[str, Any]) -> str:
+    keys = (
+        "block_size",
+        "num_blocks",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "pd_policy",
+        "attention_backend",
+    )
+    return ", ".join(f"{key}={engine[key]}" for key in keys)
+
+
+def _memory_lines(engine: dict[str, Any], hf: dict[str, Any]) -> list[str]:
+    used, stored = engine["used_blocks"], engine["stored_tokens"]
+    peak_step = int(np.argmax(used))
+    capacity = used[peak_step] * engine["block_size"]
+    return [
+        f"Pool: {engine['num_blocks']} blocks of {engine['block_size']} tokens allocated "
+        f"({_mib(engine['kv_pool_bytes'])} MiB). Blocks in use after each step: peak {max(used)} "
+        f"({max(used) / engine['num_blocks']:.0%} of the pool), mean {statistics.mean(used):.0f}. At the "
+        f"peak the used blocks hold {stored[peak_step]} tokens in {capacity} slots "
+        f"({stored[peak_step] / capacity if capacity else 0:.0%} full: the waste is each request's last "
+        "block).",
+        "",
+        f"Peak KV in use: engine {_mib(engine['peak_kv_bytes_in_use'])} MiB vs HF static "
+        f"{_mib(hf['peak_kv_bytes'])} MiB (the largest batch's cache: every row padded to the batch's "
+        f"longest prompt + output). Peak memory: {hf['memory_kind']}; Δ is the rise over the run's start "
+        "(weights and the engine's preallocated pool excluded).",
+    ]
+
+
+def _plots(payload: dict[str, Any], directory: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]["by_dtype"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(
+        ["engine", "HF static"],
+        [mixed["engine"]["output_tokens_per_s"], mixed["hf_static"]["output_tokens_per_s"]],
+    )
+    axes[0].set_ylabel("output tokens/s")
+    axes[0].set_title("mixed workload throughput")
+    labels = ["without cache", "with cache"]
+    axes[1].bar(
+        labels, [statistics.median(prefix[k]["ttft_s"][1:]) * 1000 for k in ("without_cache", "with_cache")]
+    )
+    axes[1].set_ylabel("TTFT ms (median)")
+    axes[1].set_title("shared prefix")
+    fig.tight_layout()
+    fig.savefig(directory / "throughput_and_prefix.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    paths = ["engine", "kvlab.generate", "model.generate"]
+    width = 0.8 / (len(paths) + 1)
+    for i, dtype in enumerate(decode):
+        run = decode[dtype]
+        for j, path in enumerate(paths):
+            ax.bar(
+                i + j * width,
+                statistics.median(run["tpot_s"][path]) * 1000,
+                width,
+                label=path if i == 0 else None,
+                color=f"C{j}",
+            )
+        ax.bar(
+            i + len(paths) * width,
+            run["floor_tpot_s"] * 1000,
+            width,
+            label="floor" if i == 0 else None,
+            color="grey",
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(decode))], list(decode))
+    ax.set_ylabel("batch-1 TPOT ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "decode_tpot.png", dpi=110)
+    plt.close(fig)
+
+    engine = mixed["engine"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(engine["used_blocks"], label="blocks in use")
+    ax.plot([t / engine["block_size"] for t in engine["stored_tokens"]], label="tokens held / block size")
+    ax.axhline(engine["num_blocks"], color="grey", linestyle="--", label="blocks allocated")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("blocks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "block_usage.png", dpi=110)
+    plt.close(fig)
+    return ["throughput_and_prefix.png", "decode_tpot.png", "block_usage.png"]

@@ -1,0 +1,154 @@
+"""KV compression inside the engine: a request may carry a press (`kvlab.press`), run once after prefill.
+
+    press = RequestPress(get_press("snapkv", window=8), compression_ratio=0.5)
+    engine.add_request(prompt, params, press=press)
+
+After the step that completes a request's prefill, `compress_request` gathers the request's K/V per
+layer from its blocks, builds the `Observations` the HF path (`PressCache`) builds for the prompt
+forward -- true positions 0..n-1, all n tokens new, and the prompt's post-RoPE queries when the press
+declares `needs_queries` -- asks the press which slots to keep, and `KVCacheManager.compact` copies
+them into fresh blocks and frees the old ones, so the saving shows in `get_stats()`.
+
+Queries are recorded by `QueryRecorder`, a backend that wraps the real one for the steps that prefill
+such a request; the model is not touched. A press stays a pure tensor function.
+
+Supported: prefill-time presses whose layers all keep the same number of tokens and whose heads all
+keep the same count (one block table serves every layer, see kv_cache_manager.py): snapkv, knorm,
+random, ... Not supported (ConfigError at add_request): presses that evict during decode (streaming_llm,
+h2o, tova), per-layer budgets (pyramidkv), per-head budgets and key re-rotation (`reposition`).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvlab.attention.backends.base import AttentionBackend, gather_context
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.engine.kv_cache_manager import KVCacheManager
+from kvlab.engine.request import Request
+from kvlab.errors import ConfigError
+from kvlab.press.base import Observations, Press
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RequestPress:
+    """A press and its budget for one request: `max_cache_tokens` per layer, or `compression_ratio`
+    (the fraction of the prompt's tokens removed); exactly one, as for `PressCache`."""
+
+    press: Press
+    max_cache_tokens: int | None = None
+    compression_ratio: float | None = None
+
+    def __post_init__(self):
+        if (self.max_cache_tokens is None) == (self.compression_ratio is None):
+            raise ConfigError("give exactly one of max_cache_tokens or compression_ratio")
+        if self.max_cache_tokens is not None and (
+            isinstance(self.max_cache_tokens, bool) or self.max_cache_tokens < 1
+        ):
+            raise ConfigError(f"max_cache_tokens must be an integer >= 1, got {self.max_cache_tokens!r}")
+        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
+            raise ConfigError(
+                f"compression_ratio (fraction removed) must be in [0, 1), got {self.compression_ratio!r}"
+            )
+        name = self.press.describe()
+        if self.press.evicts_during_decode:
+            raise ConfigError(f"{name} evicts during decode; the engine runs prefill-time presses only")
+        if type(self.press).reposition is not Press.reposition:
+            raise ConfigError(
+                f"{name} moves kept keys (re-rotation or a wrapper); the engine keeps true positions"
+            )
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.press.needs_queries
+
+    def budget(self, num_prompt_tokens: int, num_layers: int) -> int:
+        """Tokens every layer keeps (the HF path's budget for a first forward of the prompt)."""
+        if self.max_cache_tokens is not None:
+            average = self.max_cache_tokens
+        else:
+            average = max(1, math.ceil(num_prompt_tokens * (1.0 - self.compression_ratio)))
+        budgets = {self.press.layer_budget(layer, num_layers, average) for layer in range(num_layers)}
+        if len(budgets) > 1:
+            raise ConfigError(
+                f"{self.press.describe()} gives layers different budgets; the engine needs one per request"
+            )
+        return budgets.pop()
+
+
+class QueryRecorder(AttentionBackend):
+    """Attends with `inner` and records, per layer, the post-RoPE queries of chosen token rows.
+
+    rows: request id -> (first, last + 1) row of the step's flattened queries.
+    recorded: request id -> per layer a list of (q_len, num_heads, head_dim) chunks, appended to.
+    """
+
+    def __init__(
+        self,
+        inner: AttentionBackend,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        rows: dict[str, tuple[int, int]],
+        recorded: dict[str, list[list[Tensor]]],
+    ):
+        self.inner = inner
+        self.name = inner.name
+        self.layer_of = {key_cache.data_ptr(): layer for layer, (key_cache, _) in enumerate(kv_caches)}
+        self.rows = rows
+        self.recorded = recorded
+        self.num_layers = len(kv_caches)
+
+    def write_kv(
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        self.inner.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+    def forward(
+        self, query: Tensor, key_cache: Tensor, value_cache: Tensor, metadata: AttentionMetadata, scale: float
+    ) -> Tensor:
+        layer = self.layer_of[key_cache.data_ptr()]
+        for request_id, (start, end) in self.rows.items():
+            chunks = self.recorded.setdefault(request_id, [[] for _ in range(self.num_layers)])
+            chunks[layer].append(query[start:end].clone())
+        return self.inner.forward(query, key_cache, value_cache, metadata, scale)
+
+
+def compress_request(
+    request: Request,
+    kv: KVCacheManager,
+    kv_caches: list[tuple[Tensor, Tensor]],
+    queries: list[list[Tensor]] | None,
+) -> int:
+    """Run the request's press on its cached K/V and compact its blocks; returns the tokens evicted
+    (0 when the cache is within budget, or when the pool cannot hold the copy: it then stays whole).
+
+    queries: per layer, the recorded (q_len, num_heads, head_dim) chunks of the prompt's forward.
+    """
+    spec = request.press
+    n = request.num_cached_tokens
+    budget = spec.budget(request.num_prompt_tokens, len(kv_caches))
+    if n <= budget:
+        return 0
+    block_ids = kv.block_ids(request.request_id)
+    num_kv_heads, head_dim = kv_caches[0][0].shape[-2:]
+    # Before compaction slot i holds the token at true position i (HF's positions for a first forward).
+    positions = torch.arange(n, device=kv_caches[0][0].device).expand(1, num_kv_heads, n)
+    kept = []
+    for layer, (key_cache, value_cache) in enumerate(kv_caches):
+        # (n, kv_heads, D) -> (1, kv_heads, n, D), the press's layout
+        keys = gather_context(key_cache, block_ids, n).transpose(0, 1).unsqueeze(0)
+        values = gather_context(value_cache, block_ids, n).transpose(0, 1).unsqueeze(0)
+        layer_queries = None
+        if queries is not None:
+            layer_queries = torch.cat(queries[layer]).transpose(0, 1).unsqueeze(0)  # (1, heads, q_len, D)
+        obs = Observations(positions=positions, num_new=n, queries=layer_queries, scaling=head_dim**-0.5)
+        selection = spec.press.keep(layer, keys, values, obs, budget)
+        if selection.valid is not None:
+            raise ConfigError(
+                f"{spec.press.describe()} keeps different counts per head; the engine needs one"
+            )
+        kept.append(selection.indices[0])  # (kv_heads, budget), ascending
+    if kv.compact(request, torch.stack(kept), kv_caches) is None:
+        return 0
+    return n - budget

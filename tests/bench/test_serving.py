@@ -1,0 +1,160 @@
+"""`kvlab bench --technique paged` end to end on tiny-llama with a tiny workload: report files, raw
+samples, the bars, and engine greedy outputs equal to Hugging Face's on the same requests."""
+
+import json
+
+import pytest
+import torch
+
+from kvlab.bench.serving import ServingConfig, from_dict, load_token_ids, measure_mixed, mixed_requests
+from kvlab.cli import main
+from kvlab.engine.llm_engine import LLMEngine
+from kvlab.errors import ConfigError
+from kvlab.models.loader import load_model
+
+ARGS = [
+    *("bench", "--technique", "paged", "--model", "tiny-llama", "--experiment-name", "e2e"),
+    *("--dtypes", "float32", "--set", "engine.num_blocks=64", "--set", "engine.max_num_seqs=4"),
+    *("--set", "mixed.num_requests=4", "--set", "mixed.prompt_len_max=48", "--set", "mixed.hf_batch_size=2"),
+    *("--set", "mixed.output_len_min=4", "--set", "mixed.output_len_max=12", "--set", "mixed.repeats=2"),
+    *("--set", "prefix.num_requests=3", "--set", "prefix.prefix_len=64", "--set", "prefix.suffix_len=8"),
+    *("--set", "decode.prompt_len=16", "--set", "decode.new_tokens=4"),
+    *("--set", "decode.repeats=1", "--set", "decode.warmup=0"),
+]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    assert main([*ARGS, "--results-dir", str(root)]) == 0
+    path = root / "paged" / "e2e"
+    return path, root, json.loads((path / "results.json").read_text())
+
+
+def test_report_files_and_bars(experiment):
+    path, _, payload = experiment
+    plots = {"throughput_and_prefix.png", "decode_tpot.png", "block_usage.png"}
+    assert {p.name for p in path.iterdir()} == {"report.md", "results.json", "config.yaml", *plots}
+    report = (path / "report.md").read_text()
+    assert "kvlab bench --technique paged --model tiny-llama" in report and "## Bars" in report
+    assert payload["schema_version"] == 1 and payload["config"]["mixed"]["num_requests"] == 4
+    assert [bar["bar"] for bar in payload["bars"]] == [
+        "mixed_throughput_ratio",
+        "prefix_ttft_ratio",
+        "bf16_decode_over_floor",
+    ]
+    assert payload["bars"][2]["measured"] is None  # bfloat16 not in dtypes: reported as not measured
+    for bar in payload["bars"][:2]:
+        assert bar["measured"] > 0 and ("yes" if bar["met"] else "NO (missed)") in report
+
+
+def test_raw_samples_and_block_accounting(experiment):
+    payload = experiment[2]
+    engine, hf = payload["mixed"]["engine"], payload["mixed"]["hf_static"]
+    assert len(engine["ttft_s"]) == len(engine["tpot_s"]) == 4
+    assert len(engine["wall_s_rounds"]) == len(hf["wall_s_rounds"]) == 2
+    assert engine["peak_memory_bytes"] > 0 and hf["peak_memory_bytes"] > 0
+    assert (
+        all(0 < u <= engine["num_blocks"] for u in engine["used_blocks"][:-1])
+        and engine["used_blocks"][-1] == 0
+    )
+    assert hf["generated_tokens"] >= payload["mixed"]["useful_output_tokens"]
+    assert hf["output_tokens_per_s"] > 0 and engine["output_tokens_per_s"] > 0
+    prefix = payload["prefix"]
+    assert prefix["with_cache"]["hit_rate"] > 0 and prefix["without_cache"]["hit_rate"] == 0
+    decode = payload["decode"]["by_dtype"]["float32"]
+    assert (
+        set(decode["tpot_s"]) == {"engine", "kvlab.generate", "model.generate"} and decode["floor_tpot_s"] > 0
+    )
+
+
+def test_engine_outputs_equal_hf_greedy_per_request(experiment):
+    """Rebuild the run's requests from its saved config, then compare with unpadded HF greedy."""
+    payload = experiment[2]
+    loaded = load_model("tiny-llama")
+    config = from_dict(payload["config"])
+    requests = mixed_requests(load_token_ids(config, loaded.tokenizer)[0], config.mixed, config.seed)
+    assert [{"prompt_len": len(r.prompt_ids), "output_len": r.output_len} for r in requests] == payload[
+        "mixed"
+    ]["requests"]
+    expected = [hf_greedy(loaded.model, r.prompt_ids, r.output_len) for r in requests]
+    assert payload["mixed"]["engine_tokens"] == expected
+    agreement = payload["mixed"]["agreement"]
+    assert agreement["identical_requests"] == agreement["num_requests"] == 4
+
+
+def test_mixed_engine_equals_hf_on_a_context_sensitive_model():
+    """measure_mixed on tiny-llama redrawn at std 0.3 (context-sensitive greedy), against unpadded HF."""
+    loaded = load_model("tiny-llama")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in loaded.model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    ids = torch.randint(10, 49000, (400,), generator=generator).tolist()
+    config = ServingConfig(engine={"num_blocks": 64, "block_size": 4, "max_num_batched_tokens": 32})
+    config.mixed = from_dict(
+        {
+            "mixed": {
+                "num_requests": 3,
+                "prompt_len_max": 40,
+                "output_len_min": 4,
+                "output_len_max": 8,
+                "hf_batch_size": 3,
+            }
+        }
+    ).mixed
+    requests = mixed_requests(ids, config.mixed, seed=1)
+    engine = LLMEngine.from_model(loaded, config.engine_config("float32"))
+    result = measure_mixed(loaded, engine, requests, config)
+    expected = [hf_greedy(loaded.model, r.prompt_ids, r.output_len) for r in requests]
+    assert result["engine_tokens"] == expected
+    assert result["agreement"]["identical_requests"] == 3  # left-padded static batches agree too
+    assert len({tuple(t) for t in expected}) == 3  # distinct outputs: the comparison has teeth
+
+
+def test_existing_experiment_is_not_overwritten(experiment, capsys):
+    path, root, _ = experiment
+    before = (path / "results.json").read_text()
+    assert main([*ARGS, "--results-dir", str(root)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (path / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mixed.prompt_len_mx=4", "mixed.prompt_len_mx"),
+        ("engine.blok_size=4", "blok_size"),
+        ("engine.dtype=bfloat16", "top level"),
+        ("mixed.output_len_min=1", ">= 2"),
+        ("prefix.num_requests=1", "fills the cache"),
+        ("method=optimized", "'both'"),
+    ],
+)
+def test_bad_config_fails_before_any_model_loads(tmp_path, capsys, override, message):
+    args = [
+        "bench",
+        "--technique",
+        "paged",
+        "--model",
+        "no-such-model",
+        "--set",
+        override,
+        "--results-dir",
+        str(tmp_path),
+    ]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_from_dict_rejects_a_section_that_is_not_a_mapping():
+    with pytest.raises(ConfigError, match="mixed must be a mapping"):
+        from_dict({"mixed": 3})
