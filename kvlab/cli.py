@@ -123,17 +123,7 @@ def cmd_bench(args, argv) -> int:
         from kvlab.bench.serving import run_paged_bench
 
         return run_paged_bench(args, argv)
-    flags = {
-        "experiment_name": args.experiment_name,
-        "method": args.method,
-        "benchmark_memory": args.benchmark_memory,
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "dtypes": args.dtypes,
-        "model": args.model,
-        "device": args.device,
-        "threads": args.threads,
-    }
+    flags = bench_config.flags_from_args(args)
     from kvlab.bench.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
 

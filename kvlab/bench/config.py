@@ -179,6 +179,21 @@ def _check_keys(prefix: str, data: dict[str, Any], cls: type) -> None:
             )
 
 
+def flags_from_args(args) -> dict[str, Any]:
+    """The `kvlab bench` flags that set config keys (None: not given, so lower layers win)."""
+    return {
+        "experiment_name": args.experiment_name,
+        "method": args.method,
+        "benchmark_memory": args.benchmark_memory,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "dtypes": args.dtypes,
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+    }
+
+
 def resolve(
     technique: str,
     batch_level: str,

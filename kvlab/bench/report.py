@@ -30,10 +30,22 @@ def claim_experiment_dir(path: Path, overwrite: bool) -> None:
         )
 
 
-def write_report(result: BenchResult, path: Path, command: str) -> Path:
+def write_experiment(path: Path, payload: dict, config: dict, plot, render) -> Path:
+    """Write results.json, config.yaml, plots and report.md beside `path`, then swap them in, so an
+    interrupted run never leaves half an experiment. plot(dir) -> plot names; render(payload, plots) -> md."""
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    (staging / "results.json").write_text(json.dumps(payload, indent=1))
+    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    plots = plot(staging)
+    (staging / "report.md").write_text(render(payload, plots))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    return path
+
+
+def write_report(result: BenchResult, path: Path, command: str) -> Path:
     payload = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -57,14 +69,13 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
         "ppl": result.ppl,
         "quality": result.quality,
     }
-    (staging / "results.json").write_text(json.dumps(payload, indent=1))
-    (staging / "config.yaml").write_text(yaml.safe_dump(result.config.to_dict(), sort_keys=False))
-    plots = _plots(result.runs, staging)
-    (staging / "report.md").write_text(render_markdown(payload, plots))
-    # Replace the old experiment only once the new one is complete.
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
-    return path
+    return write_experiment(
+        path,
+        payload,
+        result.config.to_dict(),
+        lambda directory: _plots(result.runs, directory),
+        render_markdown,
+    )
 
 
 def _ms(seconds: float) -> str:

@@ -30,6 +30,7 @@ from kvlab.bench.config import (
     CONFIG_ROOT,
     _check_keys,
     _positive,
+    flags_from_args,
     merge,
     parse_overrides,
     read_yaml,
@@ -171,17 +172,7 @@ def resolve_config(args) -> ServingConfig:
     path = Path(args.config) if args.config else CONFIG_ROOT / TECHNIQUE / f"{args.batch_level}.yaml"
     data = merge({"technique": TECHNIQUE, "batch_level": args.batch_level}, read_yaml(path))
     data = merge(data, parse_overrides(args.set or []))
-    flags = {
-        "experiment_name": args.experiment_name,
-        "method": args.method,
-        "benchmark_memory": args.benchmark_memory,
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "dtypes": args.dtypes,
-        "model": args.model,
-        "device": args.device,
-        "threads": args.threads,
-    }
+    flags = flags_from_args(args)
     data = merge(data, {key: value for key, value in flags.items() if value is not None})
     config = from_dict(data)
     config.validate()

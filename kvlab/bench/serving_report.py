@@ -3,16 +3,13 @@ report.md with the issue's bars (pass or miss, as measured) and PNG plots, in
 results/paged/<experiment>/. Written to a staging directory and swapped in only when complete.
 """
 
-import json
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from kvlab.bench.report import SCHEMA_VERSION
+from kvlab.bench.report import SCHEMA_VERSION, write_experiment
 
 # The issue's bars: (key, description, target, higher_is_better)
 BARS = [
@@ -61,16 +58,9 @@ def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
 def write_serving_report(payload: dict[str, Any], path: Path) -> Path:
     payload = {"schema_version": SCHEMA_VERSION, **payload}
     payload["bars"] = bars(payload)
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "results.json").write_text(json.dumps(payload, indent=1))
-    (staging / "config.yaml").write_text(yaml.safe_dump(payload["config"], sort_keys=False))
-    plots = _plots(payload, staging)
-    (staging / "report.md").write_text(render_markdown(payload, plots))
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
-    return path
+    return write_experiment(
+        path, payload, payload["config"], lambda directory: _plots(payload, directory), render_markdown
+    )
 
 
 def _ms(seconds: float) -> str:

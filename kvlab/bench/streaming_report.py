@@ -43,7 +43,11 @@ def run_streaming(args, text, argv: list[str]) -> int:
         bar = tqdm(total=total - 1, desc=f"streaming {name}", unit="tok")
         started = time.perf_counter()
         result = streaming_ppl(
-            loaded.model, ids, name, max_cache_tokens=args.cache_tokens, on_step=lambda _step, bar=bar: bar.update()
+            loaded.model,
+            ids,
+            name,
+            max_cache_tokens=args.cache_tokens,
+            on_step=lambda _step, bar=bar: bar.update(),
         )
         bar.close()
         rows[name] = {

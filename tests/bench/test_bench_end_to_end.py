@@ -111,6 +111,6 @@ def test_decode_weight_bytes_counts_tied_embedding_once():
 
 def test_peak_memory_sees_an_allocation_inside_the_region():
     with PeakMemory(torch.device("cpu")) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block = torch.ones(256 * 2**20 // 4)  # 256 MiB, every page touched
         del block
-    assert peak.delta >= 60 * 2**20
+    assert peak.delta >= 200 * 2**20
