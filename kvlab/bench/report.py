@@ -78,15 +78,15 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
     )
 
 
-def _ms(seconds: float) -> str:
+def format_ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
-def _mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:.1f}"
+def format_mib(num_bytes: float | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
 
 
-def _cell(summary: dict, scale=_ms) -> str:
+def _cell(summary: dict, scale=format_ms) -> str:
     return f"{scale(summary['median'])} ({scale(summary['min'])}–{scale(summary['max'])})"
 
 
@@ -111,8 +111,8 @@ def comparison_rows(payload: dict) -> list[str]:
         rows.append(
             f"| {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} | {_cell(r['ttft_s'])} "
             f"| {_cell(r['tpot_s'])} | {r['tpot_over_floor']:.2f}x | {r['output_tokens_per_s']['median']:.1f} "
-            f"| {r['prefill_tokens_per_s']['median']:.0f} | {_mib(r['peak_memory_bytes']['median'])} "
-            f"| {_mib(r['peak_memory_delta_bytes']['median'])} | {_mib(r['kv_cache_bytes'])} | "
+            f"| {r['prefill_tokens_per_s']['median']:.0f} | {format_mib(r['peak_memory_bytes']['median'])} "
+            f"| {format_mib(r['peak_memory_delta_bytes']['median'])} | {format_mib(r['kv_cache_bytes'])} | "
             + " | ".join(ratios)
             + " |"
         )
@@ -160,8 +160,8 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
     ]
     for dtype, floor in payload["floors"].items():
         lines.append(
-            f"| {dtype} | {_mib(floor['weight_bytes_per_token'])} | {floor['bandwidth_bytes_per_s'] / 1e9:.2f} "
-            f"| {_ms(floor['floor_tpot_s'])} |"
+            f"| {dtype} | {format_mib(floor['weight_bytes_per_token'])} | {floor['bandwidth_bytes_per_s'] / 1e9:.2f} "
+            f"| {format_ms(floor['floor_tpot_s'])} |"
         )
     if payload["agreement"]:
         lines += [
@@ -204,8 +204,8 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
             "",
             "| cache | PPL | KV MiB |",
             "|---|---:|---:|",
-            f"| full | {quality['full_ppl']:.3f} | {_mib(quality['full_kv_bytes'])} |",
-            f"| {config['technique']} | {quality['press_ppl']:.3f} | {_mib(quality['press_kv_bytes'])} |",
+            f"| full | {quality['full_ppl']:.3f} | {format_mib(quality['full_kv_bytes'])} |",
+            f"| {config['technique']} | {quality['press_ppl']:.3f} | {format_mib(quality['press_kv_bytes'])} |",
             "",
             f"Protocol: {quality['protocol']}",
         ]
@@ -290,6 +290,6 @@ def compare(paths: list[Path]) -> str:
             )
             rows.append(
                 f"| {name} | {payload['model']['name']} | {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} "
-                f"| {_ms(r['ttft_s']['median'])} | {_ms(r['tpot_s']['median'])} | {ratio} | {_mib(r['kv_cache_bytes'])} | {ppl} |"
+                f"| {format_ms(r['ttft_s']['median'])} | {format_ms(r['tpot_s']['median'])} | {ratio} | {format_mib(r['kv_cache_bytes'])} | {ppl} |"
             )
     return "\n".join(rows) + "\n"

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from kvlab.bench.report import SCHEMA_VERSION, write_experiment
+from kvlab.bench.report import format_mib as _mib
+from kvlab.bench.report import format_ms as _ms
 
 # The bars: (key, description, target, higher_is_better)
 BARS = [
@@ -61,14 +63,6 @@ def write_serving_report(payload: dict[str, Any], path: Path) -> Path:
     return write_experiment(
         path, payload, payload["config"], lambda directory: _plots(payload, directory), render_markdown
     )
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
-
-
-def _mib(num_bytes: float | None) -> str:
-    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
 
 
 def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
