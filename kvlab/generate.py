@@ -1,9 +1,11 @@
 """An explicit prefill + decode loop over any Hugging Face causal LM (in the spirit of gpt-fast).
 
-The cache is a boundary: by default a `PreallocatedCache` sized for the request; a KV-compression
-cache (any transformers `Cache`) can be passed instead. Per step the loop does one forward of the
-new token with `logits_to_keep=1`, samples on device, and reads the sampled token to the host
-(for streaming, stop tokens and timing) -- nothing else.
+The cache is a boundary: a KV-compression cache (any transformers `Cache`) can be passed and the
+HF model runs with it. Without one, Llama and GPT-NeoX models run their engine-native twin (same
+weights, no copies) over a static K/V buffer sized for the request; other architectures run the HF
+model over a `PreallocatedCache` (see kvlab/forward_paths.py). Per step the loop does one forward
+of the new token, samples on device, and reads the sampled token to the host (for streaming, stop
+tokens and timing) -- nothing else.
 """
 
 import time
@@ -14,8 +16,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from kvlab.cache import PreallocatedCache, kv_cache_bytes
 from kvlab.errors import ConfigError, PromptTooLongError
+from kvlab.forward_paths import select_forward
 from kvlab.sampling import SamplingConfig, sample
 
 GREEDY = SamplingConfig()
@@ -28,6 +30,7 @@ class GenerationResult:
     tokens: torch.Tensor
     token_times: list[float] = field(default_factory=list)
     cache_bytes: int = 0
+    path: str = "hf"  # which forward ran: "native" (engine twin) or "hf"
 
     @property
     def ttft(self) -> float:
@@ -51,11 +54,13 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    path: str = "auto",
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt_len).
 
     attention_mask (batch, prompt_len) marks left padding with zeros, as in `model.generate`.
-    Generation stops early only when every row has produced `eos_token_id`.
+    Generation stops early only when every row has produced `eos_token_id`. path: "auto" (native
+    twin when no cache is passed and the architecture has one), "native" or "hf".
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ConfigError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
@@ -69,33 +74,16 @@ def generate(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({context})"
         )
     device = input_ids.device
-    if cache is None:
-        # The last sampled token is never fed back, so the cache holds total - 1 positions.
-        cache = PreallocatedCache(model.config.num_hidden_layers, total - 1)
+    start = time.perf_counter()  # building the forward path (twin, K/V buffer) counts toward TTFT
+    forward = select_forward(
+        model, input_ids, max_new_tokens, cache=cache, attention_mask=attention_mask, path=path
+    )
     generator = sampling.make_generator(device)
-
-    # Positions follow model.generate: count only real (unpadded) tokens.
-    mask = None
-    if attention_mask is not None:
-        mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
-        mask[:, :prompt_len] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    else:
-        positions = torch.arange(prompt_len, device=device).expand(batch, -1)
 
     tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     token_times: list[float] = []
-    start = time.perf_counter()
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=None if mask is None else mask[:, :prompt_len],
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    position = positions[:, -1:] + 1
+    logits = forward.prefill(input_ids)
     for step in range(max_new_tokens):
         next_token = sample(logits, sampling, generator)
         if eos_token_id is not None:
@@ -109,13 +97,5 @@ def generate(
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             tokens = tokens[:, : step + 1]
             break
-        logits = model(
-            input_ids=next_token[:, None],
-            attention_mask=None if mask is None else mask[:, : prompt_len + step + 1],
-            position_ids=position,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        position = position + 1
-    return GenerationResult(tokens=tokens, token_times=token_times, cache_bytes=kv_cache_bytes(cache))
+        logits = forward.decode(next_token)
+    return GenerationResult(tokens, token_times, forward.cache_bytes, forward.name)

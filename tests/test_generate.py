@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kvlab.cache import PreallocatedCache
 from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.generate import generate
 from kvlab.sampling import SamplingConfig
@@ -11,26 +12,49 @@ def hf_greedy(model, input_ids, n, **kwargs):
     return out[:, input_ids.shape[1] :]
 
 
-def test_greedy_equals_hf_generate(tiny_model, prompt_ids):
-    result = generate(tiny_model.model, prompt_ids, 20)
+PATHS = ["native", "hf"]  # the engine-native twin over a static buffer; the HF modules over a Cache
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_equals_hf_generate(tiny_model, prompt_ids, path):
+    result = generate(tiny_model.model, prompt_ids, 20, path=path)
+    assert result.path == path
     assert torch.equal(result.tokens, hf_greedy(tiny_model.model, prompt_ids, 20))
     assert len(result.token_times) == 20 and result.ttft > 0
 
 
-def test_left_padded_batch_equals_hf_generate(tiny_model):
+@pytest.mark.parametrize("path", PATHS)
+def test_left_padded_batch_equals_hf_generate(tiny_model, path):
     torch.manual_seed(1)
-    ids = torch.randint(10, 49000, (2, 16))
+    ids = torch.randint(10, 49000, (3, 16))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    ids[0, :5] = 2
-    result = generate(tiny_model.model, ids, 12, attention_mask=mask)
+    mask[2, :11] = 0
+    ids[mask == 0] = 2
+    result = generate(tiny_model.model, ids, 12, attention_mask=mask, path=path)
     expected = hf_greedy(tiny_model.model, ids, 12, attention_mask=mask, pad_token_id=2)
     assert torch.equal(result.tokens, expected)
 
 
-def test_cache_holds_exactly_prompt_plus_output(tiny_model, prompt_ids):
+def test_auto_path_runs_the_native_twin_without_a_cache_and_hf_with_one(tiny_model, prompt_ids):
+    model = tiny_model.model
+    assert generate(model, prompt_ids, 3).path == "native"
+    cache = PreallocatedCache(model.config.num_hidden_layers, 24 + 3 - 1)
+    assert generate(model, prompt_ids, 3, cache=cache).path == "hf"
+
+
+def test_native_path_refuses_a_cache_and_unknown_paths_are_errors(tiny_model, prompt_ids):
+    cache = PreallocatedCache(tiny_model.model.config.num_hidden_layers, 30)
+    with pytest.raises(ConfigError, match="static K/V buffer"):
+        generate(tiny_model.model, prompt_ids, 3, cache=cache, path="native")
+    with pytest.raises(ConfigError, match="unknown forward path"):
+        generate(tiny_model.model, prompt_ids, 3, path="fast")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cache_holds_exactly_prompt_plus_output(tiny_model, prompt_ids, path):
     config = tiny_model.model.config
-    result = generate(tiny_model.model, prompt_ids, 8)
+    result = generate(tiny_model.model, prompt_ids, 8, path=path)
     head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
     expected = 2 * config.num_hidden_layers * prompt_ids.shape[0] * kv_heads * (24 + 8 - 1) * head_dim * 4

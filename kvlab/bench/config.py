@@ -58,6 +58,7 @@ class BenchConfig:
     method: str = "both"
     benchmark_memory: bool = True
     seed: int = 0
+    forward_path: str = "auto"  # static-cache: "auto" (engine-native twin where supported) or "hf"
     press: dict[str, Any] | None = None
     ppl: PplConfig = field(default_factory=PplConfig)
 
@@ -77,6 +78,8 @@ class BenchConfig:
         for dtype in self.dtypes:
             if dtype not in DTYPES:
                 raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.forward_path not in ("auto", "hf"):
+            raise ConfigError(f"forward_path must be auto or hf, got {self.forward_path!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if not self.prompt_lengths:

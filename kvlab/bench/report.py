@@ -119,6 +119,13 @@ def comparison_rows(payload: dict) -> list[str]:
     return rows
 
 
+def _forward_path(runs: list[dict]) -> str:
+    paths = {r.get("forward_path", "hf") for r in runs if r["method"] == "optimized"}
+    if paths == {"native"}:
+        return "running the model's engine-native twin (kvlab/models, same weights) over a static K/V buffer"
+    return "running the Hugging Face model's own modules"
+
+
 def render_markdown(payload: dict, plots: list[str]) -> str:
     config, machine, model = payload["config"], payload["machine"], payload["model"]
     lines = [
@@ -140,7 +147,7 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         "measured runs per cell, baseline and optimized alternating; cells show median (min–max).",
         "",
         "Baseline: `model.generate()` (HF defaults, DynamicCache), TTFT/TPOT from a streamer's per-token timestamps. "
-        "Optimized: `kvlab.generate` with the technique's cache.",
+        f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'])}.",
         "",
         "## Baseline vs optimized",
         "",

@@ -57,6 +57,7 @@ class Sample:
     peak_memory_bytes: int
     peak_memory_delta_bytes: int
     memory_kind: str
+    forward_path: str  # "hf" (model.generate, or kvlab.generate on the HF model) or "native"
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class RunRecord:
     memory_kind: str
     kv_cache_bytes: int
     tpot_over_floor: float
+    forward_path: str = "hf"
     tokens: list[list[int]] = field(default_factory=list)
 
 
@@ -104,7 +106,7 @@ class BenchResult:
 
 def run_baseline(
     loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int
-) -> tuple[list[float], torch.Tensor, int]:
+) -> tuple[list[float], torch.Tensor, int, str]:
     device = input_ids.device
     streamer = TimingStreamer(device)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -121,7 +123,7 @@ def run_baseline(
             return_dict_in_generate=True,
             pad_token_id=pad,
         )
-    return streamer.times, out.sequences[:, input_ids.shape[1] :], kv_cache_bytes(out.cache)
+    return streamer.times, out.sequences[:, input_ids.shape[1] :], kv_cache_bytes(out.cache), "hf"
 
 
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
@@ -130,16 +132,16 @@ def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int,
     cache = technique.make_cache(loaded.model, total, config)
     with technique.hooks(cache, loaded.model):
         result = generate(loaded.model, input_ids, new_tokens, cache=cache)
-    return result.token_times, result.tokens, result.cache_bytes
+    return result.token_times, result.tokens, result.cache_bytes, result.path
 
 
 def measure(method: str, loaded: LoadedModel, input_ids: torch.Tensor, config: BenchConfig) -> Sample:
     with PeakMemory(input_ids.device) as peak:
         if method == "baseline":
-            times, tokens, kv_bytes = run_baseline(loaded, input_ids, config.new_tokens)
+            times, tokens, kv_bytes, path = run_baseline(loaded, input_ids, config.new_tokens)
         else:
-            times, tokens, kv_bytes = run_optimized(loaded, input_ids, config.new_tokens, config)
-    return Sample(times, tokens.tolist(), kv_bytes, peak.bytes, peak.delta, peak.kind)
+            times, tokens, kv_bytes, path = run_optimized(loaded, input_ids, config.new_tokens, config)
+    return Sample(times, tokens.tolist(), kv_bytes, peak.bytes, peak.delta, peak.kind, path)
 
 
 def summarize(
@@ -163,6 +165,7 @@ def summarize(
         memory_kind=samples[0].memory_kind,
         kv_cache_bytes=samples[0].kv_cache_bytes,
         tpot_over_floor=Summary.of(tpot).median / floor.tpot_s,
+        forward_path=samples[0].forward_path,
         tokens=samples[0].tokens,
     )
 

@@ -30,8 +30,9 @@ def _no_validation(config: BenchConfig) -> None:
 class Technique:
     name: str
     description: str
-    # (model, cache_tokens, config) -> the cache kvlab.generate uses for one batch of requests
-    make_cache: Callable[[PreTrainedModel, int, BenchConfig], Cache]
+    # (model, cache_tokens, config) -> the cache kvlab.generate uses for one batch of requests;
+    # None lets kvlab.generate use its own static buffer (native twin where the architecture has one)
+    make_cache: Callable[[PreTrainedModel, int, BenchConfig], Cache | None]
     # (cache, model) -> context manager the optimized run executes in (e.g. observation hooks)
     hooks: Callable[[Cache, PreTrainedModel], contextlib.AbstractContextManager] = _no_hooks
     # checks the technique's own config section before any model loads
@@ -40,14 +41,17 @@ class Technique:
     quality: Callable | None = None
 
 
-def _static_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache:
-    return PreallocatedCache(model.config.num_hidden_layers, cache_tokens)
+def _static_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache | None:
+    if config.forward_path == "hf":
+        return PreallocatedCache(model.config.num_hidden_layers, cache_tokens)
+    return None
 
 
 TECHNIQUES: dict[str, Technique] = {
     "static-cache": Technique(
         "static-cache",
-        "kvlab.generate: explicit prefill/decode loop, K/V written in place into a buffer preallocated for the request",
+        "kvlab.generate: explicit prefill/decode loop over a K/V buffer preallocated for the request "
+        "(engine-native twin of the model; forward_path: hf runs the HF modules instead)",
         _static_cache,
     ),
 }

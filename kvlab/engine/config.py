@@ -38,7 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     pd_policy: PdPolicy = "hybrid"
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"  # sdpa on CPU, triton on CUDA; "reference" is the ground truth
     dtype: str = "float32"
     device: str = "cpu"
 

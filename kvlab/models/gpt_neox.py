@@ -1,6 +1,9 @@
 """Engine-native GPT-NeoX (Pythia): LayerNorm with bias, fused QKV with bias, partial rotary
 (`partial_rotary_factor`, Pythia's rotary_pct), GELU MLP and, usually, the parallel residual
 h + attn(ln1(h)) + mlp(ln2(h)) (Black et al. 2022, GPT-NeoX-20B).
+
+The QKV rows are always regrouped into a copy (HF interleaves them per head), so this twin holds
+one extra QKV matrix per layer whatever `fuse_projections` says (about 7% of Pythia-70M's weights).
 """
 
 from dataclasses import dataclass
@@ -11,7 +14,7 @@ from transformers.activations import ACT2FN
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.models.native import EngineModel, RotaryEmbedding
+from kvlab.models.native import EngineModel, RotaryEmbedding, linear
 
 
 @dataclass(slots=True)
@@ -29,7 +32,7 @@ class GPTNeoXLayer:
 
 
 class GPTNeoXEngineModel(EngineModel):
-    def __init__(self, hf_model) -> None:
+    def __init__(self, hf_model, fuse_projections: bool = True) -> None:
         config = hf_model.config
         self.num_heads = self.num_kv_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
@@ -87,14 +90,14 @@ class GPTNeoXEngineModel(EngineModel):
         hidden = F.embedding(input_ids, self.embed)
         for layer, (key_cache, value_cache) in zip(self.layers, kv_caches, strict=True):
             x = F.layer_norm(hidden, shape, *layer.ln1, self.eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = linear(x, layer.qkv, layer.qkv_bias)
             self.rotary.rotate_(qkv[:, : 2 * size].view(num_tokens, 2 * num_heads, head_dim), cos, sin)
             query = qkv[:, :size].view(num_tokens, num_heads, head_dim)
             key = qkv[:, size : 2 * size].view(num_tokens, num_heads, head_dim)
             value = qkv[:, 2 * size :].view(num_tokens, num_heads, head_dim)
             backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
             attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
-            attn = F.linear(attn.reshape(num_tokens, size), layer.dense, layer.dense_bias)
+            attn = linear(attn.reshape(num_tokens, size), layer.dense, layer.dense_bias)
             if self.parallel_residual:
                 mlp_in = F.layer_norm(hidden, shape, *layer.ln2, self.eps)
                 hidden = hidden + attn + self._mlp(layer, mlp_in)
@@ -104,4 +107,4 @@ class GPTNeoXEngineModel(EngineModel):
         return F.layer_norm(hidden, shape, *self.final_norm, self.eps)
 
     def _mlp(self, layer: GPTNeoXLayer, x: Tensor) -> Tensor:
-        return F.linear(self.act(F.linear(x, layer.up, layer.up_bias)), layer.down, layer.down_bias)
+        return linear(self.act(linear(x, layer.up, layer.up_bias)), layer.down, layer.down_bias)

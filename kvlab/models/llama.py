@@ -3,6 +3,10 @@
 Per layer: RMSNorm -> fused QKV -> RoPE (in place, q and k together) -> write K/V to the paged
 cache -> attention backend -> o_proj -> residual -> RMSNorm -> fused gate/up -> SiLU(gate) * up ->
 down -> residual. Weights come from the HF model; fused matrices are concatenated once at build.
+
+With `fuse_projections=False` nothing is copied: the layer keeps the HF q/k/v and gate/up matrices
+and concatenates their small outputs instead (the twin `kvlab.generate` builds per call, which must
+not double the weights' memory; at batch 1 the extra matmul calls cost well under 1 ms per token).
 """
 
 from dataclasses import dataclass
@@ -14,29 +18,39 @@ from torch import Tensor
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
-from kvlab.models.native import EngineModel, RotaryEmbedding
+from kvlab.models.native import EngineModel, RotaryEmbedding, linear
 
 
 @dataclass(slots=True)
 class LlamaLayer:
     input_norm: Tensor  # (hidden,)
-    qkv: Tensor  # ((H + 2K) * D, hidden): rows q | k | v
-    qkv_bias: Tensor | None
+    qkv: Tensor | tuple[Tensor, ...]  # ((H + 2K) * D, hidden): rows q | k | v (or the three matrices)
+    qkv_bias: Tensor | tuple[Tensor, ...] | None
     o_proj: Tensor  # (hidden, H * D)
     o_bias: Tensor | None
     post_norm: Tensor
-    gate_up: Tensor  # (2 * intermediate, hidden): rows gate | up
-    gate_up_bias: Tensor | None
+    gate_up: Tensor | tuple[Tensor, ...]  # (2 * intermediate, hidden): rows gate | up (or the two)
+    gate_up_bias: Tensor | tuple[Tensor, ...] | None
     down: Tensor  # (hidden, intermediate)
     down_bias: Tensor | None
 
 
-def _maybe_cat(*tensors: Tensor | None) -> Tensor | None:
-    return None if tensors[0] is None else torch.cat(tensors)
+def _join(tensors: list[Tensor | None], fuse: bool) -> Tensor | tuple[Tensor, ...] | None:
+    if tensors[0] is None:
+        return None
+    return torch.cat(tensors) if fuse else tuple(t.detach() for t in tensors)
+
+
+def project(x: Tensor, weight: Tensor | tuple[Tensor, ...], bias) -> Tensor:
+    """x @ weight.T (+ bias) for a fused weight, or the concatenated outputs of its parts."""
+    if isinstance(weight, Tensor):
+        return linear(x, weight, bias)
+    biases = bias if bias is not None else (None,) * len(weight)
+    return torch.cat([linear(x, w, b) for w, b in zip(weight, biases, strict=True)], dim=-1)
 
 
 class LlamaEngineModel(EngineModel):
-    def __init__(self, hf_model) -> None:
+    def __init__(self, hf_model, fuse_projections: bool = True) -> None:
         config = hf_model.config
         if config.hidden_act != "silu":
             raise ConfigError(f"engine-native Llama supports hidden_act 'silu', got {config.hidden_act!r}")
@@ -51,21 +65,21 @@ class LlamaEngineModel(EngineModel):
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.final_norm = hf_model.model.norm.weight.detach()
         self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
-        self.layers = [self._fuse(layer) for layer in hf_model.model.layers]
+        self.layers = [self._fuse(layer, fuse_projections) for layer in hf_model.model.layers]
 
     @staticmethod
-    def _fuse(layer) -> LlamaLayer:
+    def _fuse(layer, fuse: bool) -> LlamaLayer:
         attn, mlp = layer.self_attn, layer.mlp
         with torch.no_grad():
             return LlamaLayer(
                 input_norm=layer.input_layernorm.weight.detach(),
-                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                qkv_bias=_maybe_cat(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias),
+                qkv=_join([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], fuse),
+                qkv_bias=_join([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], fuse),
                 o_proj=attn.o_proj.weight.detach(),
                 o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                gate_up_bias=_maybe_cat(mlp.gate_proj.bias, mlp.up_proj.bias),
+                gate_up=_join([mlp.gate_proj.weight, mlp.up_proj.weight], fuse),
+                gate_up_bias=_join([mlp.gate_proj.bias, mlp.up_proj.bias], fuse),
                 down=mlp.down_proj.weight.detach(),
                 down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
             )
@@ -87,7 +101,7 @@ class LlamaEngineModel(EngineModel):
         residual = F.embedding(input_ids, self.embed)
         for layer, (key_cache, value_cache) in zip(self.layers, kv_caches, strict=True):
             x = F.rms_norm(residual, (hidden_size,), layer.input_norm, self.eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = project(x, layer.qkv, layer.qkv_bias)
             # q and k are adjacent in each row, so one rotation covers both heads sets.
             self.rotary.rotate_(qkv[:, : q_size + kv_size].view(num_tokens, -1, head_dim), cos, sin)
             query = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
@@ -95,8 +109,8 @@ class LlamaEngineModel(EngineModel):
             value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
             backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
             attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
-            residual = residual + F.linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
+            residual = residual + linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
             x = F.rms_norm(residual, (hidden_size,), layer.post_norm, self.eps)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            residual = residual + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = project(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            residual = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias)
         return F.rms_norm(residual, (hidden_size,), self.final_norm, self.eps)

@@ -18,6 +18,7 @@ from kvlab.errors import ConfigError
 CASES = {
     "prefill_one": [(0, 11)],
     "decode_batch": [(9, 1), (4, 1), (16, 1), (0, 1)],
+    "decode_one": [(13, 1)],
     "chunked_prefill_mixed": [(7, 5), (0, 9), (12, 1), (3, 6)],
     "long_tiles": [(21, 30)],
 }
@@ -94,11 +95,24 @@ def test_backend_equals_reference(name, heads, case_name, paged_case, monkeypatc
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_backend_bfloat16_close_to_reference(name, paged_case, monkeypatch):
+@pytest.mark.parametrize("case_name", ["chunked_prefill_mixed", "decode_batch", "decode_one"])
+def test_backend_bfloat16_close_to_reference(name, case_name, paged_case, monkeypatch):
     backend = make_backend(name, monkeypatch)
-    inputs = paged_case(CASES["chunked_prefill_mixed"], dtype=torch.bfloat16, block_size=8)
+    inputs = paged_case(CASES[case_name], dtype=torch.bfloat16, block_size=8)
     expected = run_backend(get_backend("reference"), *inputs)
     out = run_backend(backend, *inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("emulated", [True, False], ids=["float32-math", "half-math"])
+@pytest.mark.parametrize("case_name", ["decode_batch", "decode_one"])
+def test_sdpa_half_decode_in_either_precision_matches_reference(emulated, case_name, paged_case, monkeypatch):
+    """On CPUs without native bf16 the sdpa backend decodes in float32; both branches run here."""
+    monkeypatch.setattr("kvlab.attention.backends.sdpa.emulated_half", lambda x: emulated)
+    inputs = paged_case(CASES[case_name], num_heads=6, num_kv_heads=2, dtype=torch.bfloat16, block_size=8)
+    expected = run_backend(get_backend("reference"), *inputs)
+    out = run_backend(get_backend("sdpa"), *inputs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
 

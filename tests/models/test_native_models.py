@@ -10,7 +10,7 @@ from kvlab.attention.backends.registry import get_backend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.models.loader import load_model
-from kvlab.models.native import build_engine_model
+from kvlab.models.native import build_engine_model, linear
 
 
 def run_schedule(
@@ -82,12 +82,44 @@ def test_single_sequence_decode_matches_hf(tiny_model, token_ids):
     torch.testing.assert_close(logits, hf_logits(tiny_model.model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_close_to_hf(tiny_model, token_ids):
+@pytest.mark.parametrize("emulated", [True, False], ids=["float32-math", "half-math"])
+def test_bfloat16_close_to_hf(tiny_model, prompt_ids, emulated, monkeypatch):
+    """A 17-token prefill (many-row matmuls: float32 math where the CPU emulates bf16) and decode
+    steps; both precision choices run here whatever this CPU supports."""
+    monkeypatch.setattr("kvlab.models.native.emulated_half", lambda x: emulated)
     hf_model = load_model(tiny_model.name, dtype="bfloat16").model  # a copy: the fixture stays fp32
     model = build_engine_model(hf_model)
-    logits = run_schedule(model, get_backend("sdpa"), token_ids[:1], [[9]] + [[1]] * 6)[0]
-    expected = hf_logits(hf_model, token_ids[0])
+    ids = prompt_ids[0]
+    logits = run_schedule(model, get_backend("sdpa"), [ids], [[17]] + [[1]] * 7)[0]
+    expected = hf_logits(hf_model, ids)
     torch.testing.assert_close(logits.float(), expected.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_many_row_half_linear_in_float32_equals_float32_math(monkeypatch):
+    monkeypatch.setattr("kvlab.models.native.emulated_half", lambda x: True)
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(32, 24), torch.randn(40, 24), torch.randn(40)
+    half = [t.bfloat16() for t in (x, weight, bias)]
+    out = linear(*half)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.linear(*[t.float() for t in half])
+    torch.testing.assert_close(out.float(), expected, atol=0, rtol=8e-3)  # one bf16 rounding
+
+
+def test_unfused_twin_matches_fused_and_copies_no_llama_weight(tiny_model, token_ids):
+    fused = build_engine_model(tiny_model.model)
+    unfused = build_engine_model(tiny_model.model, fuse_projections=False)
+    schedule = [[6, 4], [1, 2], [1, 2]]
+    short = [ids[:8] for ids in token_ids]
+    for a, b in zip(
+        run_schedule(fused, get_backend("sdpa"), short, schedule),
+        run_schedule(unfused, get_backend("sdpa"), short, schedule),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if tiny_model.model.config.model_type == "llama":
+        hf_storage = {p.data_ptr() for p in tiny_model.model.parameters()}
+        assert {t.data_ptr() for t in unfused._layer_tensors()} <= hf_storage
 
 
 def test_unknown_architecture_is_a_config_error(tiny_model):
