@@ -124,6 +124,7 @@ def cmd_bench(args, argv) -> int:
 
         return run_paged_bench(args, argv)
     flags = bench_config.flags_from_args(args)
+    from kvlab.bench.perplexity import tokenize
     from kvlab.bench.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
 
@@ -140,10 +141,11 @@ def cmd_bench(args, argv) -> int:
         report.claim_experiment_dir(out_dir, args.overwrite)
         configs.append((config, out_dir))
     text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
-    token_ids = _tokenize(load_tokenizer(configs[0][0].model), text.text)
+    tokens = tokenize(load_tokenizer(configs[0][0].model), text.text)
+    token_ids = tokens[0]
     command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
     for config, out_dir in configs:
-        ppl_fn = _bench_ppl(config, text) if config.ppl.enabled else None
+        ppl_fn = _bench_ppl(config, text, tokens) if config.ppl.enabled else None
         path = report.write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
     if sweep_key:
@@ -154,13 +156,7 @@ def cmd_bench(args, argv) -> int:
     return 0
 
 
-def _tokenize(tokenizer, text: str):
-    from kvlab.bench.perplexity import tokenize
-
-    return tokenize(tokenizer, text)[0]
-
-
-def _bench_ppl(config, text):
+def _bench_ppl(config, text, tokens):
     import dataclasses
 
     from kvlab.bench.perplexity import sliding_window_perplexity
@@ -172,6 +168,7 @@ def _bench_ppl(config, text):
             max_length=config.ppl.max_length,
             stride=config.ppl.stride,
             max_tokens=config.ppl.max_tokens,
+            tokens=tokens,
         )
         return dataclasses.asdict(result) | {
             "protocol": result.protocol,

@@ -105,11 +105,14 @@ def sliding_window_perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
     show_progress: bool = True,
+    tokens: tuple[torch.Tensor, bool] | None = None,
 ) -> PerplexityResult:
     """PPL of `loaded.model` on `text` by the guide's protocol.
 
     max_length: window length, default min(model context, 1024); at most the model context.
     stride: default max_length // 2. max_tokens: evaluate only the text's first tokens (None: all).
+    tokens: `tokenize(loaded.tokenizer, text)` when the caller already has it (a large text's
+    tokenisation takes seconds).
     """
     context_length = loaded.context_length
     max_length = min(context_length, DEFAULT_MAX_LENGTH) if max_length is None else max_length
@@ -119,7 +122,9 @@ def sliding_window_perplexity(
     if max_tokens is not None and max_tokens < 2:
         raise ConfigError(f"max_tokens must be >= 2 (one context token and one target), got {max_tokens}")
     started = time.perf_counter()
-    input_ids, prepends_bos = tokenize(loaded.tokenizer, text.text if isinstance(text, Text) else text)
+    if tokens is None:
+        tokens = tokenize(loaded.tokenizer, text.text if isinstance(text, Text) else text)
+    input_ids, prepends_bos = tokens
     num_text_tokens = input_ids.numel()
     input_ids = input_ids[:max_tokens]
     windows = plan_windows(input_ids.numel(), max_length, stride)

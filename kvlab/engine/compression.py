@@ -12,10 +12,18 @@ them into fresh blocks and frees the old ones, so the saving shows in `get_stats
 Queries are recorded by `QueryRecorder`, a backend that wraps the real one for the steps that prefill
 such a request; the model is not touched. A press stays a pure tensor function.
 
+Presses that evict by position during decode (StreamingLLM) are compacted the same way after
+prefill, then run as a ring: once the request holds its budget, each decode token's K/V overwrite
+the slot `press.ring_slot` names (the oldest window token), exactly as `PressCache` does, so the
+request's blocks never grow past the budget and no K/V is copied. Its blocks are never shared
+through the prefix cache (they are overwritten in place). A preempted ring request is recomputed
+with full attention over its whole history for that one step, then compacted again.
+
 Supported: prefill-time presses whose layers all keep the same number of tokens and whose heads all
 keep the same count (one block table serves every layer, see kv_cache_manager.py): snapkv, knorm,
-random, ... Not supported (ConfigError at add_request): presses that evict during decode (streaming_llm,
-h2o, tova), per-layer budgets (pyramidkv), per-head budgets and key re-rotation (`reposition`).
+random, ...; and streaming_llm. Not supported (ConfigError at add_request): presses that pick the
+decode victim from attention scores (h2o, tova), per-layer budgets (pyramidkv), per-head budgets and
+key re-rotation (`reposition`).
 """
 
 import math
@@ -53,16 +61,23 @@ class RequestPress:
                 f"compression_ratio (fraction removed) must be in [0, 1), got {self.compression_ratio!r}"
             )
         name = self.press.describe()
-        if self.press.evicts_during_decode:
-            raise ConfigError(f"{name} evicts during decode; the engine runs prefill-time presses only")
         if type(self.press).reposition is not Press.reposition:
             raise ConfigError(
                 f"{name} moves kept keys (re-rotation or a wrapper); the engine keeps true positions"
+            )
+        if self.press.evicts_during_decode and not self.press.evicts_by_position:
+            raise ConfigError(
+                f"{name} picks each decode eviction from attention scores; the engine runs prefill-time "
+                "presses and position-evicting ones (streaming_llm)"
             )
 
     @property
     def needs_queries(self) -> bool:
         return self.press.needs_queries
+
+    @property
+    def evicts_during_decode(self) -> bool:
+        return self.press.evicts_during_decode
 
     def budget(self, num_prompt_tokens: int, num_layers: int) -> int:
         """Tokens every layer keeps (the HF path's budget for a first forward of the prompt)."""
@@ -75,7 +90,10 @@ class RequestPress:
             raise ConfigError(
                 f"{self.press.describe()} gives layers different budgets; the engine needs one per request"
             )
-        return budgets.pop()
+        budget = budgets.pop()
+        if self.press.evicts_by_position:
+            self.press.ring_slot(0, budget)  # rejects a budget the ring cannot run (e.g. only sinks)
+        return budget
 
 
 class QueryRecorder(AttentionBackend):

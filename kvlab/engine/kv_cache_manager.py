@@ -65,7 +65,7 @@ class KVCacheManager:
         whose press observes the prompt's queries gets no hit: cached tokens' queries were never computed."""
         if (
             not self.enable_prefix_caching
-            or request.is_compacted
+            or not request.shares_blocks
             or request.num_computed_tokens
             or request.observes_prefill_queries
         ):
@@ -92,6 +92,8 @@ class KVCacheManager:
         hit = prefix_hit or PrefixHit()
         block_ids = self.req_to_block_ids.get(request.request_id, [])
         num_slots = request.num_cached_tokens + hit.num_tokens + num_new_tokens
+        if request.ring_slot() is not None:  # the token overwrites a slot the request already holds
+            num_slots = request.num_cached_tokens
         num_needed = max(0, self.num_blocks_for(num_slots) - len(block_ids) - len(hit.block_ids))
         # Hit blocks sitting in the free queue stop being free once shared.
         num_revived = sum(1 for b in hit.block_ids if self.pool.blocks[b].ref_count == 0)
@@ -105,7 +107,7 @@ class KVCacheManager:
         if request.request_id not in self.req_to_block_ids:
             self.req_to_block_ids[request.request_id] = block_ids
             self.req_to_num_published[request.request_id] = len(hit.block_ids)
-            if self.enable_prefix_caching and not request.is_compacted:
+            if self.enable_prefix_caching and request.shares_blocks:
                 self.prefix_stats.num_query_tokens += request.num_tokens
                 self.prefix_stats.num_hit_tokens += hit.num_tokens
         block_ids.extend(hit.block_ids)
@@ -114,7 +116,7 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request) -> None:
         """Publish the request's blocks that became full of computed tokens (call after a step)."""
-        if not self.enable_prefix_caching or request.is_compacted:
+        if not self.enable_prefix_caching or not request.shares_blocks:
             return
         block_ids = self.req_to_block_ids[request.request_id]
         start = self.req_to_num_published[request.request_id]
@@ -168,6 +170,7 @@ class KVCacheManager:
                     heads = torch.arange(flat.shape[1], device=device)[:, None]
                     flat[dst[None, :], heads] = flat[src[layer], heads]
         request.num_evicted_tokens += request.num_cached_tokens - num_kept
+        request.num_ring_evictions = 0  # kept slots are stored in the order given (position order)
         self.req_to_block_ids[request.request_id] = list(new_block_ids)
         self.pool.free(old_block_ids[::-1])
         return new_block_ids

@@ -133,10 +133,17 @@ class LLMEngine:
                 "and at least one token must be generated"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._counters.ids)}"
+        budget = None
         if press is not None:
-            press.budget(len(token_ids), len(self.runner.kv_caches))  # raises ConfigError if unsupported
+            budget = press.budget(len(token_ids), len(self.runner.kv_caches))  # ConfigError if unsupported
         request = Request(
-            request_id, token_ids, params, eos_token_id=self.eos_token_id, prompt=text, press=press
+            request_id,
+            token_ids,
+            params,
+            eos_token_id=self.eos_token_id,
+            prompt=text,
+            press=press,
+            press_budget=budget,
         )
         self.scheduler.check_fits(request)
         return request
@@ -170,6 +177,7 @@ class LLMEngine:
         sampled = self.runner.execute(scheduled)
         finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
         self._run_presses(scheduled)
+        self._counters.num_press_evicted_tokens += sum(s.overwrites_slot for s in scheduled.scheduled)
         self._counters.step_seconds += time.perf_counter() - started
         self._counters.num_prompt_tokens += scheduled.num_prefill_tokens
         self._counters.num_generated_tokens += len(sampled)

@@ -72,7 +72,7 @@ class ModelRunner:
                 for s in range(scheduled.start_slot, scheduled.start_slot + n)
             )
             query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(scheduled.start_slot + n)
+            seq_lens.append(scheduled.seq_len)
             tables.append(table[: -(-seq_lens[-1] // size)])
         width = max(len(t) for t in tables)
         device = self.device

@@ -3,6 +3,10 @@
 Two counts matter and differ once a press has compacted the cache:
   num_computed_tokens  tokens whose K/V were computed; the next token's true (RoPE) position
   num_cached_tokens    slots the request occupies in its blocks (computed minus evicted by a press)
+
+A press that evicts by position during decode (StreamingLLM) turns the request's slots into a ring
+once they reach the press budget: each decode token overwrites the slot `ring_slot()` names, so
+the request's blocks stop growing (see compression.py).
 """
 
 import enum
@@ -88,6 +92,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     press: "RequestPress | None" = None  # compresses the request's K/V once its prefill completes
+    press_budget: int | None = None  # slots the press keeps (set with `press`, from the prompt length)
+    num_ring_evictions: int = 0  # ring overwrites since the kept slots were last stored in position order
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -134,6 +140,20 @@ class Request:
     def is_compacted(self) -> bool:
         """A press dropped tokens: the blocks no longer hold the plain prefix, so they are never shared."""
         return self.num_evicted_tokens > 0
+
+    @property
+    def shares_blocks(self) -> bool:
+        """Whether its blocks may be published to or served from the prefix cache: not once a press
+        dropped tokens, and never under a ring press, which will overwrite slots in place."""
+        return not self.is_compacted and not (self.press is not None and self.press.evicts_during_decode)
+
+    def ring_slot(self) -> int | None:
+        """The slot the next decode token overwrites, or None when it is appended."""
+        if self.press is None or not self.press.evicts_during_decode or self.is_prefilling:
+            return None
+        if self.num_cached_tokens < self.press_budget:
+            return None
+        return self.press.press.ring_slot(self.num_ring_evictions, self.press_budget)
 
     @property
     def observes_prefill_queries(self) -> bool:

@@ -27,10 +27,12 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start: int  # num_computed_tokens before the step: the true position of the first new token
-    start_slot: int  # num_cached_tokens before the step: the cache slot of the first new token
+    start_slot: int  # the cache slot of the first new token (num_cached_tokens, or the ring slot)
+    seq_len: int  # cache slots attention reads after this step's K/V are written
     block_ids: list[int]  # the request's block table after allocation (live list of the manager)
     samples: bool  # the step reaches the request's last known token, so its logits give the next one
     is_prefill: bool
+    overwrites_slot: bool = False  # a ring step: the new token replaces the token in start_slot
 
     @property
     def token_ids(self) -> list[int]:
@@ -171,13 +173,15 @@ class Scheduler:
             budget[0] -= num_new
 
     def _add_scheduled(self, out: SchedulerOutput, request: Request, num_new: int, prefill: bool) -> None:
-        start = request.num_computed_tokens
+        start, cached, ring_slot = request.num_computed_tokens, request.num_cached_tokens, request.ring_slot()
         out.scheduled.append(
             ScheduledRequest(
                 request=request,
                 num_new_tokens=num_new,
                 start=start,
-                start_slot=request.num_cached_tokens,
+                start_slot=cached if ring_slot is None else ring_slot,
+                seq_len=cached + num_new if ring_slot is None else cached,
+                overwrites_slot=ring_slot is not None,
                 block_ids=self.kv.block_ids(request.request_id),
                 samples=start + num_new == request.num_tokens,
                 is_prefill=prefill,
@@ -190,6 +194,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_evicted_tokens = 0  # recomputation rebuilds the full, uncompressed cache
+        request.num_ring_evictions = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -203,6 +208,9 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += scheduled.num_new_tokens
+            if scheduled.overwrites_slot:
+                request.num_evicted_tokens += 1
+                request.num_ring_evictions += 1
             self.kv.cache_full_blocks(request)
             if not scheduled.samples:
                 continue

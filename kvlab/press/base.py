@@ -62,10 +62,13 @@ class Press(ABC):
     evicts_during_decode: evict one token per decode step once the cache is full (StreamingLLM, H2O,
         TOVA); otherwise the press compresses only when a multi-token forward overflows the budget
         (prefill), and decode appends freely.
+    evicts_by_position: the decode victim depends only on how many tokens were evicted since the
+        last compaction (`ring_slot`), so a paged engine can name it without reading K/V.
     """
 
     needs_queries: bool = False
     evicts_during_decode: bool = False
+    evicts_by_position: bool = False
     needs_mask_hook: bool = False  # layers or heads hold different lengths: attention masks need fixing
     scores_candidates: bool = True  # False: evict_slot ignores keys, so the cache skips concatenating them
 
@@ -86,6 +89,11 @@ class Press(ABC):
         kept = self.keep(layer_idx, keys, values, obs, budget).indices
         n = keys.shape[-2]
         return n * (n - 1) // 2 - kept.sum(-1)  # the sum of all indices minus the kept ones
+
+    def ring_slot(self, num_evicted: int, budget: int) -> int:
+        """For `evicts_by_position` presses: the slot a full cache's next token overwrites, after
+        `num_evicted` such overwrites since the kept slots were last stored in position order."""
+        raise NotImplementedError(f"{type(self).__name__} does not evict by position")
 
     def update_state(self, layer_idx: int, keys: torch.Tensor, obs: Observations) -> dict[str, torch.Tensor]:
         """Extend `obs.state` (aligned to old slots) to all n candidates. Default: no state."""

@@ -21,6 +21,7 @@ class StreamingLLMPress(ScorerPress):
     n_sink: int = 4
 
     evicts_during_decode = True
+    evicts_by_position = True
     scores_candidates = False
 
     def __post_init__(self) -> None:
@@ -41,8 +42,10 @@ class StreamingLLMPress(ScorerPress):
     def evict_slot(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, obs: Observations, budget: int
     ) -> int:
+        return self.ring_slot(obs.num_evicted, budget)
+
+    def ring_slot(self, num_evicted: int, budget: int) -> int:
         # Slots are in position order after every compaction: [sinks | window]. The oldest window
         # token is the one written longest ago, so overwriting cycles through the window.
         check_budget(budget, self.n_sink + 1, f"streaming_llm with n_sink={self.n_sink}")
-        window = budget - self.n_sink
-        return self.n_sink + obs.num_evicted % window
+        return self.n_sink + num_evicted % (budget - self.n_sink)

@@ -65,6 +65,9 @@ def test_results_hold_raw_samples_agreement_and_floor(experiment):
         assert run["kv_cache_bytes"] > 0 and run["tpot_over_floor"] > 0
     assert all(a["identical"] for a in payload["agreement"])  # fp32 greedy must agree
     assert payload["floors"]["float32"]["bandwidth_bytes_per_s"] > 0
+    paths = {(r["method"], r["forward_path"]) for r in runs}
+    assert paths == {("baseline", "hf"), ("optimized", "native")}  # tiny-llama has a native twin
+    assert "engine-native twin" in (experiment[0] / "report.md").read_text()
 
 
 def test_existing_experiment_is_not_overwritten_silently(experiment, capsys):

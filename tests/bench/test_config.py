@@ -72,3 +72,9 @@ def test_from_dict_roundtrip():
     config = from_dict({"technique": "static-cache", "prompt_lengths": 64})
     assert config.prompt_lengths == [64]
     assert from_dict(config.to_dict()) == config
+
+
+def test_forward_path_is_auto_or_hf(tmp_path):
+    assert resolve_with(tmp_path, overrides=["forward_path=hf"]).forward_path == "hf"
+    with pytest.raises(ConfigError, match="forward_path must be auto or hf"):
+        resolve_with(tmp_path, overrides=["forward_path=turbo"])

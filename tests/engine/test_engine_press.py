@@ -114,10 +114,63 @@ def test_chunked_prefill_records_every_chunk_and_a_plain_neighbour_is_untouched(
     assert not engine.runner.recorded_queries
 
 
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+@pytest.mark.parametrize(
+    "prompt_len, budget",
+    [(PROMPT_LEN, 13), (10, 14)],
+    ids=["prompt-over-budget", "decode-fills-budget"],
+)
+def test_streaming_llm_runs_as_a_ring_and_equals_the_hf_press(request, arch, prompt_len, budget):
+    """Over budget after prefill: compacted to sinks + window, then every decode token overwrites the
+    oldest window slot. Under it: decode appends until the budget, then the ring starts. Either way
+    the request never holds more than the budget's blocks, and greedy output equals PressCache's."""
+    model = request.getfixturevalue(arch)
+    prompt = prompt_of(prompt_len, seed=5)
+    new = 16
+    press = get_press("streaming_llm", n_sink=2)
+    cache = PressCache(press, model.model, max_cache_tokens=budget)
+    expected = generate(model.model, torch.tensor([prompt]), new, cache=cache).tokens[0].tolist()
+    plain = generate(model.model, torch.tensor([prompt]), new).tokens[0].tolist()
+    assert expected != plain  # the eviction matters for these tokens
+    engine = LLMEngine.from_model(model, block_size=BLOCK, num_blocks=64)
+    engine.add_request(
+        prompt,
+        SamplingParams(max_tokens=new, ignore_eos=True),
+        press=RequestPress(press, max_cache_tokens=budget),
+    )
+    budget_blocks = -(-budget // BLOCK)
+    outputs, peak_blocks = [], 0
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+        if engine.has_unfinished_requests():
+            peak_blocks = max(peak_blocks, engine.get_stats().num_used_blocks)
+    assert peak_blocks == budget_blocks  # between steps; a long prompt's blocks last only its prefill
+    assert outputs[0].output_token_ids == expected
+    assert engine.get_stats().num_press_evicted_tokens == prompt_len + new - 1 - budget
+    engine.scheduler.kv.pool.check_invariants()
+
+
+def test_a_ring_request_neither_publishes_nor_reuses_prefix_blocks(llama):
+    prompt = prompt_of(24, seed=6)
+    engine = LLMEngine.from_model(llama, block_size=BLOCK, num_blocks=64)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    press = RequestPress(get_press("streaming_llm", n_sink=2), max_cache_tokens=30)
+    first = engine.add_request(prompt, params, press=press)
+    second = engine.add_request(prompt, params)  # the same prompt, no press: must not hit the ring's blocks
+    final = {}
+    while engine.has_unfinished_requests():
+        final |= {o.request_id: o.output_token_ids for o in engine.step() if o.finished}
+    assert engine.get_stats().prefix_cache_hit_rate == 0.0
+    assert final[second] == generate(llama.model, torch.tensor([prompt]), 12).tokens[0].tolist()
+    assert len(final[first]) == 12
+
+
 @pytest.mark.parametrize(
     "press, budget, match",
     [
-        (get_press("h2o"), {"max_cache_tokens": 8}, "evicts during decode"),
+        (get_press("h2o"), {"max_cache_tokens": 8}, "attention scores"),
+        (get_press("tova"), {"max_cache_tokens": 8}, "attention scores"),
+        (get_press("streaming_llm", n_sink=4), {"max_cache_tokens": 4}, "streaming_llm"),
         (get_press("pyramidkv", window=4), {"max_cache_tokens": 16}, "different budgets"),
         (get_press("knorm", rerotate=True), {"max_cache_tokens": 8}, "true positions"),
         (get_press("knorm"), {}, "exactly one"),

@@ -1,0 +1,160 @@
+"""Configuration of the paged bench: its three workloads and the engine's fields, layered
+defaults < configs/paged/<level>.yaml < --set < flags and validated before any model loads."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlab.bench.config import (
+    BATCH_LEVELS,
+    CONFIG_ROOT,
+    _check_keys,
+    _positive,
+    flags_from_args,
+    merge,
+    parse_overrides,
+    read_yaml,
+)
+from kvlab.engine.config import EngineConfig
+from kvlab.errors import ConfigError
+from kvlab.models.loader import DTYPES
+from kvlab.models.registry import DEFAULT_MODEL
+
+TECHNIQUE = "paged"
+
+
+@dataclass(slots=True)
+class MixedWorkload:
+    num_requests: int = 24
+    prompt_len_min: int = 32
+    prompt_len_max: int = 256
+    output_len_min: int = 16
+    output_len_max: int = 128
+    hf_batch_size: int = 8  # requests per `model.generate` call of the static-batching baseline
+    repeats: int = 1  # rounds alternating engine and HF, so a busy spell on the machine hits both
+
+
+@dataclass(slots=True)
+class PrefixWorkload:
+    num_requests: int = 6
+    prefix_len: int = 512  # the shared system prompt
+    suffix_len: int = 32  # each request's own question
+    output_len: int = 4
+
+
+@dataclass(slots=True)
+class DecodeWorkload:
+    prompt_len: int = 128
+    new_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 3
+
+
+SECTIONS = {"mixed": MixedWorkload, "prefix": PrefixWorkload, "decode": DecodeWorkload}
+
+
+@dataclass(slots=True)
+class ServingConfig:
+    technique: str = TECHNIQUE
+    batch_level: str = "small"
+    experiment_name: str = "default"
+    model: str = DEFAULT_MODEL
+    dataset: str = "wikitext2"
+    split: str | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"  # of the mixed and prefix workloads
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])  # of the decode comparison
+    threads: int | None = None
+    seed: int = 0
+    method: str = "both"
+    benchmark_memory: bool = True
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields except dtype and device
+    mixed: MixedWorkload = field(default_factory=MixedWorkload)
+    prefix: PrefixWorkload = field(default_factory=PrefixWorkload)
+    decode: DecodeWorkload = field(default_factory=DecodeWorkload)
+
+    def validate(self) -> None:
+        if self.batch_level not in BATCH_LEVELS:
+            raise ConfigError(
+                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
+            )
+        if self.technique != TECHNIQUE:
+            raise ConfigError(f"this config is for technique {self.technique!r}, not {TECHNIQUE!r}")
+        if self.method != "both":
+            raise ConfigError(
+                f"the paged bench measures the engine against HF: method must be 'both', got {self.method!r}"
+            )
+        for dtype in [self.dtype, *self.dtypes]:
+            if dtype not in DTYPES:
+                raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if not self.dtypes:
+            raise ConfigError("dtypes must name at least one dtype")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        if not self.experiment_name or "/" in self.experiment_name:
+            raise ConfigError(
+                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
+            )
+        for section in SECTIONS:
+            for item in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), item.name)
+                if item.name in ("warmup",):
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                        raise ConfigError(f"{section}.warmup must be an integer >= 0, got {value!r}")
+                else:
+                    _positive(f"{section}.{item.name}", value)
+        mixed = self.mixed
+        if mixed.prompt_len_min > mixed.prompt_len_max or mixed.output_len_min > mixed.output_len_max:
+            raise ConfigError("mixed: each *_min must be <= its *_max")
+        if mixed.output_len_min < 2 or self.decode.new_tokens < 2:
+            raise ConfigError("output lengths must be >= 2 (TPOT needs a token after the first)")
+        if self.prefix.num_requests < 2:
+            raise ConfigError("prefix.num_requests must be >= 2 (the first request only fills the cache)")
+        self.engine_config(self.dtype)  # unknown or bad engine keys fail here, before any model loads
+
+    def engine_config(self, dtype: str, **changes: Any) -> EngineConfig:
+        for key in ("dtype", "device"):
+            if key in self.engine:
+                raise ConfigError(
+                    f"engine.{key} is set at the top level of the paged bench config ({key}: ...)"
+                )
+        return EngineConfig.from_dict({**self.engine, "dtype": dtype, "device": self.device, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(data: dict[str, Any]) -> ServingConfig:
+    """Build a ServingConfig, rejecting unknown keys at any level."""
+    data = dict(data)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = data.pop(name, None) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name} must be a mapping, got {values!r}")
+        _check_keys(f"{name}.", values, cls)
+        sections[name] = cls(**values)
+    _check_keys("", data, ServingConfig)
+    if "dtypes" in data and not isinstance(data["dtypes"], list):
+        data["dtypes"] = [data["dtypes"]]
+    if not isinstance(data.get("engine", {}), dict):
+        raise ConfigError(f"engine must be a mapping of EngineConfig fields, got {data['engine']!r}")
+    return ServingConfig(**data, **sections)
+
+
+def resolve_config(args) -> ServingConfig:
+    """Layer defaults < YAML < --set < flags, then validate everything."""
+    if args.batch_level not in BATCH_LEVELS:
+        raise ConfigError(f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {args.batch_level!r}")
+    path = Path(args.config) if args.config else CONFIG_ROOT / TECHNIQUE / f"{args.batch_level}.yaml"
+    data = merge({"technique": TECHNIQUE, "batch_level": args.batch_level}, read_yaml(path))
+    data = merge(data, parse_overrides(args.set or []))
+    flags = flags_from_args(args)
+    data = merge(data, {key: value for key, value in flags.items() if value is not None})
+    config = from_dict(data)
+    config.validate()
+    return config
