@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from kvlab.bench.serving_config import TECHNIQUE, ServingConfig, resolve_config
-from kvlab.bench.serving_workloads import BenchRequest, load_token_ids, mixed_requests, prefix_requests
+from kvlab.bench.serving_workloads import (
+    BenchRequest,
+    compression_requests,
+    load_token_ids,
+    mixed_requests,
+    prefix_requests,
+)
 from kvlab.errors import ConfigError
 
 
@@ -78,6 +84,11 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
     payload["mixed"] = measure_mixed(loaded, engine, requests, config)
     _progress(f"shared prefix: {config.prefix.num_requests} requests, without then with the prefix cache")
     payload["prefix"] = measure_prefix(engine, prefix_requests(token_ids, config.prefix, config.seed))
+    if config.compression.enabled:
+        workload = config.compression
+        _progress(f"compression: {workload.num_requests} requests, without then with {workload.press}")
+        requests = compression_requests(token_ids, workload, config.seed)
+        payload["compression"] = measure_compression(loaded, engine, requests, workload)
     _progress(f"batch-1 decode in {', '.join(config.dtypes)}: engine, kvlab.generate, model.generate")
     payload["decode"] = measure_decode(config, token_ids, {config.dtype: (loaded, engine)})
     return payload
@@ -144,15 +155,17 @@ def _peak_fields(peak) -> dict[str, Any]:
     return {"peak_memory_bytes": peak.bytes, "peak_memory_delta_bytes": peak.delta, "memory_kind": peak.kind}
 
 
-def serve(engine, requests: list[BenchRequest]) -> dict[str, Any]:
+def serve(engine, requests: list[BenchRequest], press=None) -> dict[str, Any]:
     """All requests arrive at t=0; records each request's first and last token time and, after every
-    step, the blocks in use and the tokens they hold."""
+    step, the blocks in use and the tokens they hold. `press`: a RequestPress every request carries."""
     from kvlab.engine.request import SamplingParams
 
     pool, scheduler = engine.scheduler.kv.pool, engine.scheduler
     start = time.perf_counter()
     ids = [
-        engine.add_request(r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
+        engine.add_request(
+            r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True), press=press
+        )
         for r in requests
     ]
     first: dict[str, float] = {}
@@ -229,6 +242,34 @@ def agreement(engine_tokens: list[list[int]], hf_tokens: list[list[int]]) -> dic
         prefixes.append(n)
     identical = sum(a == b for a, b in zip(engine_tokens, hf_tokens, strict=True))
     return {"identical_requests": identical, "num_requests": len(prefixes), "matching_prefix": prefixes}
+
+
+def measure_compression(loaded, engine, requests: list[BenchRequest], workload) -> dict[str, Any]:
+    """The engine without and with the press on the same requests (fresh pool each), plus the first
+    request through the HF path's PressCache, whose greedy tokens the engine's must equal."""
+    from kvlab.engine.compression import RequestPress
+    from kvlab.generate import generate
+    from kvlab.press import get_press
+    from kvlab.press.hf import PressCache
+
+    press = get_press(workload.press)
+    block_bytes = engine.runner.kv_cache_bytes // engine.scheduler.kv.num_blocks
+    result: dict[str, Any] = {"press": press.describe(), "max_cache_tokens": workload.max_cache_tokens}
+    for label, request_press in (
+        ("full", None),
+        ("press", RequestPress(press, max_cache_tokens=workload.max_cache_tokens)),
+    ):
+        run = serve(with_changes(engine), requests, press=request_press)
+        result[label] = run | {
+            "output_tokens_per_s": sum(r.output_len for r in requests) / run["wall_s"],
+            "peak_kv_bytes_in_use": max(run["used_blocks"]) * block_bytes,
+        }
+    cache = PressCache(press, loaded.model, max_cache_tokens=workload.max_cache_tokens)
+    with cache.hooks(loaded.model):
+        hf = generate(loaded.model, torch.tensor([requests[0].prompt_ids]), workload.output_len, cache=cache)
+    result["hf_press_tokens"] = hf.tokens[0].tolist()
+    result["engine_matches_hf_press"] = result["press"]["tokens"][0] == result["hf_press_tokens"]
+    return result
 
 
 def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:

@@ -51,7 +51,25 @@ class DecodeWorkload:
     repeats: int = 3
 
 
-SECTIONS = {"mixed": MixedWorkload, "prefix": PrefixWorkload, "decode": DecodeWorkload}
+@dataclass(slots=True)
+class CompressionWorkload:
+    """The same long requests served by the engine with and without a press (StreamingLLM as a ring
+    inside the paged cache): blocks in use, throughput and agreement with the HF-path press."""
+
+    press: str = "streaming_llm"
+    max_cache_tokens: int = 128
+    num_requests: int = 8
+    prompt_len: int = 256
+    output_len: int = 64
+    enabled: bool = True
+
+
+SECTIONS = {
+    "mixed": MixedWorkload,
+    "prefix": PrefixWorkload,
+    "decode": DecodeWorkload,
+    "compression": CompressionWorkload,
+}
 
 
 @dataclass(slots=True)
@@ -74,6 +92,7 @@ class ServingConfig:
     mixed: MixedWorkload = field(default_factory=MixedWorkload)
     prefix: PrefixWorkload = field(default_factory=PrefixWorkload)
     decode: DecodeWorkload = field(default_factory=DecodeWorkload)
+    compression: CompressionWorkload = field(default_factory=CompressionWorkload)
 
     def validate(self) -> None:
         if self.batch_level not in BATCH_LEVELS:
@@ -102,6 +121,8 @@ class ServingConfig:
         for section in SECTIONS:
             for item in dataclasses.fields(getattr(self, section)):
                 value = getattr(getattr(self, section), item.name)
+                if item.name in ("press", "enabled"):
+                    continue  # checked below
                 if item.name in ("warmup",):
                     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                         raise ConfigError(f"{section}.warmup must be an integer >= 0, got {value!r}")
@@ -114,6 +135,15 @@ class ServingConfig:
             raise ConfigError("output lengths must be >= 2 (TPOT needs a token after the first)")
         if self.prefix.num_requests < 2:
             raise ConfigError("prefix.num_requests must be >= 2 (the first request only fills the cache)")
+        if self.compression.enabled:
+            from kvlab.engine.compression import RequestPress
+            from kvlab.press import get_press
+
+            # An unknown press, or one the engine cannot run, fails here, before any model loads.
+            press = RequestPress(
+                get_press(self.compression.press), max_cache_tokens=self.compression.max_cache_tokens
+            )
+            press.budget(self.compression.prompt_len, num_layers=1)
         self.engine_config(self.dtype)  # unknown or bad engine keys fail here, before any model loads
 
     def engine_config(self, dtype: str, **changes: Any) -> EngineConfig:

@@ -142,6 +142,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
             f"| {label.replace('_', ' ')} | {_ms(statistics.median(rest))} "
             f"| {_ms(min(rest))}–{_ms(max(rest))} | {run['hit_rate']:.0%} |"
         )
+    lines += _compression_lines(payload.get("compression"), config)
     lines += [
         "",
         "## Batch-1 decode vs the bandwidth floor",
@@ -170,6 +171,38 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _compression_lines(result: dict[str, Any] | None, config: dict[str, Any]) -> list[str]:
+    if result is None:
+        return []
+    workload = config["compression"]
+    lines = [
+        "",
+        "## KV compression inside the engine",
+        "",
+        f"{workload['num_requests']} requests of {workload['prompt_len']} prompt tokens and "
+        f"{workload['output_len']} output tokens, all at t=0, {config['dtype']}; the engine without a press, "
+        f"then with `{result['press']}` at {result['max_cache_tokens']} tokens per layer (each request's "
+        "blocks stop growing at the budget: decode tokens overwrite the oldest window slot in place).",
+        "",
+        "| engine | wall s | output tok/s | TPOT p50 ms | peak blocks in use | peak KV in use MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in ("full", "press"):
+        run = result[label]
+        lines.append(
+            f"| {'full cache' if label == 'full' else result['press']} | {run['wall_s']:.2f} "
+            f"| {run['output_tokens_per_s']:.1f} | {_ms(percentiles(run['tpot_s'])['p50'])} "
+            f"| {max(run['used_blocks'])} | {_mib(run['peak_kv_bytes_in_use'])} |"
+        )
+    same = "equal" if result["engine_matches_hf_press"] else "**differ from**"
+    lines += [
+        "",
+        f"The first request's greedy tokens in the engine {same} the HF path's (`kvlab.generate` with "
+        f"`PressCache({result['press']})`, same budget).",
+    ]
+    return lines
 
 
 def _run_row(name: str, run: dict[str, Any], kv_bytes: int) -> str:

@@ -3,7 +3,7 @@
 import random
 from dataclasses import dataclass
 
-from kvlab.bench.serving_config import MixedWorkload, PrefixWorkload, ServingConfig
+from kvlab.bench.serving_config import CompressionWorkload, MixedWorkload, PrefixWorkload, ServingConfig
 from kvlab.errors import ConfigError
 
 
@@ -46,6 +46,19 @@ def prefix_requests(token_ids: list[int], workload: PrefixWorkload, seed: int) -
     return requests
 
 
+def compression_requests(
+    token_ids: list[int], workload: CompressionWorkload, seed: int
+) -> list[BenchRequest]:
+    """Equal-length prompts from consecutive text windows at a seeded offset."""
+    rng = random.Random(seed + 2)
+    length = workload.prompt_len
+    offset = _offset(rng, len(token_ids), workload.num_requests * length)
+    return [
+        BenchRequest(token_ids[offset + i * length : offset + (i + 1) * length], workload.output_len)
+        for i in range(workload.num_requests)
+    ]
+
+
 def _offset(rng: random.Random, available: int, needed: int) -> int:
     if needed > available:
         raise ConfigError(f"the workload needs {needed} prompt tokens; the dataset has only {available}")
@@ -58,6 +71,7 @@ def tokens_needed(config: ServingConfig) -> int:
         mixed.num_requests * mixed.prompt_len_max,
         prefix.prefix_len + prefix.num_requests * prefix.suffix_len,
         config.decode.prompt_len,
+        config.compression.num_requests * config.compression.prompt_len,
     )
 
 

@@ -22,6 +22,8 @@ ARGS = [
     *("--set", "prefix.num_requests=3", "--set", "prefix.prefix_len=64", "--set", "prefix.suffix_len=8"),
     *("--set", "decode.prompt_len=16", "--set", "decode.new_tokens=4"),
     *("--set", "decode.repeats=1", "--set", "decode.warmup=0"),
+    *("--set", "compression.num_requests=2", "--set", "compression.prompt_len=24"),
+    *("--set", "compression.max_cache_tokens=10", "--set", "compression.output_len=12"),
 ]
 
 
@@ -76,6 +78,17 @@ def test_raw_samples_and_block_accounting(experiment):
     assert (
         set(decode["tpot_s"]) == {"engine", "kvlab.generate", "model.generate"} and decode["floor_tpot_s"] > 0
     )
+
+
+def test_compression_keeps_blocks_within_the_budget_and_matches_the_hf_press(experiment):
+    path, _, payload = experiment
+    result = payload["compression"]
+    # block_size 16: a 24-token prompt needs 2 blocks in full; under a budget of 10 tokens one block
+    # holds each request once its prefill is compacted (the prefill step itself still needs 2).
+    assert max(result["full"]["used_blocks"]) > max(result["press"]["used_blocks"][1:])
+    assert max(result["press"]["used_blocks"][1:]) == 2  # two requests, one block each
+    assert result["engine_matches_hf_press"]
+    assert "## KV compression inside the engine" in (path / "report.md").read_text()
 
 
 def test_engine_outputs_equal_hf_greedy_per_request(experiment):
@@ -139,6 +152,8 @@ def test_existing_experiment_is_not_overwritten(experiment, capsys):
         ("mixed.output_len_min=1", ">= 2"),
         ("prefix.num_requests=1", "fills the cache"),
         ("method=optimized", "'both'"),
+        ("compression.press=h2o", "attention scores"),
+        ("compression.press=nope", "nope"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(tmp_path, capsys, override, message):
