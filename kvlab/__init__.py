@@ -1,6 +1,7 @@
 """kvlab: faster, smaller LLM inference, proved by side-by-side measurements."""
 
 from kvlab.engine.async_engine import AsyncLLM
+from kvlab.engine.compression import RequestPress
 from kvlab.engine.request import SamplingParams
 from kvlab.errors import ConfigError, KvlabError, ModelUnavailableError, PromptTooLongError
 from kvlab.generate import GenerationResult, generate
@@ -17,6 +18,7 @@ __all__ = [
     "KvlabError",
     "ModelUnavailableError",
     "PromptTooLongError",
+    "RequestPress",
     "SamplingConfig",
     "SamplingParams",
     "generate",

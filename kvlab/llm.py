@@ -2,8 +2,10 @@
 
 llm = LLM("tiny-llama", num_blocks=128, pd_policy="hybrid")
 outputs = llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=16))
+outputs = llm.generate(prompts, params, press=RequestPress(get_press("streaming_llm"), max_cache_tokens=256))
 """
 
+from kvlab.engine.compression import RequestPress
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from kvlab.engine.request import SamplingParams
@@ -20,11 +22,13 @@ class LLM:
         self,
         prompts: str | list[int] | list[str | list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        press: RequestPress | None = None,
     ) -> list[RequestOutput]:
-        """One finished output per prompt, in order. A prompt is text or a list of token ids."""
+        """One finished output per prompt, in order. A prompt is text or a list of token ids.
+        `press`: KV compression for every prompt (see kvlab.engine.compression)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self.engine.generate(list(prompts), sampling_params)
+        return self.engine.generate(list(prompts), sampling_params, press)
 
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()

@@ -213,11 +213,14 @@ class LLMEngine:
             self._counters.num_press_evicted_tokens += evicted
 
     def generate(
-        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        press: RequestPress | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in prompt order."""
+        """Run prompts to completion; outputs in prompt order. `press` applies to every prompt."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        ids = [self.add_request(p, sp, press=press) for p, sp in zip(prompts, params_list, strict=True)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for output in self.step():

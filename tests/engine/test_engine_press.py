@@ -183,3 +183,19 @@ def test_unsupported_presses_are_refused_at_add_request(llama, press, budget, ma
             prompt_of(20, seed=4), SamplingParams(max_tokens=2), press=RequestPress(press, **budget)
         )
     assert not engine.has_unfinished_requests()
+
+
+def test_llm_generate_applies_one_press_to_every_prompt(llama):
+    from kvlab import LLM, RequestPress
+
+    prompts = [prompt_of(30, seed=7), prompt_of(26, seed=8)]
+    press = get_press("streaming_llm", n_sink=2)
+    llm = LLM(llama, block_size=BLOCK, num_blocks=64)
+    outputs = llm.generate(
+        prompts,
+        SamplingParams(max_tokens=NEW, ignore_eos=True),
+        press=RequestPress(press, max_cache_tokens=12),
+    )
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.output_token_ids == hf_press_greedy(llama, prompt, press, max_cache_tokens=12)
+    assert llm.get_stats().num_press_evicted_tokens == sum(len(p) + NEW - 1 - 12 for p in prompts)
