@@ -1,4 +1,4 @@
-"""kvlab's single entry point: bench | ppl | generate | models | report compare.
+"""kvlab's single entry point: bench | ppl | generate | models | presses | report compare | report presses.
 
 Bad input ends with one line on stderr and exit status 2; nothing is written.
 """
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     report_commands = report.add_subparsers(dest="report_command", required=True)
     compare = report_commands.add_parser("compare", help="one table across experiments")
     compare.add_argument("paths", nargs="+", type=Path)
+    presses = report_commands.add_parser(
+        "presses", help="one row per press experiment: quality vs the full cache, speed, memory"
+    )
+    presses.add_argument("paths", nargs="+", type=Path)
+    presses.add_argument("--prompt", type=int, help="the prompt length to show (default: the longest)")
     return parser
 
 
@@ -285,9 +290,12 @@ def cmd_presses(args, argv) -> int:
 
 
 def cmd_report(args, argv) -> int:
-    from kvlab.bench.report import compare
+    from kvlab.bench.report import compare, press_summary
 
-    print(compare(args.paths), end="")
+    if args.report_command == "presses":
+        print(press_summary(args.paths, args.prompt), end="")
+    else:
+        print(compare(args.paths), end="")
     return 0
 
 

@@ -38,6 +38,19 @@ def test_press_technique_shrinks_the_cache_and_reports_quality(press, tmp_path):
     quality = payload["quality"]
     assert quality["press_kv_bytes"] < quality["full_kv_bytes"] and quality["press_ppl"] > 0
     assert "Quality under compression" in (tmp_path / press / "t" / "report.md").read_text()
+    # `kvlab report presses` turns the experiment into one row of the per-method table.
+    table = report_presses(tmp_path / press / "t")
+    assert table[2].startswith(f"| {press} | 0.5 | ") and f"{quality['press_ppl']:.3f}" in table[2]
+
+
+def report_presses(path):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["report", "presses", str(path)]) == 0
+    return out.getvalue().splitlines()
 
 
 def test_sweep_writes_one_experiment_per_value_and_a_summary(tmp_path):
