@@ -254,10 +254,10 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
 
     press = get_press(workload.press)
     block_bytes = engine.runner.kv_cache_bytes // engine.scheduler.kv.num_blocks
-    result: dict[str, Any] = {"press": press.describe(), "max_cache_tokens": workload.max_cache_tokens}
+    result: dict[str, Any] = {"press_name": press.describe(), "max_cache_tokens": workload.max_cache_tokens}
     for label, request_press in (
         ("full", None),
-        ("press", RequestPress(press, max_cache_tokens=workload.max_cache_tokens)),
+        ("compressed", RequestPress(press, max_cache_tokens=workload.max_cache_tokens)),
     ):
         run = serve(with_changes(engine), requests, press=request_press)
         result[label] = run | {
@@ -268,7 +268,7 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
     with cache.hooks(loaded.model):
         hf = generate(loaded.model, torch.tensor([requests[0].prompt_ids]), workload.output_len, cache=cache)
     result["hf_press_tokens"] = hf.tokens[0].tolist()
-    result["engine_matches_hf_press"] = result["press"]["tokens"][0] == result["hf_press_tokens"]
+    result["engine_matches_hf_press"] = result["compressed"]["tokens"][0] == result["hf_press_tokens"]
     return result
 
 

@@ -183,16 +183,16 @@ def _compression_lines(result: dict[str, Any] | None, config: dict[str, Any]) ->
         "",
         f"{workload['num_requests']} requests of {workload['prompt_len']} prompt tokens and "
         f"{workload['output_len']} output tokens, all at t=0, {config['dtype']}; the engine without a press, "
-        f"then with `{result['press']}` at {result['max_cache_tokens']} tokens per layer (each request's "
+        f"then with `{result['press_name']}` at {result['max_cache_tokens']} tokens per layer (each request's "
         "blocks stop growing at the budget: decode tokens overwrite the oldest window slot in place).",
         "",
         "| engine | wall s | output tok/s | TPOT p50 ms | peak blocks in use | peak KV in use MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label in ("full", "press"):
+    for label in ("full", "compressed"):
         run = result[label]
         lines.append(
-            f"| {'full cache' if label == 'full' else result['press']} | {run['wall_s']:.2f} "
+            f"| {'full cache' if label == 'full' else result['press_name']} | {run['wall_s']:.2f} "
             f"| {run['output_tokens_per_s']:.1f} | {_ms(percentiles(run['tpot_s'])['p50'])} "
             f"| {max(run['used_blocks'])} | {_mib(run['peak_kv_bytes_in_use'])} |"
         )
@@ -200,7 +200,7 @@ def _compression_lines(result: dict[str, Any] | None, config: dict[str, Any]) ->
     lines += [
         "",
         f"The first request's greedy tokens in the engine {same} the HF path's (`kvlab.generate` with "
-        f"`PressCache({result['press']})`, same budget).",
+        f"`PressCache({result['press_name']})`, same budget).",
     ]
     return lines
 

@@ -85,8 +85,10 @@ def test_compression_keeps_blocks_within_the_budget_and_matches_the_hf_press(exp
     result = payload["compression"]
     # block_size 16: a 24-token prompt needs 2 blocks in full; under a budget of 10 tokens one block
     # holds each request once its prefill is compacted (the prefill step itself still needs 2).
-    assert max(result["full"]["used_blocks"]) > max(result["press"]["used_blocks"][1:])
-    assert max(result["press"]["used_blocks"][1:]) == 2  # two requests, one block each
+    assert max(result["full"]["used_blocks"]) > max(result["compressed"]["used_blocks"][1:])
+    assert max(result["compressed"]["used_blocks"][1:]) == 2  # two requests, one block each
+    assert result["press_name"].startswith("StreamingLLMPress")
+    assert "| full cache |" in (path / "report.md").read_text()
     assert result["engine_matches_hf_press"]
     assert "## KV compression inside the engine" in (path / "report.md").read_text()
 
