@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ppl.add_argument("--cache-tokens", type=int, default=1024, help="streaming mode: KV budget per layer")
     ppl.add_argument("--output", type=Path, default=None, help="streaming mode: write JSON + plot here")
+    ppl.add_argument(
+        "--score-from",
+        type=int,
+        default=None,
+        help="streaming mode: PPL over tokens from this index on (e.g. past the model's context)",
+    )
 
     gen = commands.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")

@@ -62,6 +62,10 @@ class PPLResult:
     def ppl(self) -> float:
         return math.exp(float(self.nll.mean())) if self.nll.numel() else float("nan")
 
+    def tail(self, first: int) -> torch.Tensor:
+        """NLLs of the scored tokens at text index >= first."""
+        return self.nll[max(0, first - self.first_scored) :]
+
     def cumulative_nll(self) -> torch.Tensor:
         """Mean NLL of the first i+1 scored tokens, for i in range(len(nll))."""
         return self.nll.cumsum(0) / torch.arange(1, self.nll.numel() + 1, dtype=self.nll.dtype)
@@ -95,12 +99,16 @@ def streaming_ppl(
     press: Press | None = None,
     max_tokens: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    score_from: int = 1,
 ) -> PPLResult:
     """Streaming PPL of `input_ids` (num_tokens,) under one configuration of `STREAMING_CONFIGS`.
 
     Any registered press name is also accepted (wrapped in `KeyRerotationPress`). `press` overrides
     the configuration's press (any press; wrap it in `KeyRerotationPress` to go past the context).
     `max_tokens` truncates the text; `on_step(t)` is called after each token (progress).
+    `score_from`: the recompute oracle scores only tokens from this index on (each of its predictions
+    depends on the preceding window alone, so earlier tokens need no compute); the cache-based
+    configurations must feed every token anyway and score them all (see `PPLResult.tail`).
     """
     if config not in STREAMING_CONFIGS and config not in PRESSES:
         raise ConfigError(
@@ -110,8 +118,10 @@ def streaming_ppl(
     if max_cache_tokens < 2:
         raise ConfigError(f"max_cache_tokens must be >= 2, got {max_cache_tokens}")
     ids = _as_row(input_ids)[:, :max_tokens].to(model.device)
+    if not 1 <= score_from < ids.shape[1]:
+        raise ConfigError(f"score_from must be in [1, {ids.shape[1] - 1}], got {score_from}")
     if config == RECOMPUTE:
-        return _recompute_ppl(model, ids, max_cache_tokens, on_step)
+        return _recompute_ppl(model, ids, max_cache_tokens, on_step, score_from)
     if press is None:
         press = (
             STREAMING_CONFIGS[config]() if config in STREAMING_CONFIGS else get_press(config, rerotate=True)
@@ -147,16 +157,16 @@ def _token_by_token(model, ids, cache, name, on_step) -> PPLResult:
     return PPLResult(name=name, nll=nll, first_scored=1, kv_bytes=kv_cache_bytes(cache))
 
 
-def _recompute_ppl(model, ids, window: int, on_step) -> PPLResult:
+def _recompute_ppl(model, ids, window: int, on_step, score_from: int = 1) -> PPLResult:
     num_tokens = ids.shape[1]
-    nll = torch.empty(num_tokens - 1, dtype=torch.float64)
-    for t in range(num_tokens - 1):
+    nll = torch.empty(num_tokens - score_from, dtype=torch.float64)
+    for i, t in enumerate(range(score_from - 1, num_tokens - 1)):
         start = max(0, t + 1 - window)
         logits = model(input_ids=ids[:, start : t + 1], use_cache=False, logits_to_keep=1).logits[:, -1]
-        nll[t] = _nll(logits, ids[:, t + 1])[0]
+        nll[i] = _nll(logits, ids[:, t + 1])[0]
         if on_step is not None:
             on_step(t)
-    return PPLResult(name=RECOMPUTE, nll=nll, first_scored=1)
+    return PPLResult(name=RECOMPUTE, nll=nll, first_scored=score_from)
 
 
 @torch.inference_mode()

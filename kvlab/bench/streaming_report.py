@@ -6,6 +6,7 @@ sliding-window-with-recompute oracle.
 """
 
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -30,17 +31,21 @@ def run_streaming(args, text, argv: list[str]) -> int:
             )
     if args.cache_tokens < 2:
         raise ConfigError(f"--cache-tokens must be >= 2, got {args.cache_tokens}")
+    score_from = 1 if args.score_from is None else args.score_from
     loaded = load_model(
         args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
     )
     ids = tokenize(loaded.tokenizer, text.text)[0][: args.max_tokens]
+    if not 1 <= score_from < ids.numel():
+        raise ConfigError(f"--score-from must be in [1, {ids.numel() - 1}] for this text, got {score_from}")
     output = (
         args.output or Path("results") / "streaming-ppl" / f"{loaded.name}-{args.dataset.replace(':', '-')}"
     )
     rows = {}
     for name in configs:
         total = min(ids.numel(), loaded.context_length) if name == "full" else ids.numel()
-        bar = tqdm(total=total - 1, desc=f"streaming {name}", unit="tok")
+        first = score_from if name == "recompute" else 1
+        bar = tqdm(total=total - first, desc=f"streaming {name}", unit="tok")
         started = time.perf_counter()
         result = streaming_ppl(
             loaded.model,
@@ -48,23 +53,26 @@ def run_streaming(args, text, argv: list[str]) -> int:
             name,
             max_cache_tokens=args.cache_tokens,
             on_step=lambda _step, bar=bar: bar.update(),
+            score_from=first,
         )
         bar.close()
+        tail = result.tail(score_from)
+        ppl = math.exp(float(tail.mean())) if tail.numel() else float("nan")
         rows[name] = {
-            "ppl": result.ppl,
-            "tokens_scored": int(result.nll.numel()),
+            "ppl": ppl,
+            "tokens_scored": int(tail.numel()),
+            "first_scored": result.first_scored,
             "kv_bytes": result.kv_bytes,
             "seconds": time.perf_counter() - started,
             "cumulative_ppl": result.cumulative_ppl().tolist(),
         }
-        print(
-            f"{name:<14} ppl {result.ppl:10.3f} over {result.nll.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB"
-        )
+        print(f"{name:<14} ppl {ppl:10.3f} over {tail.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB")
+    scored = "" if score_from == 1 else f"; PPL over tokens {score_from}..{ids.numel() - 1} only"
     protocol = (
         f"token-by-token over the first {ids.numel()} tokens of {text.description}; KV budget {args.cache_tokens} "
         f"tokens per layer (full: no eviction, stops at the {loaded.context_length}-token context); "
         "window/streaming_llm/h2o/tova re-rotate keys inside the cache; recompute re-runs the last "
-        f"{args.cache_tokens} tokens for every token"
+        f"{args.cache_tokens} tokens for every token it scores{scored}"
     )
     output.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -91,7 +99,8 @@ def _plot(rows: dict, context: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, row in rows.items():
-        ax.plot(range(1, len(row["cumulative_ppl"]) + 1), row["cumulative_ppl"], label=name)
+        first = row.get("first_scored", 1)
+        ax.plot(range(first, first + len(row["cumulative_ppl"])), row["cumulative_ppl"], label=name)
     ax.axvline(context, color="grey", linestyle=":", label="model context")
     ax.set_xlabel("tokens")
     ax.set_ylabel("cumulative PPL")
@@ -118,8 +127,9 @@ def _markdown(payload: dict, path: Path) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name, row in payload["results"].items():
+        ppl = "-" if math.isnan(row["ppl"]) else f"{row['ppl']:.3f}"
         lines.append(
-            f"| {name} | {row['ppl']:.3f} | {row['tokens_scored']} | {row['kv_bytes'] / 2**20:.1f} | {row['seconds']:.0f} |"
+            f"| {name} | {ppl} | {row['tokens_scored']} | {row['kv_bytes'] / 2**20:.1f} | {row['seconds']:.0f} |"
         )
     if not payload["model"]["meaningful_ppl"]:
         lines += ["", "Random weights: these perplexities are meaningless."]

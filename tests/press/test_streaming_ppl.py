@@ -41,6 +41,16 @@ def test_streaming_past_the_budget_stays_finite_at_budget_size(tiny_model, text_
     assert results["window"].kv_bytes == results["h2o"].kv_bytes == kv_per_token * budget
 
 
+def test_recompute_scored_from_a_later_token_is_the_tail_of_the_whole_run(tiny_model, text_ids):
+    whole = streaming_ppl(tiny_model.model, text_ids, RECOMPUTE, max_cache_tokens=6)
+    tail = streaming_ppl(tiny_model.model, text_ids, RECOMPUTE, max_cache_tokens=6, score_from=13)
+    assert tail.first_scored == 13 and tail.nll.shape == (7,)
+    torch.testing.assert_close(tail.nll, whole.tail(13), atol=1e-6, rtol=1e-6)
+    assert whole.tail(13).shape == (7,) and whole.tail(0).shape == whole.nll.shape
+    with pytest.raises(ConfigError, match="score_from"):
+        streaming_ppl(tiny_model.model, text_ids, RECOMPUTE, score_from=20)
+
+
 def test_full_stops_at_the_model_context(tiny_model, text_ids, monkeypatch):
     monkeypatch.setattr(tiny_model.model.config, "max_position_embeddings", 12)
     assert streaming_ppl(tiny_model.model, text_ids, "full").nll.shape == (11,)
