@@ -31,6 +31,10 @@ class Wrapper(Press):
         return self.press.evicts_during_decode
 
     @property
+    def evicts_by_position(self) -> bool:
+        return self.press.evicts_by_position
+
+    @property
     def scores_candidates(self) -> bool:
         return self.press.scores_candidates
 
@@ -43,6 +47,9 @@ class Wrapper(Press):
 
     def evict_slot(self, layer_idx: int, keys, values, obs: Observations, budget: int):
         return self.press.evict_slot(layer_idx, keys, values, obs, budget)
+
+    def ring_slot(self, num_evicted: int, budget: int) -> int:
+        return self.press.ring_slot(num_evicted, budget)
 
     def update_state(self, layer_idx: int, keys, obs: Observations) -> dict[str, torch.Tensor]:
         return self.press.update_state(layer_idx, keys, obs)
@@ -99,6 +106,10 @@ class PerHeadBudgetPress(Wrapper):
     @property
     def evicts_during_decode(self) -> bool:
         return False  # a prefill-time allocation (AdaKV); decode appends to every head
+
+    @property
+    def evicts_by_position(self) -> bool:
+        return False
 
     @property
     def needs_mask_hook(self) -> bool:
