@@ -39,7 +39,10 @@ class PplConfig:
 
 
 @dataclass(slots=True)
-class BenchConfig:
+class ExperimentConfig:
+    """What every bench experiment names: the static/press techniques (`BenchConfig`) and the paged
+    serving bench (`ServingConfig`) share these keys and their checks."""
+
     technique: str = "static-cache"
     batch_level: str = "small"
     experiment_name: str = "default"
@@ -50,14 +53,40 @@ class BenchConfig:
     device: str = "cpu"
     dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
     threads: int | None = None
+    seed: int = 0
+    method: str = "both"
+    benchmark_memory: bool = True
+
+    def validate_common(self, *extra_dtypes: str) -> None:
+        if self.batch_level not in BATCH_LEVELS:
+            raise ConfigError(
+                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
+            )
+        if not self.dtypes:
+            raise ConfigError("dtypes must name at least one dtype")
+        for dtype in [*extra_dtypes, *self.dtypes]:
+            if dtype not in DTYPES:
+                raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        if not self.experiment_name or "/" in self.experiment_name:
+            raise ConfigError(
+                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class BenchConfig(ExperimentConfig):
     batch_size: int = 1
     prompt_lengths: list[int] = field(default_factory=lambda: [128, 512])
     new_tokens: int = 32
     warmup: int = 1
     repeats: int = 3
-    method: str = "both"
-    benchmark_memory: bool = True
-    seed: int = 0
     forward_path: str = "auto"  # static-cache: "auto" (engine-native twin where supported) or "hf"
     press: dict[str, Any] | None = None
     ppl: PplConfig = field(default_factory=PplConfig)
@@ -67,21 +96,11 @@ class BenchConfig:
             raise ConfigError(
                 f"unknown technique {self.technique!r}; choose one of {', '.join(known_techniques)}"
             )
-        if self.batch_level not in BATCH_LEVELS:
-            raise ConfigError(
-                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
-            )
+        self.validate_common()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not self.dtypes:
-            raise ConfigError("dtypes must name at least one dtype")
-        for dtype in self.dtypes:
-            if dtype not in DTYPES:
-                raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         if self.forward_path not in ("auto", "hf"):
             raise ConfigError(f"forward_path must be auto or hf, got {self.forward_path!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if not self.prompt_lengths:
             raise ConfigError("prompt_lengths must list at least one length")
         for length in self.prompt_lengths:
@@ -93,20 +112,11 @@ class BenchConfig:
             raise ConfigError("new_tokens must be >= 2 (TPOT needs a token after the first)")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
-        if self.threads is not None:
-            _positive("threads", self.threads)
-        if not self.experiment_name or "/" in self.experiment_name:
-            raise ConfigError(
-                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
-            )
         self.ppl.validate()
         from kvlab.bench.techniques import TECHNIQUES
 
         if self.technique in TECHNIQUES:
             TECHNIQUES[self.technique].validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _positive(name: str, value: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from kvlab.bench.config import (
     BATCH_LEVELS,
     CONFIG_ROOT,
+    ExperimentConfig,
     _check_keys,
     _positive,
     flags_from_args,
@@ -18,8 +19,6 @@ from kvlab.bench.config import (
 )
 from kvlab.engine.config import EngineConfig
 from kvlab.errors import ConfigError
-from kvlab.models.loader import DTYPES
-from kvlab.models.registry import DEFAULT_MODEL
 
 TECHNIQUE = "paged"
 
@@ -73,21 +72,9 @@ SECTIONS = {
 
 
 @dataclass(slots=True)
-class ServingConfig:
+class ServingConfig(ExperimentConfig):
     technique: str = TECHNIQUE
-    batch_level: str = "small"
-    experiment_name: str = "default"
-    model: str = DEFAULT_MODEL
-    dataset: str = "wikitext2"
-    split: str | None = None
-    data_dir: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"  # of the mixed and prefix workloads
-    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])  # of the decode comparison
-    threads: int | None = None
-    seed: int = 0
-    method: str = "both"
-    benchmark_memory: bool = True
+    dtype: str = "float32"  # of the mixed and prefix workloads; `dtypes`: of the decode comparison
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields except dtype and device
     mixed: MixedWorkload = field(default_factory=MixedWorkload)
     prefix: PrefixWorkload = field(default_factory=PrefixWorkload)
@@ -95,28 +82,12 @@ class ServingConfig:
     compression: CompressionWorkload = field(default_factory=CompressionWorkload)
 
     def validate(self) -> None:
-        if self.batch_level not in BATCH_LEVELS:
-            raise ConfigError(
-                f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {self.batch_level!r}"
-            )
         if self.technique != TECHNIQUE:
             raise ConfigError(f"this config is for technique {self.technique!r}, not {TECHNIQUE!r}")
+        self.validate_common(self.dtype)
         if self.method != "both":
             raise ConfigError(
                 f"the paged bench measures the engine against HF: method must be 'both', got {self.method!r}"
-            )
-        for dtype in [self.dtype, *self.dtypes]:
-            if dtype not in DTYPES:
-                raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        if not self.dtypes:
-            raise ConfigError("dtypes must name at least one dtype")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
-        if self.threads is not None:
-            _positive("threads", self.threads)
-        if not self.experiment_name or "/" in self.experiment_name:
-            raise ConfigError(
-                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
             )
         for section in SECTIONS:
             for item in dataclasses.fields(getattr(self, section)):
@@ -153,9 +124,6 @@ class ServingConfig:
                     f"engine.{key} is set at the top level of the paged bench config ({key}: ...)"
                 )
         return EngineConfig.from_dict({**self.engine, "dtype": dtype, "device": self.device, **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def from_dict(data: dict[str, Any]) -> ServingConfig:
