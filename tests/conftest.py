@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 import torch
@@ -37,3 +38,45 @@ def smollm2():
 def prompt_ids():
     torch.manual_seed(0)
     return torch.randint(10, 49000, (2, 24))
+
+
+def make_paged_case(
+    requests: list[tuple[int, int]],
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    block_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """Random paged inputs for requests given as (cached_len, new_len). Blocks are handed out in a
+    shuffled order, so block tables are non-contiguous and interleaved between requests; caches are
+    filled with random values everywhere (stale data in unused slots must never leak in)."""
+    from kvlab.attention.metadata import AttentionMetadata  # after TRITON_INTERPRET is set, above
+
+    generator = torch.Generator().manual_seed(seed)
+    blocks_needed = [-(-(cached + new) // block_size) for cached, new in requests]
+    num_blocks = sum(blocks_needed) + 3
+    free = list(range(1, num_blocks))  # block 0 stays unused: it is the table padding value
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(n)] for n in blocks_needed]
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=generator).to(dtype)
+    value_cache = torch.randn(shape, generator=generator).to(dtype)
+    metadata = AttentionMetadata.from_lists(
+        query_lens=[new for _, new in requests],
+        seq_lens=[cached + new for cached, new in requests],
+        block_tables=tables,
+        block_size=block_size,
+    )
+    num_tokens = metadata.num_tokens
+    query = torch.randn(num_tokens, num_heads, head_dim, generator=generator).to(dtype)
+    new_keys = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype)
+    new_values = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(dtype)
+    return query, new_keys, new_values, key_cache, value_cache, metadata
+
+
+@pytest.fixture
+def paged_case():
+    """The factory above, as a fixture: paged_case(requests, num_heads=..., ...)."""
+    return make_paged_case

@@ -9,6 +9,8 @@ import psutil
 import torch
 import transformers
 
+from kvlab.kernels import cpu as cpu_kernels
+
 
 def cpu_model() -> str:
     try:
@@ -29,4 +31,5 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "kernels": cpu_kernels.describe(),
     }

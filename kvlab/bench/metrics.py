@@ -81,22 +81,40 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure_bandwidth(
-    dtype: torch.dtype, device: torch.device, num_bytes: int = 256 * 2**20, iters: int = 10
+    dtype: torch.dtype,
+    device: torch.device,
+    num_bytes: int = 256 * 2**20,
+    iters: int = 10,
+    kernel: str = "torch",
 ) -> float:
     """Sustained read bandwidth (bytes/s) of a matrix-vector product at `dtype`: what batch-1 decode does.
 
     The matrix (default 256 MiB) is far larger than any CPU cache, so each product streams it from memory.
+    kernel: "torch" (`matrix @ vector`) or "kvlab" (the CPU skinny GEMM, kvlab.kernels.cpu).
     """
     side = int((num_bytes / torch.tensor([], dtype=dtype).element_size()) ** 0.5)
     matrix = torch.randn(side, side, device=device).to(dtype)
     vector = torch.randn(side, device=device).to(dtype)
+    if kernel == "kvlab":
+        from kvlab.kernels import cpu as cpu_kernels
+
+        rows = vector[None]
+
+        def product():
+            return cpu_kernels.skinny_linear(rows, matrix)
+    elif kernel == "torch":
+
+        def product():
+            return matrix @ vector
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; choose torch or kvlab")
     for _ in range(2):
-        matrix @ vector
+        product()
     times = []
     for _ in range(iters):
         synchronize(device)
         start = time.perf_counter()
-        matrix @ vector
+        product()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return matrix.numel() * matrix.element_size() / statistics.median(times)

@@ -139,7 +139,7 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         "",
         f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, {machine['ram_gib']} GiB RAM, "
         f"GPU: {machine['gpu'] or 'none'}; Python {machine['python']}, torch {machine['torch']}, "
-        f"transformers {machine['transformers']}.",
+        f"transformers {machine['transformers']}. Kernels: {machine.get('kernels', 'not recorded')}.",
         "",
         f"Model: `{model['name']}` ({model['source']}). Dataset: `{config['dataset']}`. Batch level: "
         f"{config['batch_level']} (batch {config['batch_size']}, prompts {config['prompt_lengths']}, "

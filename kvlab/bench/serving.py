@@ -286,6 +286,7 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
     from kvlab.bench.metrics import Floor, decode_weight_bytes, measure_bandwidth
     from kvlab.engine.llm_engine import LLMEngine
+    from kvlab.kernels import cpu as cpu_kernels
     from kvlab.models.loader import load_model
 
     workload = config.decode
@@ -307,9 +308,16 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
         floor = Floor(
             decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, loaded.model.device)
         )
+        on_cpu = loaded.model.device.type == "cpu"
+        kernel_bandwidth = (
+            measure_bandwidth(loaded.model.dtype, loaded.model.device, kernel="kvlab")
+            if on_cpu and cpu_kernels.skinny_serves(loaded.model.dtype)
+            else None
+        )
         results[dtype] = {
             "weight_bytes_per_token": floor.weight_bytes_per_token,
             "bandwidth_bytes_per_s": floor.bandwidth_bytes_per_s,
+            "kernel_bandwidth_bytes_per_s": kernel_bandwidth,
             "floor_tpot_s": floor.tpot_s,
             "tpot_s": samples,
         }

@@ -1,8 +1,9 @@
 """Engine-native Llama (also SmolLM2, Mistral-style GQA checkpoints saved as Llama).
 
 Per layer: RMSNorm -> fused QKV -> RoPE (in place, q and k together) -> write K/V to the paged
-cache -> attention backend -> o_proj -> residual -> RMSNorm -> fused gate/up -> SiLU(gate) * up ->
-down -> residual. Weights come from the HF model; fused matrices are concatenated once at build.
+cache -> attention backend -> o_proj -> residual add + RMSNorm (one op) -> fused gate/up ->
+SiLU(gate) * up -> down -> residual add + the next RMSNorm. Weights come from the HF model; fused
+matrices are concatenated once at build.
 
 With `fuse_projections=False` nothing is copied: the layer keeps the HF q/k/v and gate/up matrices
 and concatenates their small outputs instead (the twin `kvlab.generate` builds per call, which must
@@ -18,7 +19,7 @@ from torch import Tensor
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
-from kvlab.models.native import EngineModel, RotaryEmbedding, linear
+from kvlab.models.native import EngineModel, RotaryEmbedding, add_rms_norm_, linear, rms_norm
 
 
 @dataclass(slots=True)
@@ -66,6 +67,8 @@ class LlamaEngineModel(EngineModel):
         self.final_norm = hf_model.model.norm.weight.detach()
         self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
         self.layers = [self._fuse(layer, fuse_projections) for layer in hf_model.model.layers]
+        # The norm that follows each layer's MLP: the next layer's input norm, then the final norm.
+        self.next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
 
     @staticmethod
     def _fuse(layer, fuse: bool) -> LlamaLayer:
@@ -96,11 +99,13 @@ class LlamaEngineModel(EngineModel):
         num_tokens = input_ids.shape[0]
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        hidden_size = self.embed.shape[1]
         cos, sin = self.rotary.tables(positions)
+        # Each sublayer's output is added to the residual stream by the norm that follows it.
         residual = F.embedding(input_ids, self.embed)
-        for layer, (key_cache, value_cache) in zip(self.layers, kv_caches, strict=True):
-            x = F.rms_norm(residual, (hidden_size,), layer.input_norm, self.eps)
+        x = rms_norm(residual, self.layers[0].input_norm, self.eps)
+        for layer, next_norm, (key_cache, value_cache) in zip(
+            self.layers, self.next_norms, kv_caches, strict=True
+        ):
             qkv = project(x, layer.qkv, layer.qkv_bias)
             # q and k are adjacent in each row, so one rotation covers both heads sets.
             self.rotary.rotate_(qkv[:, : q_size + kv_size].view(num_tokens, -1, head_dim), cos, sin)
@@ -109,8 +114,10 @@ class LlamaEngineModel(EngineModel):
             value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
             backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
             attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
-            residual = residual + linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
-            x = F.rms_norm(residual, (hidden_size,), layer.post_norm, self.eps)
+            attn = linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
+            x = add_rms_norm_(residual, attn, layer.post_norm, self.eps)
             gate, up = project(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            residual = residual + linear(F.silu(gate) * up, layer.down, layer.down_bias)
-        return F.rms_norm(residual, (hidden_size,), self.final_norm, self.eps)
+            x = add_rms_norm_(
+                residual, linear(F.silu(gate) * up, layer.down, layer.down_bias), next_norm, self.eps
+            )
+        return x

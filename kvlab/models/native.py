@@ -19,6 +19,7 @@ from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
+from kvlab.kernels import cpu as cpu_kernels
 
 # model_type -> "module:Class"; a new architecture is one module and one line here.
 ARCHITECTURES = {
@@ -37,6 +38,8 @@ def build_engine_model(hf_model, fuse_projections: bool = True) -> "EngineModel"
             f"no engine-native module for model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     module, _, cls = ARCHITECTURES[model_type].partition(":")
+    if hf_model.device.type == "cpu":
+        cpu_kernels.available()  # compile now (once, ~20 s) rather than inside the first timed step
     return getattr(importlib.import_module(module), cls)(hf_model, fuse_projections)
 
 
@@ -49,11 +52,28 @@ UPCAST_MIN_ROWS = 16
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, computed in float32 for many-row half inputs on CPUs without native half math."""
+    """F.linear, with the skinny GEMM for decode-sized CPU batches (kvlab.kernels.cpu) and in float32
+    for many-row half inputs on CPUs without native half math."""
+    if cpu_kernels.takes_skinny(x, weight):
+        return cpu_kernels.skinny_linear(x, weight, bias)
     if x.shape[0] >= UPCAST_MIN_ROWS and emulated_half(x):
         bias = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), bias).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if cpu_kernels.handles(x):
+        return cpu_kernels.rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm_(residual: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """residual += x in place, then RMSNorm(residual): one kernel on CPU (vLLM's fused_add_rms_norm)."""
+    if cpu_kernels.handles(x) and residual.is_contiguous():
+        return cpu_kernels.add_rms_norm_(residual, x, weight, eps)
+    residual.add_(x)
+    return F.rms_norm(residual, (residual.shape[-1],), weight, eps)
 
 
 def rope_inverse_frequencies(config, rotary_dim: int) -> tuple[Tensor, float]:
@@ -94,11 +114,15 @@ class RotaryEmbedding:
         self.rotary_dim = rotary_dim
 
     def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin for `positions` (T,), shaped (T, 1, rotary_dim // 2): looked up once per step."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos, sin for `positions` (T,), shaped (T, rotary_dim // 2): looked up once per step."""
+        return self.cos[positions], self.sin[positions]
 
     def rotate_(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
         """Rotate x (T, heads, head_dim) in place (x may be a view into the fused QKV output)."""
+        if cpu_kernels.handles(x):
+            cpu_kernels.rotary_(x, cos, sin)
+            return
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x1, x2 = x[..., : self.rotary_dim].chunk(2, dim=-1)
         x1_sin = x1 * sin  # the one temporary: x1 is overwritten before x2 needs it
         x1.mul_(cos).addcmul_(x2, sin, value=-1.0)

@@ -13,6 +13,7 @@ from kvlab.attention.backends.base import gather_context
 from kvlab.attention.backends.registry import get_backend, list_backends, register_backend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
+from kvlab.kernels import cpu as cpu_kernels
 
 # (cached_len, new_len) per request: the shapes every backend must agree on.
 CASES = {
@@ -41,6 +42,8 @@ def make_backend(name, monkeypatch):
         return get_backend("triton", block_m=16, block_n=16)
     if name == "tiled":
         return get_backend("tiled", block_m=8, block_n=8)  # small tiles: many tiles per request
+    if name == "cpu_paged" and not cpu_kernels.available():
+        pytest.skip(f"kvlab CPU kernels: {cpu_kernels.build_failure()}")
     return get_backend(name)
 
 
@@ -138,8 +141,13 @@ def test_unknown_option_is_an_error():
         get_backend("tiled", blockm=3)
 
 
-def test_auto_picks_sdpa_on_cpu():
+def test_auto_picks_the_compiled_cpu_backend_and_falls_back_to_sdpa(monkeypatch):
+    expected = "cpu_paged" if cpu_kernels.available() else "sdpa"
+    assert get_backend("auto", device="cpu").name == expected
+    monkeypatch.setattr(cpu_kernels, "build_failure", lambda: "no C++ compiler on PATH")
     assert get_backend("auto", device="cpu").name == "sdpa"
+    with pytest.raises(ConfigError, match="no C\\+\\+ compiler"):
+        get_backend("cpu_paged")
 
 
 def test_register_backend_twice_is_an_error():

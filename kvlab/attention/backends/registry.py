@@ -1,7 +1,8 @@
 """Attention backends by name. A new backend is one file with `@register_backend("name")` and one
 line in BUILTIN_MODULES below.
 
-    backend = get_backend("auto")           # triton on CUDA (if importable), else sdpa
+    backend = get_backend("auto")           # triton on CUDA (if importable), cpu_paged on CPU (if it
+                                            # compiled), else sdpa
     backend = get_backend("tiled", block_m=32, block_n=64)
 """
 
@@ -16,6 +17,7 @@ BUILTIN_MODULES = (
     "kvlab.attention.backends.reference",
     "kvlab.attention.backends.tiled",
     "kvlab.attention.backends.sdpa",
+    "kvlab.attention.backends.cpu_paged",
     "kvlab.attention.backends.triton_paged",
 )
 
@@ -52,7 +54,10 @@ def get_backend(name: str = "auto", device: torch.device | str | None = None, **
     backends = _backends()
     if name == "auto":
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        name = "triton" if device.type == "cuda" and backends["triton"].is_available(device) else "sdpa"
+        if device.type == "cuda":
+            name = "triton" if backends["triton"].is_available(device) else "sdpa"
+        else:
+            name = "cpu_paged" if backends["cpu_paged"].is_available(device) else "sdpa"
     if name not in backends:
         raise ConfigError(f"unknown attention backend {name!r}; valid names: {', '.join(list_backends())}")
     cls = backends[name]

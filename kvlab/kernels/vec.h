@@ -1,0 +1,24 @@
+// AVX2 helpers shared by the CPU kernels: 8-lane float32 loads from float32 or bfloat16 memory.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+namespace kvlab {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const c10::BFloat16* p) {
+  // A bfloat16 is the upper half of a float32: widen each lane to 32 bits and shift it up.
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace kvlab

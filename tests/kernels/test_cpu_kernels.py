@@ -1,0 +1,115 @@
+"""The C++ CPU kernels equal float64 / torch references on awkward shapes, and kvlab works without them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvlab.attention.backends.registry import get_backend
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models.native import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 32])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 20), (5, 203)])
+def test_skinny_linear_equals_float64_reference(dtype, rows, out_features, in_features):
+    """Row and column tails (K not a multiple of the vector width, N odd) and every input-row grouping."""
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    out = cpu_kernels.skinny_linear(x, weight, bias)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the result
+    torch.testing.assert_close(out.double(), expected, atol=tolerance * 10, rtol=tolerance)
+
+
+def test_skinny_linear_rejects_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.skinny_linear(torch.randn(2, 8), torch.randn(4, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_fused_add_equal_torch(dtype):
+    generator = torch.Generator().manual_seed(0)
+    residual = torch.randn(7, 576, generator=generator).to(dtype)
+    x = torch.randn(7, 576, generator=generator).to(dtype)
+    weight = torch.randn(576, generator=generator).to(dtype)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        cpu_kernels.rms_norm(residual, weight, 1e-5), F.rms_norm(residual, (576,), weight, 1e-5), **tolerance
+    )
+    summed = residual + x
+    normed = cpu_kernels.add_rms_norm_(residual, x, weight, 1e-5)
+    assert torch.equal(residual, summed)  # the residual stream is updated in place, rounded as torch's add
+    torch.testing.assert_close(normed, F.rms_norm(summed, (576,), weight, 1e-5), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 16], ids=["full", "partial"])
+def test_rotary_in_place_on_a_strided_view_equals_the_torch_rotation(dtype, rotary_dim, monkeypatch):
+    """q and k heads inside a fused QKV row (a strided view); the value part must stay untouched."""
+
+    class Config:
+        max_position_embeddings, rope_parameters = 64, {"rope_theta": 10000.0, "rope_type": "default"}
+
+    rotary = RotaryEmbedding(Config, rotary_dim, dtype, torch.device("cpu"))
+    qkv = torch.randn(5, 8 * 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    positions = torch.tensor([0, 3, 17, 40, 63])
+    cos, sin = rotary.tables(positions)
+    expected = qkv.clone()
+    monkeypatch.setattr(cpu_kernels, "handles", lambda x: False)
+    rotary.rotate_(expected[:, : 6 * 64].view(5, 6, 64), cos, sin)
+    monkeypatch.undo()
+    out = qkv.clone()
+    cpu_kernels.rotary_(out[:, : 6 * 64].view(5, 6, 64), cos, sin)
+    tolerance = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert torch.equal(out[:, 6 * 64 :], qkv[:, 6 * 64 :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_on_long_contexts_equals_reference(dtype, paged_case):
+    """Contexts long enough that the work is split over threads; GQA groups of 3, head_dim 64."""
+    import math
+
+    inputs = paged_case(
+        [(700, 1), (333, 1), (1, 1)], num_heads=6, num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype
+    )
+    query, new_keys, new_values, key_cache, value_cache, metadata = inputs
+    outputs = []
+    for backend in (get_backend("reference"), get_backend("cpu_paged")):
+        keys, values = key_cache.clone(), value_cache.clone()
+        backend.write_kv(new_keys, new_values, keys, values, metadata.slot_mapping)
+        outputs.append(backend.forward(query, keys, values, metadata, 1 / math.sqrt(64)))
+    tolerance = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), **tolerance)
+
+
+def test_without_the_kernels_kvlab_falls_back_to_torch():
+    """KVLAB_CPU_KERNELS=0: reports say so, linear and auto attention use torch's kernels."""
+    code = (
+        "import torch\n"
+        "from kvlab.kernels import cpu\n"
+        "from kvlab.models.native import linear\n"
+        "from kvlab.attention.backends.registry import get_backend\n"
+        "x, w = torch.randn(2, 8), torch.randn(3, 8)\n"
+        "assert torch.allclose(linear(x, w), x @ w.T)\n"
+        "assert get_backend('auto', device='cpu').name == 'sdpa'\n"
+        "print(cpu.describe())\n"
+    )
+    env = {**os.environ, "KVLAB_CPU_KERNELS": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "turned off by KVLAB_CPU_KERNELS=0" in result.stdout
