@@ -47,7 +47,8 @@ def build_engine_model(hf_model, fuse_projections: bool = True) -> "EngineModel"
 # float32: emulated bf16 costs grow with every row, the weight's conversion is paid once. Measured
 # on an AVX2 EPYC over SmolLM2's 30 layers of matrices: 1 row 20 ms in bf16 (200 ms upcast),
 # 16 rows 234 -> 154 ms, 64 rows 861 -> 236 ms; a 512-token prefill's matmuls 131 -> 27 ms per
-# matrix. Below it (decode), the matmul stays in half precision and reads half the bytes.
+# matrix. Below it (decode), the matmul stays in half precision and reads half the bytes. Where the
+# kvlab CPU kernels built, matmuls of up to SKINNY_MAX_ROWS rows take the skinny GEMM first.
 UPCAST_MIN_ROWS = 16
 
 
