@@ -60,7 +60,8 @@ def build_failure() -> str | None:
             is_python_module=False,
         )
     except Exception as error:  # a failed build must not stop inference: torch's kernels still work
-        reason = f"build failed ({type(error).__name__}: {str(error).strip().splitlines()[-1:]})"
+        last_line = (str(error).strip().splitlines() or [""])[-1]
+        reason = f"build failed ({type(error).__name__}: {last_line})"
         warnings.warn(f"kvlab CPU kernels unavailable, using torch's: {reason}", stacklevel=2)
         return reason
     return None
