@@ -125,18 +125,20 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_bench(args, argv) -> int:
-    from kvlab.bench import config as bench_config
-    from kvlab.bench import report, runner
-    from kvlab.bench.datasets import load_text
-    from kvlab.bench.techniques import known_techniques
+    from kvlab.bench.core import config as bench_config
+    from kvlab.bench.core import writer
+    from kvlab.bench.core.datasets import load_text
+    from kvlab.bench.generate import runner
+    from kvlab.bench.generate.techniques import known_techniques
+    from kvlab.bench.report.markdown import write_report
 
     if args.technique == "paged":
-        from kvlab.bench.serving import run_paged_bench
+        from kvlab.bench.serving.runs import run_paged_bench
 
         return run_paged_bench(args, argv)
     flags = bench_config.flags_from_args(args)
-    from kvlab.bench.perplexity import tokenize
-    from kvlab.bench.sweep import parse_sweep, write_sweep
+    from kvlab.bench.eval.perplexity import tokenize
+    from kvlab.bench.generate.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
 
     sweep_key, sweep_values = parse_sweep(args.sweep) if args.sweep else (None, [None])
@@ -148,8 +150,8 @@ def cmd_bench(args, argv) -> int:
         )
         if sweep_key:
             config.experiment_name = f"{config.experiment_name}-{value}"
-        out_dir = report.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
-        report.claim_experiment_dir(out_dir, args.overwrite)
+        out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
+        writer.claim_experiment_dir(out_dir, args.overwrite)
         configs.append((config, out_dir))
     text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
     tokens = tokenize(load_tokenizer(configs[0][0].model), text.text)
@@ -157,11 +159,11 @@ def cmd_bench(args, argv) -> int:
     command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
     for config, out_dir in configs:
         ppl_fn = _bench_ppl(config, text, tokens) if config.ppl.enabled else None
-        path = report.write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
+        path = write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
     if sweep_key:
         name = configs[0][0].experiment_name.rsplit("-", 1)[0]
-        sweep_dir = report.experiment_dir(configs[0][0].technique, f"{name}-sweep", Path(args.results_dir))
+        sweep_dir = writer.experiment_dir(configs[0][0].technique, f"{name}-sweep", Path(args.results_dir))
         write_sweep(sweep_key, sweep_values, [d for _, d in configs], sweep_dir)
         print(f"kvlab: sweep written to {sweep_dir / 'sweep.md'}")
     return 0
@@ -170,7 +172,7 @@ def cmd_bench(args, argv) -> int:
 def _bench_ppl(config, text, tokens):
     import dataclasses
 
-    from kvlab.bench.perplexity import sliding_window_perplexity
+    from kvlab.bench.eval.perplexity import sliding_window_perplexity
 
     def measure(loaded):
         result = sliding_window_perplexity(
@@ -190,8 +192,8 @@ def _bench_ppl(config, text, tokens):
 
 
 def cmd_ppl(args, argv) -> int:
-    from kvlab.bench.datasets import load_text
-    from kvlab.bench.perplexity import sliding_window_perplexity
+    from kvlab.bench.core.datasets import load_text
+    from kvlab.bench.eval.perplexity import sliding_window_perplexity
     from kvlab.models.loader import load_model
 
     _set_threads(args.threads)
@@ -204,7 +206,7 @@ def cmd_ppl(args, argv) -> int:
             raise KvlabError(f"{name} must be positive, got {value}")
     text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
     if args.mode == "streaming":
-        from kvlab.bench.streaming_report import run_streaming
+        from kvlab.bench.eval.streaming_report import run_streaming
 
         return run_streaming(args, text, argv)
     loaded = load_model(
@@ -296,7 +298,7 @@ def cmd_presses(args, argv) -> int:
 
 
 def cmd_report(args, argv) -> int:
-    from kvlab.bench.report import compare, press_summary
+    from kvlab.bench.report.compare import compare, press_summary
 
     if args.report_command == "presses":
         print(press_summary(args.paths, args.prompt), end="")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from kvlab.bench.metrics import PeakMemory, decode_weight_bytes
-from kvlab.bench.runner import agreement, make_inputs
+from kvlab.bench.core.metrics import PeakMemory, decode_weight_bytes
+from kvlab.bench.generate.runner import agreement, make_inputs
 from kvlab.cli import main
 from kvlab.models.loader import load_model
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kvlab.bench.config import from_dict, parse_overrides, resolve
+from kvlab.bench.core.config import from_dict, parse_overrides, resolve
 from kvlab.errors import ConfigError
 
 TECHNIQUES = ["static-cache"]

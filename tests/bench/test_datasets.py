@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlab.bench.datasets import DATA_DIR_ENV, Text, load_text
+from kvlab.bench.core.datasets import DATA_DIR_ENV, Text, load_text
 from kvlab.errors import ConfigError, DatasetUnavailableError
 
 SHARED_DATA = Path(os.environ.get(DATA_DIR_ENV, "."))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kvlab.bench.datasets import load_text
-from kvlab.bench.perplexity import DEFAULT_MAX_LENGTH, plan_windows, sliding_window_perplexity
+from kvlab.bench.core.datasets import load_text
+from kvlab.bench.eval.perplexity import DEFAULT_MAX_LENGTH, plan_windows, sliding_window_perplexity
 from kvlab.errors import ConfigError
 
 SAMPLE = (

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from kvlab.bench.serving import measure_mixed
-from kvlab.bench.serving_config import ServingConfig, from_dict
-from kvlab.bench.serving_workloads import load_token_ids, mixed_requests
+from kvlab.bench.serving.config import ServingConfig, from_dict
+from kvlab.bench.serving.runs import measure_mixed
+from kvlab.bench.serving.workloads import load_token_ids, mixed_requests
 from kvlab.cli import main
 from kvlab.engine.llm_engine import LLMEngine
 from kvlab.errors import ConfigError

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvlab.bench.streaming_ppl import RECOMPUTE, STREAMING_CONFIGS, compressed_context_ppl, streaming_ppl
+from kvlab.bench.eval.streaming_ppl import RECOMPUTE, STREAMING_CONFIGS, compressed_context_ppl, streaming_ppl
 from kvlab.errors import ConfigError
 from kvlab.press import get_press
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.config import (
+from kvlab.bench.core.config import (
     BATCH_LEVELS,
     CONFIG_ROOT,
     ExperimentConfig,

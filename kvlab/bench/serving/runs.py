@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from kvlab.bench.serving_config import TECHNIQUE, ServingConfig, resolve_config
-from kvlab.bench.serving_workloads import (
+from kvlab.bench.core.baselines import hf_static
+from kvlab.bench.serving.config import TECHNIQUE, ServingConfig, resolve_config
+from kvlab.bench.serving.workloads import (
     BenchRequest,
     compression_requests,
     load_token_ids,
@@ -37,12 +38,12 @@ from kvlab.errors import ConfigError
 def run_paged_bench(args, argv: list[str]) -> int:
     import shlex
 
-    from kvlab.bench import report
-    from kvlab.bench.serving_report import write_serving_report
+    from kvlab.bench.core import writer
+    from kvlab.bench.serving.report import write_serving_report
 
     config = resolve_config(args)
-    out_dir = report.experiment_dir(TECHNIQUE, config.experiment_name, Path(args.results_dir))
-    report.claim_experiment_dir(out_dir, args.overwrite)
+    out_dir = writer.experiment_dir(TECHNIQUE, config.experiment_name, Path(args.results_dir))
+    writer.claim_experiment_dir(out_dir, args.overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     payload = run_all(config)
@@ -54,8 +55,8 @@ def run_paged_bench(args, argv: list[str]) -> int:
 
 def run_all(config: ServingConfig) -> dict[str, Any]:
     """Every measurement of the paged bench; returns the results payload (raw samples included)."""
-    from kvlab.bench.datasets import load_text
-    from kvlab.bench.machine import machine_info
+    from kvlab.bench.core.datasets import load_text
+    from kvlab.bench.core.machine import machine_info
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
@@ -143,7 +144,7 @@ def _progress(message: str) -> None:
 
 
 def _peak_memory(device: torch.device, enabled: bool):
-    from kvlab.bench.metrics import PeakMemory
+    from kvlab.bench.core.metrics import PeakMemory
 
     return PeakMemory(device) if enabled else contextlib.nullcontext()
 
@@ -192,44 +193,6 @@ def serve(engine, requests: list[BenchRequest], press=None) -> dict[str, Any]:
         "stored_tokens": stored_tokens,
         "num_preemptions": stats.num_preemptions,
         "tokens": [tokens[i] for i in ids],
-    }
-
-
-def hf_static(loaded, requests: list[BenchRequest], batch_size: int) -> dict[str, Any]:
-    """`model.generate` on left-padded batches in arrival order; each batch runs to its longest output."""
-    from kvlab.cache import kv_cache_bytes
-
-    model, device = loaded.model, loaded.model.device
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    tokens, kv_bytes, generated = [], [], 0
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i : i + batch_size]
-        width, new = max(len(r.prompt_ids) for r in batch), max(r.output_len for r in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[row, width - len(request.prompt_ids) :] = 1
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=new,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=pad,
-                return_dict_in_generate=True,
-            )
-        rows = out.sequences[:, width:].tolist()
-        tokens += [row[: r.output_len] for row, r in zip(rows, batch, strict=True)]
-        kv_bytes.append(kv_cache_bytes(out.cache))
-        generated += len(batch) * new
-    return {
-        "wall_s": time.perf_counter() - start,
-        "generated_tokens": generated,
-        "peak_kv_bytes": max(kv_bytes),
-        "tokens": tokens,
     }
 
 
@@ -284,7 +247,7 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
-    from kvlab.bench.metrics import Floor, decode_weight_bytes, measure_bandwidth
+    from kvlab.bench.core.metrics import Floor, decode_weight_bytes, measure_bandwidth
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.kernels import cpu as cpu_kernels
     from kvlab.models.loader import load_model
@@ -327,7 +290,7 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
 
 def decode_paths(loaded, engine, prompt: list[int], new_tokens: int) -> dict[str, Callable[[], list[float]]]:
     """Per path, a call that decodes `new_tokens` after `prompt` and returns each token's time."""
-    from kvlab.bench.runner import run_baseline
+    from kvlab.bench.core.baselines import run_baseline
     from kvlab.generate import generate
 
     input_ids = torch.tensor([prompt], device=loaded.model.device)

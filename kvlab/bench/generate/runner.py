@@ -4,47 +4,24 @@ Per dtype and prompt length: warm-up runs, then `repeats` rounds that alternate 
 so that drift of the machine hits both alike. Output length is fixed (min = max new tokens).
 """
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers.generation.streamers import BaseStreamer
 
-from kvlab.bench.config import BenchConfig
-from kvlab.bench.metrics import (
+from kvlab.bench.core.baselines import run_baseline
+from kvlab.bench.core.config import BenchConfig
+from kvlab.bench.core.metrics import (
     Floor,
     PeakMemory,
     Summary,
     decode_weight_bytes,
     measure_bandwidth,
-    synchronize,
 )
-from kvlab.bench.techniques import TECHNIQUES
-from kvlab.cache import kv_cache_bytes
+from kvlab.bench.generate.techniques import TECHNIQUES
 from kvlab.errors import PromptTooLongError
 from kvlab.generate import generate
 from kvlab.models.loader import LoadedModel, load_model, resolve_device
-
-
-class TimingStreamer(BaseStreamer):
-    """Timestamps each token `model.generate` emits; its first `put` is the prompt, not a token."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = 0.0
-        self.times: list[float] = []
-        self._seen_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        synchronize(self.device)
-        self.times.append(time.perf_counter() - self.start)
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass(slots=True)
@@ -102,28 +79,6 @@ class BenchResult:
     agreement: list[Agreement]
     ppl: dict | None = None
     quality: dict | None = None  # technique-specific quality (e.g. compressed-cache PPL vs full cache)
-
-
-def run_baseline(
-    loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int
-) -> tuple[list[float], torch.Tensor, int, str]:
-    device = input_ids.device
-    streamer = TimingStreamer(device)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    synchronize(device)
-    streamer.start = time.perf_counter()
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=streamer,
-            return_dict_in_generate=True,
-            pad_token_id=pad,
-        )
-    return streamer.times, out.sequences[:, input_ids.shape[1] :], kv_cache_bytes(out.cache), "hf"
 
 
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvlab.bench.machine import machine_info
-from kvlab.bench.perplexity import tokenize
-from kvlab.bench.streaming_ppl import STREAMING_CONFIGS, streaming_ppl
+from kvlab.bench.core.machine import machine_info
+from kvlab.bench.eval.perplexity import tokenize
+from kvlab.bench.eval.streaming_ppl import STREAMING_CONFIGS, streaming_ppl
 from kvlab.errors import ConfigError
 from kvlab.models.loader import load_model
 

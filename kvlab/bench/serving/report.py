@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from kvlab.bench.report import SCHEMA_VERSION, write_experiment
-from kvlab.bench.report import format_mib as _mib
-from kvlab.bench.report import format_ms as _ms
+from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
+from kvlab.bench.report.format import format_mib as _mib
+from kvlab.bench.report.format import format_ms as _ms
 
 # The bars: (key, description, target, higher_is_better)
 BARS = [

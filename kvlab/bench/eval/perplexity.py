@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvlab.bench.datasets import Text
+from kvlab.bench.core.datasets import Text
 from kvlab.errors import ConfigError
 from kvlab.models.loader import LoadedModel
 

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from kvlab.bench.config import BenchConfig
+from kvlab.bench.core.config import BenchConfig
 from kvlab.errors import ConfigError
 from kvlab.models.loader import LoadedModel
 from kvlab.press.hf import PressCache, check_budget_args
@@ -73,7 +73,7 @@ def hooks(cache: Cache, model: PreTrainedModel):
 
 def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -> dict[str, Any]:
     """Full cache vs the press on the same tokens, under the protocol the press calls for."""
-    from kvlab.bench.streaming_ppl import compressed_context_ppl, streaming_ppl
+    from kvlab.bench.eval.streaming_ppl import compressed_context_ppl, streaming_ppl
 
     press = build_press(config)
     section = _section(config)
@@ -129,7 +129,7 @@ def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -
 
 
 def press_techniques() -> dict:
-    from kvlab.bench.techniques import Technique
+    from kvlab.bench.generate.techniques import Technique
 
     return {
         name: Technique(

@@ -3,7 +3,7 @@
 import random
 from dataclasses import dataclass
 
-from kvlab.bench.serving_config import CompressionWorkload, MixedWorkload, PrefixWorkload, ServingConfig
+from kvlab.bench.serving.config import CompressionWorkload, MixedWorkload, PrefixWorkload, ServingConfig
 from kvlab.errors import ConfigError
 
 
@@ -78,8 +78,8 @@ def tokens_needed(config: ServingConfig) -> int:
 def load_token_ids(config: ServingConfig, tokenizer, text=None) -> tuple[list[int], str]:
     """Token ids of the dataset's text (a `datasets.Text`, loaded if not given); only a leading part
     (with margin) is tokenised."""
-    from kvlab.bench.datasets import load_text
-    from kvlab.bench.perplexity import tokenize
+    from kvlab.bench.core.datasets import load_text
+    from kvlab.bench.eval.perplexity import tokenize
 
     text = text or load_text(config.dataset, split=config.split, data_dir=config.data_dir)
     needed = tokens_needed(config)

@@ -18,7 +18,7 @@ from kvlab.models.registry import DEFAULT_MODEL
 
 BATCH_LEVELS = ("small", "medium", "large")
 METHODS = ("baseline", "optimized", "both")
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 
 
 @dataclass(slots=True)
@@ -113,7 +113,7 @@ class BenchConfig(ExperimentConfig):
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         self.ppl.validate()
-        from kvlab.bench.techniques import TECHNIQUES
+        from kvlab.bench.generate.techniques import TECHNIQUES
 
         if self.technique in TECHNIQUES:
             TECHNIQUES[self.technique].validate(self)

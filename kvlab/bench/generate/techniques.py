@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from kvlab.bench.config import BenchConfig
+from kvlab.bench.core.config import BenchConfig
 from kvlab.cache import PreallocatedCache
 from kvlab.errors import ConfigError
 
@@ -62,6 +62,6 @@ def known_techniques() -> list[str]:
 
 
 # Every registered press is a technique too (imported here, after Technique exists, to avoid a cycle).
-from kvlab.bench.press_technique import press_techniques  # noqa: E402
+from kvlab.bench.generate.press_technique import press_techniques  # noqa: E402
 
 TECHNIQUES.update(press_techniques())

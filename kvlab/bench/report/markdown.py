@@ -1,0 +1,179 @@
+"""The generation bench's report: results.json (versioned, raw samples), config.yaml, report.md and
+plots of one experiment, written by the one results writer (`kvlab.bench.core.writer`)."""
+
+import dataclasses
+from pathlib import Path
+
+from kvlab.bench.core.machine import machine_info
+from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
+from kvlab.bench.generate.runner import BenchResult
+from kvlab.bench.report.format import format_mib, format_ms
+from kvlab.bench.report.plots import generation_plots
+
+
+def write_report(result: BenchResult, path: Path, command: str) -> Path:
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "machine": machine_info(),
+        "model": {
+            "name": result.model_name,
+            "source": result.model_source,
+            "meaningful_ppl": result.meaningful_ppl,
+        },
+        "config": result.config.to_dict(),
+        "floors": {
+            dtype: {
+                "weight_bytes_per_token": floor.weight_bytes_per_token,
+                "bandwidth_bytes_per_s": floor.bandwidth_bytes_per_s,
+                "floor_tpot_s": floor.tpot_s,
+            }
+            for dtype, floor in result.floors.items()
+        },
+        "runs": [dataclasses.asdict(run) for run in result.runs],
+        "agreement": [dataclasses.asdict(a) for a in result.agreement],
+        "ppl": result.ppl,
+        "quality": result.quality,
+    }
+    return write_experiment(
+        path,
+        payload,
+        result.config.to_dict(),
+        lambda directory: generation_plots(result.runs, directory),
+        render_markdown,
+    )
+
+
+def _cell(summary: dict, scale=format_ms) -> str:
+    return f"{scale(summary['median'])} ({scale(summary['min'])}–{scale(summary['max'])})"
+
+
+def comparison_rows(payload: dict) -> list[str]:
+    """One row per (dtype, prompt length, method), with optimized/baseline ratios on the optimized row."""
+    rows = [
+        "| dtype | batch | prompt | method | TTFT ms | TPOT ms | TPOT / floor | out tok/s | prefill tok/s "
+        "| peak mem MiB | peak Δ MiB | KV MiB | TPOT ratio | TTFT ratio | KV ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs = payload["runs"]
+    by_key = {(r["dtype"], r["prompt_len"], r["method"]): r for r in runs}
+    for r in runs:
+        base = by_key.get((r["dtype"], r["prompt_len"], "baseline"))
+        ratios = ["", "", ""]
+        if r["method"] == "optimized" and base:
+            ratios = [
+                f"{r['tpot_s']['median'] / base['tpot_s']['median']:.2f}x",
+                f"{r['ttft_s']['median'] / base['ttft_s']['median']:.2f}x",
+                f"{r['kv_cache_bytes'] / base['kv_cache_bytes']:.2f}x" if base["kv_cache_bytes"] else "",
+            ]
+        rows.append(
+            f"| {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} | {_cell(r['ttft_s'])} "
+            f"| {_cell(r['tpot_s'])} | {r['tpot_over_floor']:.2f}x | {r['output_tokens_per_s']['median']:.1f} "
+            f"| {r['prefill_tokens_per_s']['median']:.0f} | {format_mib(r['peak_memory_bytes']['median'])} "
+            f"| {format_mib(r['peak_memory_delta_bytes']['median'])} | {format_mib(r['kv_cache_bytes'])} | "
+            + " | ".join(ratios)
+            + " |"
+        )
+    return rows
+
+
+def _forward_path(runs: list[dict]) -> str:
+    paths = {r.get("forward_path", "hf") for r in runs if r["method"] == "optimized"}
+    if paths == {"native"}:
+        return "running the model's engine-native twin (kvlab/models, same weights) over a static K/V buffer"
+    return "running the Hugging Face model's own modules"
+
+
+def render_markdown(payload: dict, plots: list[str]) -> str:
+    config, machine, model = payload["config"], payload["machine"], payload["model"]
+    lines = [
+        f"# {config['technique']} / {config['experiment_name']}",
+        "",
+        "Reproduce with:",
+        "",
+        f"    {payload['command']}",
+        "",
+        "## Machine",
+        "",
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, {machine['ram_gib']} GiB RAM, "
+        f"GPU: {machine['gpu'] or 'none'}; Python {machine['python']}, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}. Kernels: {machine.get('kernels', 'not recorded')}.",
+        "",
+        f"Model: `{model['name']}` ({model['source']}). Dataset: `{config['dataset']}`. Batch level: "
+        f"{config['batch_level']} (batch {config['batch_size']}, prompts {config['prompt_lengths']}, "
+        f"{config['new_tokens']} new tokens, greedy, fixed length). {config['warmup']} warm-up + {config['repeats']} "
+        "measured runs per cell, baseline and optimized alternating; cells show median (min–max).",
+        "",
+        "Baseline: `model.generate()` (HF defaults, DynamicCache), TTFT/TPOT from a streamer's per-token timestamps. "
+        f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'])}.",
+        "",
+        "## Baseline vs optimized",
+        "",
+        *comparison_rows(payload),
+        "",
+        "Ratios are optimized / baseline (below 1 = faster or smaller). Peak memory: "
+        f"{payload['runs'][0]['memory_kind'] if payload['runs'] else ''}; peak Δ is the rise over the run's start "
+        "(model weights excluded). KV MiB: exact bytes of the cache tensors at the end of generation.",
+        "",
+        "## The physical floor of batch-1 decode",
+        "",
+        "Each decode step must read every weight once, so TPOT >= weight bytes / memory bandwidth. The bandwidth "
+        "is measured in this run by a 256 MiB matrix-vector product at the run's dtype.",
+        "",
+        "| dtype | weight MiB per token | bandwidth GB/s | floor TPOT ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for dtype, floor in payload["floors"].items():
+        lines.append(
+            f"| {dtype} | {format_mib(floor['weight_bytes_per_token'])} | {floor['bandwidth_bytes_per_s'] / 1e9:.2f} "
+            f"| {format_ms(floor['floor_tpot_s'])} |"
+        )
+    if payload["agreement"]:
+        lines += [
+            "",
+            "## Greedy agreement (same inputs)",
+            "",
+            "| dtype | prompt | identical | matching prefix |",
+            "|---|---:|---|---:|",
+        ]
+        for a in payload["agreement"]:
+            flag = "yes" if a["identical"] else "**NO**"
+            lines.append(
+                f"| {a['dtype']} | {a['prompt_len']} | {flag} | {a['matching_prefix']} / {a['new_tokens']} |"
+            )
+        if any(not a["identical"] and a["dtype"] == "float32" for a in payload["agreement"]):
+            lines += [
+                "",
+                "**WARNING: in float32 the optimized path's greedy output differs from the baseline.**",
+            ]
+    if payload["ppl"]:
+        ppl = payload["ppl"]
+        lines += [
+            "",
+            "## Perplexity",
+            "",
+            f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens.",
+            "",
+            f"Protocol: {ppl['protocol']}",
+        ]
+        if not model["meaningful_ppl"]:
+            lines += [
+                "",
+                "This model has random weights: its perplexity is meaningless (reported only to show the path runs).",
+            ]
+    quality = payload.get("quality")
+    if quality:
+        lines += [
+            "",
+            "## Quality under compression (same tokens)",
+            "",
+            "| cache | PPL | KV MiB |",
+            "|---|---:|---:|",
+            f"| full | {quality['full_ppl']:.3f} | {format_mib(quality['full_kv_bytes'])} |",
+            f"| {config['technique']} | {quality['press_ppl']:.3f} | {format_mib(quality['press_kv_bytes'])} |",
+            "",
+            f"Protocol: {quality['protocol']}",
+        ]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
