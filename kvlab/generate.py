@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.forward_paths import select_forward
 from kvlab.sampling import SamplingConfig, sample
+from kvlab.stopping import eos_ids
 
 GREEDY = SamplingConfig()
 
@@ -52,14 +53,15 @@ def generate(
     sampling: SamplingConfig = GREEDY,
     cache: Cache | None = None,
     attention_mask: torch.Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | tuple[int, ...] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     path: str = "auto",
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt_len).
 
     attention_mask (batch, prompt_len) marks left padding with zeros, as in `model.generate`.
-    Generation stops early only when every row has produced `eos_token_id`. path: "auto" (native
+    Generation stops early only when every row has produced one of `eos_token_id` (an id or a list,
+    as in `generation_config`; a finished row is padded with the first). path: "auto" (native
     twin when no cache is passed and the architecture has one), "native" or "hf".
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -80,21 +82,23 @@ def generate(
     )
     generator = sampling.make_generator(device)
 
+    stop_ids = eos_ids(eos_token_id)
+    eos = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     token_times: list[float] = []
     logits = forward.prefill(input_ids)
     for step in range(max_new_tokens):
         next_token = sample(logits, sampling, generator)
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(finished, eos_token_id)
-            finished |= next_token == eos_token_id
+        if eos is not None:
+            next_token = next_token.masked_fill(finished, stop_ids[0])
+            finished |= torch.isin(next_token, eos)
         tokens[:, step] = next_token
         host_token = next_token.cpu()
         token_times.append(time.perf_counter() - start)
         if on_token is not None:
             on_token(host_token)
-        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+        if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
             tokens = tokens[:, : step + 1]
             break
         logits = forward.decode(next_token)

@@ -7,10 +7,13 @@
 
 One background task drives the engine; each step runs in a worker thread so the event loop stays
 responsive. The engine is touched by one party at a time: requests added or aborted from the event
-loop are queued and applied between steps, never while a step runs.
+loop are queued and applied between steps, never while a step runs. A queued operation that fails
+fails its own request only (its stream raises the error); the driver keeps serving the others. The
+tokenizer, which both threads use, is guarded by the engine's lock.
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from kvlab.engine.compression import RequestPress
@@ -18,6 +21,9 @@ from kvlab.engine.config import EngineConfig
 from kvlab.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from kvlab.engine.request import SamplingParams
 from kvlab.models.loader import LoadedModel
+
+
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -37,7 +43,7 @@ class AsyncLLM:
     def _attach(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._pending: list[Callable[[], None]] = []
+        self._pending: list[tuple[str, Callable[[], None]]] = []  # (request id, operation)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -59,7 +65,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request.request_id] = queue
-        self._submit(lambda: self.engine.scheduler.add_request(request))
+        self._submit(request.request_id, lambda: self.engine.scheduler.add_request(request))
         finished = False
         try:
             while not finished:
@@ -71,11 +77,11 @@ class AsyncLLM:
         finally:
             self._queues.pop(request.request_id, None)
             if not finished:
-                self._submit(lambda: self.engine.abort(request.request_id))
+                self._submit(request.request_id, lambda: self.engine.abort(request.request_id))
 
     def abort(self, request_id: str) -> None:
         """End a request; its stream yields a final output with finish_reason "abort"."""
-        self._submit(lambda: self._abort_now(request_id))
+        self._submit(request_id, lambda: self._abort_now(request_id))
 
     def get_stats(self) -> EngineStats:
         """Running/waiting counts, block usage, prefix-cache hit rate, preemptions, tokens/s."""
@@ -92,8 +98,8 @@ class AsyncLLM:
         for request_id in list(self._queues):
             self._abort_now(request_id)
 
-    def _submit(self, operation: Callable[[], None]) -> None:
-        self._pending.append(operation)
+    def _submit(self, request_id: str, operation: Callable[[], None]) -> None:
+        self._pending.append((request_id, operation))
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
@@ -106,10 +112,25 @@ class AsyncLLM:
 
     def _apply_pending(self) -> None:
         operations, self._pending = self._pending, []
-        for operation in operations:
-            operation()
+        for request_id, operation in operations:
+            try:
+                operation()
+            except Exception as error:  # the caller's request fails, the engine goes on
+                queue = self._queues.get(request_id)
+                if queue is not None:
+                    queue.put_nowait(error)
+                else:  # an abort from a stream that already left: nobody to tell but the log
+                    logger.warning("operation on request %r failed: %r", request_id, error)
 
     async def _run(self) -> None:
+        try:
+            await self._drive()
+        except BaseException as error:  # a bug in the driver itself: fail every stream, never hang
+            for queue in list(self._queues.values()):
+                queue.put_nowait(EngineDeadError(f"engine driver failed: {type(error).__name__}: {error}"))
+            raise
+
+    async def _drive(self) -> None:
         while not self._closed:
             self._apply_pending()
             if not self.engine.has_unfinished_requests():

@@ -7,18 +7,22 @@ while engine.has_unfinished_requests():
 """
 
 import itertools
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from kvlab.attention.backends.registry import get_backend
 from kvlab.engine.compression import RequestPress, compress_request
 from kvlab.engine.config import EngineConfig
+from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.request import Request, RequestStatus, SamplingParams
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvlab.models.native import build_engine_model
+from kvlab.stopping import eos_ids, model_eos_ids
 
 
 @dataclass(slots=True)
@@ -32,6 +36,7 @@ class RequestOutput:
     new_token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    new_text: str = ""  # what this step added to `text`: a stream's pieces concatenate to the final text
 
     @property
     def finished(self) -> bool:
@@ -73,16 +78,26 @@ class LLMEngine:
         scheduler: Scheduler,
         runner: ModelRunner,
         tokenizer,
-        eos_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
     ):
+        """eos_token_id: the id, or ids (a `generation_config` list), that end a request."""
         if config.max_model_len is None:
             raise ValueError("LLMEngine needs a resolved config.max_model_len")
         self.config = config
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_ids(eos_token_id)
         self._counters = _Counters()
+        # AsyncLLM tokenises new prompts on the event loop while a step detokenises in its worker
+        # thread; HF fast tokenizers are not safe to use from two threads at once.
+        self._tokenizer_lock = threading.Lock()
+        self._texts: dict[str, OutputText] = {}  # request id -> its incremental detokenisation
+
+    @property
+    def eos_token_id(self) -> tuple[int, ...]:
+        """All EOS ids (a tuple; the constructor takes it back), for callers that rebuild the engine."""
+        return self.eos_token_ids
 
     @classmethod
     def from_model(
@@ -91,7 +106,6 @@ class LLMEngine:
         """`overrides` are EngineConfig fields (unknown names raise ConfigError)."""
         config = EngineConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
         loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype, config.device)
-        hf_config = loaded.model.config
         # Output is capped at the model's context; a prompt alone must leave room for one token.
         max_model_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
         config = replace(config, max_model_len=max_model_len)
@@ -109,7 +123,7 @@ class LLMEngine:
             dtype=dtype,
             device=device,
         )
-        return cls(config, Scheduler(config, num_blocks), runner, loaded.tokenizer, _eos_token_id(hf_config))
+        return cls(config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model))
 
     def make_request(
         self,
@@ -122,7 +136,9 @@ class LLMEngine:
         compresses the request's K/V once its prefill completes (see compression.py)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
+            with self._tokenizer_lock:
+                token_ids = self.tokenizer.encode(prompt)
+            text = prompt
         else:
             text, token_ids = None, [int(t) for t in prompt]
         if not token_ids:
@@ -140,7 +156,7 @@ class LLMEngine:
             request_id,
             token_ids,
             params,
-            eos_token_id=self.eos_token_id,
+            eos_token_ids=self.eos_token_ids,
             prompt=text,
             press=press,
             press_budget=budget,
@@ -163,7 +179,9 @@ class LLMEngine:
         """End a request; its final output, or None if it was unknown or had already finished."""
         for request in self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED):
             self.runner.release(request.request_id)
-            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            text = self._text_of(request)
+            text.update(request.output_token_ids, final=True)
+            self._texts.pop(request_id, None)
             return _output(request, [], text)
         return None
 
@@ -174,6 +192,10 @@ class LLMEngine:
         """Schedule, run and commit one step; one output per request that got a token (or finished)."""
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        for request_id in scheduled.preempted_request_ids:
+            # Recomputed from its first token: its recorded query chunks restart, even when this step
+            # runs nothing (the runner skips empty steps).
+            self.runner.recorded_queries.pop(request_id, None)
         sampled = self.runner.execute(scheduled)
         finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
         self._run_presses(scheduled)
@@ -186,17 +208,26 @@ class LLMEngine:
             request = item.request
             if request.request_id not in sampled:
                 continue
-            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-            stop_at = _first_stop(text, request.sampling_params.stop)
-            if stop_at is not None and not request.is_finished:
+            text = self._text_of(request)
+            text.update(request.output_token_ids, final=request.request_id in finished)
+            if text.stopped and not request.is_finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
                 finished.add(request.request_id)
-            if stop_at is not None:
-                text = text[:stop_at]
             if request.request_id in finished:
                 self.runner.release(request.request_id)
+                self._texts.pop(request.request_id, None)
             outputs.append(_output(request, [sampled[request.request_id]], text))
         return outputs
+
+    def _text_of(self, request: Request) -> OutputText:
+        text = self._texts.get(request.request_id)
+        if text is None:
+            text = self._texts[request.request_id] = OutputText(self._decode, request.sampling_params.stop)
+        return text
+
+    def _decode(self, token_ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _run_presses(self, scheduled: SchedulerOutput) -> None:
         """Compress each request with a press whose prefill completed in this step and that goes on."""
@@ -244,23 +275,14 @@ class LLMEngine:
         )
 
 
-def _output(request: Request, new_token_ids: list[int], text: str) -> RequestOutput:
+def _output(request: Request, new_token_ids: list[int], text: OutputText) -> RequestOutput:
     return RequestOutput(
         request_id=request.request_id,
         prompt=request.prompt,
         prompt_token_ids=request.prompt_token_ids,
         output_token_ids=list(request.output_token_ids),
         new_token_ids=new_token_ids,
-        text=text,
+        text=text.text,
         finish_reason=request.status.finish_reason,
+        new_text=text.new_text,
     )
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _eos_token_id(hf_config) -> int | None:
-    eos = getattr(hf_config, "eos_token_id", None)
-    return eos[0] if isinstance(eos, list) else eos

@@ -226,7 +226,7 @@ class Scheduler:
         params = request.sampling_params
         if token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if not params.ignore_eos and request.eos_token_id is not None and token_id == request.eos_token_id:
+        if not params.ignore_eos and token_id in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if len(request.output_token_ids) >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
