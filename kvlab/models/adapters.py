@@ -20,27 +20,11 @@ import torch
 from torch import nn
 
 from kvlab.errors import ConfigError
-from kvlab.press.base import RotarySpec
+from kvlab.rope import RotarySpec, apply_rotary
 
 QueryCallback = Callable[[int, torch.Tensor], None]
 # (layer_idx, q_len, incoming mask) -> mask to use; returning the incoming mask leaves it unchanged.
 MaskCallback = Callable[[int, int, torch.Tensor | None], torch.Tensor | None]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (Su et al. 2021) on the first `rot` channels of x (batch, heads, seq, dim).
-
-    cos, sin: (batch, seq, rot), as the model's rotary embedding returns them.
-    """
-    rot = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
-    rotated = x[..., :rot] * cos + _rotate_half(x[..., :rot]) * sin
-    return torch.cat((rotated, x[..., rot:]), dim=-1) if rot < x.shape[-1] else rotated
 
 
 @dataclass(frozen=True, slots=True)

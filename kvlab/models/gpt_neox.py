@@ -14,7 +14,8 @@ from transformers.activations import ACT2FN
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.models.native import EngineModel, RotaryEmbedding, linear
+from kvlab.models.native import EngineModel, linear
+from kvlab.rope import RotaryEmbedding
 
 
 @dataclass(slots=True)

@@ -19,7 +19,8 @@ from torch import Tensor
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
-from kvlab.models.native import EngineModel, RotaryEmbedding, add_rms_norm_, linear, rms_norm
+from kvlab.models.native import EngineModel, add_rms_norm_, linear, rms_norm
+from kvlab.rope import RotaryEmbedding
 
 
 @dataclass(slots=True)

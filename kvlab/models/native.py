@@ -5,8 +5,8 @@
     hidden = model(input_ids, positions, kv_caches, metadata, backend)     # (T,) ints -> (T, hidden)
     logits = model.compute_logits(hidden[selected_indices])
 
-One module per architecture (llama.py, gpt_neox.py); this file holds what they share (RoPE tables,
-the base class) and the dispatch by `config.model_type`.
+One module per architecture (llama.py, gpt_neox.py); this file holds what they share (the base class,
+norms, the linear dispatch) and the dispatch by `config.model_type`; RoPE lives in kvlab/rope.py.
 """
 
 import importlib
@@ -75,59 +75,6 @@ def add_rms_norm_(residual: Tensor, x: Tensor, weight: Tensor, eps: float) -> Te
         return cpu_kernels.add_rms_norm_(residual, x, weight, eps)
     residual.add_(x)
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps)
-
-
-def rope_inverse_frequencies(config, rotary_dim: int) -> tuple[Tensor, float]:
-    """(rotary_dim // 2,) float32 inverse frequencies and the cos/sin scaling factor.
-
-    Default RoPE (Su et al. 2021): inv_freq_i = theta^(-2i / rotary_dim), theta from
-    `config.rope_parameters["rope_theta"]`. Scaled variants (linear, llama3, yarn, ...) are static
-    functions of the config, so transformers' own initialisers are reused for them.
-    """
-    legacy = {"rope_theta": getattr(config, "rope_theta", 10000.0)}
-    params = getattr(config, "rope_parameters", None) or legacy
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
-        return 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
-    if rope_type == "dynamic":
-        raise ConfigError(
-            "dynamic RoPE rescales with sequence length; engine-native models do not support it"
-        )
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    return inv_freq.float(), float(scaling)
-
-
-class RotaryEmbedding:
-    """Precomputed cos/sin tables, (max_positions, rotary_dim // 2) each, in the model dtype.
-
-    Rotation in the "rotate half" layout HF Llama and GPT-NeoX use: for x = [x1, x2],
-    x' = [x1 cos - x2 sin, x2 cos + x1 sin], applied to the first rotary_dim dims of each head.
-    """
-
-    def __init__(self, config, rotary_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        inv_freq, scaling = rope_inverse_frequencies(config, rotary_dim)
-        angles = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float32), inv_freq)
-        self.cos = (angles.cos() * scaling).to(device=device, dtype=dtype)
-        self.sin = (angles.sin() * scaling).to(device=device, dtype=dtype)
-        self.rotary_dim = rotary_dim
-
-    def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin for `positions` (T,), shaped (T, rotary_dim // 2): looked up once per step."""
-        return self.cos[positions], self.sin[positions]
-
-    def rotate_(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
-        """Rotate x (T, heads, head_dim) in place (x may be a view into the fused QKV output)."""
-        if cpu_kernels.handles(x):
-            cpu_kernels.rotary_(x, cos, sin)
-            return
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        x1, x2 = x[..., : self.rotary_dim].chunk(2, dim=-1)
-        x1_sin = x1 * sin  # the one temporary: x1 is overwritten before x2 needs it
-        x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
-        x2.mul_(cos).add_(x1_sin)
 
 
 class EngineModel:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from kvlab.press.budget import Budget
 
-@dataclass(frozen=True, slots=True)
-class RotarySpec:
-    """Rotary embedding in the rotate-half convention on the first `rotary_dim` channels (Llama, GPT-NeoX)."""
-
-    inv_freq: torch.Tensor  # (rotary_dim // 2,)
-    rotary_dim: int
+from kvlab.rope import RotarySpec
 
 
 @dataclass(slots=True)
@@ -99,9 +98,20 @@ class Press(ABC):
         """Extend `obs.state` (aligned to old slots) to all n candidates. Default: no state."""
         return {}
 
-    def layer_budget(self, layer_idx: int, num_layers: int, budget: int) -> int:
-        """Tokens layer `layer_idx` may keep when the average budget is `budget` (PyramidKV overrides)."""
-        return budget
+    def min_budget(self) -> int:
+        """The smallest budget this press can run: its protected tokens + 1. `Budget.layers` refuses
+        less with a ConfigError before anything runs (the engine checks at add_request)."""
+        return 1
+
+    def layer_weights(self, num_layers: int) -> Sequence[float] | None:
+        """Relative share of each layer in the total budget (PyramidKV); None: every layer keeps the same."""
+        return None
+
+    def layer_budgets(self, budget: Budget, num_layers: int, n: int) -> Sequence[int]:
+        """Tokens each layer keeps after a first forward of n tokens. Default: `budget` spreads its
+        average by `layer_weights`, within [min_budget, n]. A press with its own rule (kvpress'
+        PyramidKV schedule) overrides this; `Budget.layers` checks the result either way."""
+        return budget.spread(self.layer_weights(num_layers), num_layers, n, self.min_budget())
 
     def reposition(
         self, keys: torch.Tensor, positions: torch.Tensor, rotary: RotarySpec | None
@@ -131,6 +141,9 @@ class ScorerPress(Press):
     def num_recent(self, budget: int) -> int:
         return 0
 
+    def min_budget(self) -> int:
+        return self.n_sink + 1  # at least one slot beyond the sinks is chosen by score
+
     @abstractmethod
     def score(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, obs: Observations
@@ -154,6 +167,7 @@ class ScorerPress(Press):
     def keep(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, obs: Observations, budget: int
     ) -> Selection:
+        check_budget(budget, self.min_budget(), self.describe())
         scores = self.protected_scores(layer_idx, keys, values, obs, budget)
         return Selection(scores.topk(budget, dim=-1).indices.sort(dim=-1).values)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.errors import ConfigError
-from kvlab.press.base import Observations, Press, RotarySpec, ScorerPress, Selection
+from kvlab.press.base import Observations, Press, ScorerPress, Selection
+from kvlab.rope import RotarySpec, rotate_keys_
 
 
 @dataclass(slots=True)
@@ -62,21 +63,6 @@ class Wrapper(Press):
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.press.describe()})"
-
-
-def rotate_keys_(keys: torch.Tensor, delta: torch.Tensor, rotary: RotarySpec) -> torch.Tensor:
-    """Move RoPE'd keys (batch, heads, n, dim) in place by `delta` (batch, heads, n): R(p + d) = R(d) R(p).
-
-    Rotate-half convention: channel i pairs with i + rot/2 on the first `rot` channels.
-    """
-    angles = delta[..., None].float() * rotary.inv_freq.to(keys.device)  # (batch, heads, n, rot/2)
-    cos, sin = angles.cos(), angles.sin()
-    half = rotary.rotary_dim // 2
-    x1, x2 = keys[..., :half].float(), keys[..., half : 2 * half].float()
-    first, second = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # both before writing: x1, x2 may alias keys
-    keys[..., :half] = first
-    keys[..., half : 2 * half] = second
-    return keys
 
 
 @dataclass(slots=True)

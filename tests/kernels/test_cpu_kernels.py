@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kvlab.attention.backends.registry import get_backend
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.models.native import RotaryEmbedding
+from kvlab.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
