@@ -26,7 +26,6 @@ decode victim from attention scores (h2o, tova), per-layer budgets (pyramidkv), 
 key re-rotation (`reposition`).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from kvlab.engine.kv_cache_manager import KVCacheManager
 from kvlab.engine.request import Request
 from kvlab.errors import ConfigError
 from kvlab.press.base import Observations, Press
+from kvlab.press.budget import Budget
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -50,16 +50,7 @@ class RequestPress:
     compression_ratio: float | None = None
 
     def __post_init__(self):
-        if (self.max_cache_tokens is None) == (self.compression_ratio is None):
-            raise ConfigError("give exactly one of max_cache_tokens or compression_ratio")
-        if self.max_cache_tokens is not None and (
-            isinstance(self.max_cache_tokens, bool) or self.max_cache_tokens < 1
-        ):
-            raise ConfigError(f"max_cache_tokens must be an integer >= 1, got {self.max_cache_tokens!r}")
-        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
-            raise ConfigError(
-                f"compression_ratio (fraction removed) must be in [0, 1), got {self.compression_ratio!r}"
-            )
+        _ = self.spec  # ConfigError for a missing, doubled or out-of-range budget
         name = self.press.describe()
         if type(self.press).reposition is not Press.reposition:
             raise ConfigError(
@@ -79,21 +70,20 @@ class RequestPress:
     def evicts_during_decode(self) -> bool:
         return self.press.evicts_during_decode
 
+    @property
+    def spec(self) -> Budget:
+        """The budget as the one object PressCache and the bench resolve it with."""
+        return Budget(self.max_cache_tokens, self.compression_ratio)
+
     def budget(self, num_prompt_tokens: int, num_layers: int) -> int:
-        """Tokens every layer keeps (the HF path's budget for a first forward of the prompt)."""
-        if self.max_cache_tokens is not None:
-            average = self.max_cache_tokens
-        else:
-            average = max(1, math.ceil(num_prompt_tokens * (1.0 - self.compression_ratio)))
-        budgets = {self.press.layer_budget(layer, num_layers, average) for layer in range(num_layers)}
+        """Tokens every layer keeps (the HF path's budget for a first forward of the prompt). ConfigError,
+        at add_request, when the press cannot run it (below `press.min_budget()`) or layers differ."""
+        budgets = set(self.spec.layers(self.press, num_layers, num_prompt_tokens))
         if len(budgets) > 1:
             raise ConfigError(
                 f"{self.press.describe()} gives layers different budgets; the engine needs one per request"
             )
-        budget = budgets.pop()
-        if self.press.evicts_by_position:
-            self.press.ring_slot(0, budget)  # rejects a budget the ring cannot run (e.g. only sinks)
-        return budget
+        return budgets.pop()
 
 
 class QueryRecorder(AttentionBackend):

@@ -18,7 +18,6 @@ Per layer, per forward of q_len new tokens (candidates = cached slots + new toke
 Positions are counted per layer from 0 (batches without left padding).
 """
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,17 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvlab.errors import ConfigError
 from kvlab.models.adapters import Adapter, get_adapter, observe
 from kvlab.press.base import Observations, Press
-
-
-def check_budget_args(max_cache_tokens: int | None, compression_ratio: float | None) -> None:
-    if (max_cache_tokens is None) == (compression_ratio is None):
-        raise ConfigError("give exactly one of max_cache_tokens or compression_ratio")
-    if max_cache_tokens is not None and (isinstance(max_cache_tokens, bool) or max_cache_tokens < 1):
-        raise ConfigError(f"max_cache_tokens must be an integer >= 1, got {max_cache_tokens!r}")
-    if compression_ratio is not None and not 0.0 <= compression_ratio < 1.0:
-        raise ConfigError(
-            f"compression_ratio is the fraction of tokens removed, in [0, 1); got {compression_ratio!r}"
-        )
+from kvlab.press.budget import Budget
 
 
 class PressLayer(CacheLayerMixin):
@@ -229,7 +218,8 @@ class PressCache(Cache):
     """A transformers `Cache` whose layers keep only what `press` selects, within a token budget.
 
     Budget: `max_cache_tokens` (per layer, average over layers for PyramidKV) or `compression_ratio`
-    (fraction of the first forward's tokens removed, kvpress' convention); exactly one.
+    (fraction of the first forward's tokens removed, kvpress' convention); exactly one, or a
+    `Budget` object (`budget=`), which resolves every layer's count (kvlab.press.budget).
     """
 
     def __init__(
@@ -239,22 +229,29 @@ class PressCache(Cache):
         *,
         max_cache_tokens: int | None = None,
         compression_ratio: float | None = None,
+        budget: Budget | None = None,
     ):
-        check_budget_args(max_cache_tokens, compression_ratio)
+        if budget is None:
+            budget = Budget(max_cache_tokens, compression_ratio)
+        elif max_cache_tokens is not None or compression_ratio is not None:
+            raise ConfigError("give a Budget or max_cache_tokens / compression_ratio, not both")
         self.press = press
         self.adapter: Adapter = get_adapter(model)
-        self.max_cache_tokens = max_cache_tokens
-        self.compression_ratio = compression_ratio
+        self.budget = budget
+        self.max_cache_tokens = budget.max_cache_tokens
+        self.compression_ratio = budget.compression_ratio
+        self._layer_budgets: tuple[int, tuple[int, ...]] | None = None  # (first forward's n, per layer)
         self._queries: dict[int, torch.Tensor] = {}
         self._observing = False
         super().__init__(layers=[PressLayer(self, i) for i in range(self.adapter.num_layers)])
 
     def layer_budget(self, layer_idx: int, first_forward_len: int) -> int:
-        if self.max_cache_tokens is not None:
-            average = self.max_cache_tokens
-        else:
-            average = max(1, math.ceil(first_forward_len * (1.0 - self.compression_ratio)))
-        return self.press.layer_budget(layer_idx, self.adapter.num_layers, average)
+        """Tokens layer `layer_idx` keeps for a first forward of `first_forward_len` tokens (ConfigError
+        when the press cannot run that budget); resolved once per length for all layers."""
+        if self._layer_budgets is None or self._layer_budgets[0] != first_forward_len:
+            budgets = self.budget.layers(self.press, self.adapter.num_layers, first_forward_len)
+            self._layer_budgets = (first_forward_len, budgets)
+        return self._layer_budgets[1][layer_idx]
 
     def take_queries(self, layer_idx: int) -> torch.Tensor | None:
         queries = self._queries.pop(layer_idx, None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.errors import ConfigError
-from kvlab.press.base import Observations, ScorerPress, Selection, check_budget
+from kvlab.press.base import Observations, ScorerPress
 
 
 @dataclass(slots=True)
@@ -28,12 +28,6 @@ class StreamingLLMPress(ScorerPress):
         if self.n_sink < 0:
             raise ConfigError(f"n_sink must be >= 0, got {self.n_sink}")
 
-    def keep(
-        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, obs: Observations, budget: int
-    ) -> Selection:
-        check_budget(budget, self.n_sink + 1, f"streaming_llm with n_sink={self.n_sink}")
-        return ScorerPress.keep(self, layer_idx, keys, values, obs, budget)
-
     def score(
         self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, obs: Observations
     ) -> torch.Tensor:
@@ -46,6 +40,6 @@ class StreamingLLMPress(ScorerPress):
 
     def ring_slot(self, num_evicted: int, budget: int) -> int:
         # Slots are in position order after every compaction: [sinks | window]. The oldest window
-        # token is the one written longest ago, so overwriting cycles through the window.
-        check_budget(budget, self.n_sink + 1, f"streaming_llm with n_sink={self.n_sink}")
+        # token is the one written longest ago, so overwriting cycles through the window. The budget
+        # was checked against min_budget() (n_sink + 1) when it was resolved (`Budget.layers`).
         return self.n_sink + num_evicted % (budget - self.n_sink)

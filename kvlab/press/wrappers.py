@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.errors import ConfigError
-from kvlab.press.base import Observations, Press, ScorerPress, Selection
+from kvlab.press.base import Observations, Press, ScorerPress, Selection, check_budget
+from kvlab.press.budget import Budget
 from kvlab.rope import RotarySpec, rotate_keys_
 
 
@@ -55,8 +56,14 @@ class Wrapper(Press):
     def update_state(self, layer_idx: int, keys, obs: Observations) -> dict[str, torch.Tensor]:
         return self.press.update_state(layer_idx, keys, obs)
 
-    def layer_budget(self, layer_idx: int, num_layers: int, budget: int) -> int:
-        return self.press.layer_budget(layer_idx, num_layers, budget)
+    def min_budget(self) -> int:
+        return self.press.min_budget()
+
+    def layer_weights(self, num_layers: int):
+        return self.press.layer_weights(num_layers)
+
+    def layer_budgets(self, budget: Budget, num_layers: int, n: int):
+        return self.press.layer_budgets(budget, num_layers, n)
 
     def reposition(self, keys, positions, rotary: RotarySpec | None):
         return self.press.reposition(keys, positions, rotary)
@@ -102,14 +109,15 @@ class PerHeadBudgetPress(Wrapper):
         return True  # padded slots of heads that keep fewer tokens are masked per head
 
     def keep(self, layer_idx: int, keys, values, obs: Observations, budget: int) -> Selection:
+        check_budget(budget, self.min_budget(), self.describe())
         scores = self.press.protected_scores(layer_idx, keys, values, obs, budget)
         batch, heads, n = scores.shape
-        floor = int(self.alpha * budget)
+        floor, total = Budget.heads(budget, heads, self.alpha)
         chosen = torch.zeros_like(scores, dtype=torch.bool)
         if floor:
             chosen.scatter_(-1, scores.topk(floor, dim=-1).indices, True)
         rest = scores.masked_fill(chosen, -torch.inf).view(batch, heads * n)
-        extra = rest.topk(budget * heads - floor * heads, dim=-1).indices
+        extra = rest.topk(total - floor * heads, dim=-1).indices
         chosen.view(batch, heads * n).scatter_(-1, extra, True)
         counts = chosen.sum(-1)
         width = int(counts.max())

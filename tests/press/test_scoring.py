@@ -8,6 +8,7 @@ import torch
 from kvlab.models.adapters import apply_rotary
 from kvlab.press import get_press
 from kvlab.press.base import Observations, RotarySpec, received_attention
+from kvlab.press.budget import Budget
 from kvlab.press.wrappers import rotate_keys_
 
 B, KV_HEADS, Q_HEADS, N, D = 2, 2, 4, 24, 8
@@ -133,15 +134,15 @@ def test_snapkv_keeps_window_and_pooled_votes(inputs):
 
 def test_pyramidkv_budgets_shrink_with_depth_and_average_out():
     press = get_press("pyramidkv", window=4, beta=4)
-    budgets = [press.layer_budget(layer, 6, 100) for layer in range(6)]
-    assert budgets == sorted(budgets, reverse=True) and budgets[-1] == 25 and budgets[0] == 175
-    assert sum(budgets) == pytest.approx(600, abs=3)
+    budgets = Budget(max_cache_tokens=100).layers(press, 6, 1000)
+    assert list(budgets) == sorted(budgets, reverse=True) and budgets[-1] == 25 and budgets[0] == 175
+    assert sum(budgets) == 600
 
 
 def test_pyramidkv_layer_keeps_snapkv_set_at_its_budget(inputs):
     keys, values, queries, positions = inputs
     press = get_press("pyramidkv", window=4, kernel=3, beta=2)
-    budget = press.layer_budget(1, 2, 12)  # top layer: 12 / beta
+    budget = Budget(max_cache_tokens=12).for_layer(press, 1, 2, N)  # top layer: 12 / beta
     kept = run_keep(press, keys, values, observations(queries, positions), budget, layer_idx=1)
     assert budget == 6
     for b in range(B):

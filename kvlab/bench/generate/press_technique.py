@@ -21,17 +21,79 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from kvlab.bench.core.config import BenchConfig
+from kvlab.bench.generate.config import BenchConfig
+from kvlab.bench.generate.technique import Technique
 from kvlab.errors import ConfigError
 from kvlab.models.loader import LoadedModel
-from kvlab.press.hf import PressCache, check_budget_args
+from kvlab.press.budget import Budget
+from kvlab.press.hf import PressCache
 from kvlab.press.registry import PRESSES, get_press
 
 PRESS_KEYS = ("compression_ratio", "max_cache_tokens", "rerotate", "per_head", "options")
+DEFAULT_SECTION = {"compression_ratio": 0.5}
+
+# Every press's batch-level defaults, in one place: configs/<press>/<level>.yaml add only what
+# differs. Decode-time presses (StreamingLLM, H2O, TOVA) run the long-context experiment at the large
+# level: a fixed budget of 512 tokens per layer up to SmolLM2's 8k context; their quality at long
+# range is `kvlab ppl --mode streaming`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {
+        "dtypes": ["float32"],
+        "prompt_lengths": [256, 512],
+        "repeats": 2,
+        "press": DEFAULT_SECTION,
+        "ppl": {"max_length": 512, "stride": 256, "max_tokens": 1024},
+    },
+    "medium": {
+        "batch_size": 4,
+        "prompt_lengths": [512, 1024],
+        "new_tokens": 64,
+        "repeats": 2,
+        "press": DEFAULT_SECTION,
+        "ppl": {"max_tokens": 2048},
+    },
+    "large": {
+        "dataset": "pg19",
+        "dtypes": ["float32"],
+        "batch_size": 8,
+        "prompt_lengths": [1024, 2048],
+        "new_tokens": 64,
+        "warmup": 0,
+        "repeats": 1,
+        "press": DEFAULT_SECTION,
+        "ppl": {"max_length": 2048, "stride": 1024, "max_tokens": 8192},
+    },
+}
+DECODE_TIME_LARGE: dict[str, Any] = {
+    "dataset": "pg19",
+    "dtypes": ["float32"],
+    "prompt_lengths": [1024, 2048, 4096, 8000],
+    "new_tokens": 64,
+    "warmup": 0,
+    "repeats": 1,
+    "press": {"max_cache_tokens": 512},
+    "ppl": {"enabled": False},
+}
+
+
+def presets_for(name: str):
+    """The batch-level defaults of press `name` (a function of the level, for `Technique.presets`)."""
+
+    def presets(batch_level: str) -> dict[str, Any]:
+        if batch_level == "large" and PRESSES[name].evicts_during_decode:
+            return DECODE_TIME_LARGE
+        return PRESETS[batch_level]
+
+    return presets
 
 
 def _section(config: BenchConfig) -> dict[str, Any]:
-    return config.press or {"compression_ratio": 0.5}
+    return config.press or DEFAULT_SECTION
+
+
+def _budget(section: dict[str, Any]) -> Budget:
+    """The press budget of the config section (ConfigError for a missing, doubled or bad one)."""
+    return Budget(section.get("max_cache_tokens"), section.get("compression_ratio"))
 
 
 def build_press(config: BenchConfig):
@@ -53,18 +115,13 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError(
             f"unknown config key 'press.{unknown[0]}'; valid keys: {', '.join('press.' + k for k in PRESS_KEYS)}"
         )
-    check_budget_args(section.get("max_cache_tokens"), section.get("compression_ratio"))
+    _budget(section)
     build_press(config)
 
 
 def make_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache:
     section = _section(config)
-    return PressCache(
-        build_press(config),
-        model,
-        max_cache_tokens=section.get("max_cache_tokens"),
-        compression_ratio=section.get("compression_ratio"),
-    )
+    return PressCache(build_press(config), model, budget=_budget(section))
 
 
 def hooks(cache: Cache, model: PreTrainedModel):
@@ -79,9 +136,8 @@ def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -
     section = _section(config)
     model, length = loaded.model, config.ppl.max_length
     if press.evicts_during_decode:
-        budget = section.get("max_cache_tokens") or max(
-            2, math.ceil(length * (1 - section["compression_ratio"]))
-        )
+        # A ratio is taken of one PPL window, as PressCache would of a first forward of that length.
+        budget = _budget(section).tokens(length)
         ids = token_ids[: min(config.ppl.max_tokens, loaded.context_length)]
         full = streaming_ppl(model, ids, "full")
         pressed = streaming_ppl(model, ids, config.technique, max_cache_tokens=budget, press=press)
@@ -128,9 +184,7 @@ def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -
     }
 
 
-def press_techniques() -> dict:
-    from kvlab.bench.generate.techniques import Technique
-
+def press_techniques() -> dict[str, Technique]:
     return {
         name: Technique(
             name,
@@ -139,6 +193,7 @@ def press_techniques() -> dict:
             hooks,
             validate,
             quality,
+            presets_for(name),
         )
         for name, cls in PRESSES.items()
     }
