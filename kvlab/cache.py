@@ -51,8 +51,17 @@ class PreallocatedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        self.length = max(0, self.length - abs(tokens_to_remove))
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens, as Hugging Face's `crop(max_length)`: a negative value
+        removes that many from the end (what transformers 5 passes, e.g. to undo speculative tokens),
+        0 leaves the layer as it is (transformers 5's `crop(0)` only trims sliding windows), and a
+        length at or past the filled part changes nothing. The buffer keeps its size; the slots past
+        `length` are overwritten by the next update."""
+        if max_length < 0:
+            max_length = max(0, self.length + max_length)
+        elif max_length == 0:
+            return
+        self.length = min(self.length, max_length)
 
 
 class PreallocatedCache(Cache):

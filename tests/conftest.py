@@ -18,12 +18,38 @@ os.environ.setdefault(
 TINY_MODELS = ["tiny-llama", "tiny-gpt-neox"]
 
 
-@pytest.fixture(scope="session", params=TINY_MODELS)
-def tiny_model(request):
-    """A LoadedModel with random weights, once per architecture (Llama with GQA, GPT-NeoX)."""
+def contextful_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.5) -> torch.nn.Module:
+    """Re-initialise a tiny model so that its next token depends on the context, in place.
+
+    transformers' default init (normal, std 0.02) leaves attention and MLP outputs far below the
+    token's own embedding in the residual stream; with tied embeddings greedy decoding then repeats
+    one token whatever the prompt, padding or positions, and an equality test cannot fail. Every
+    matrix (embeddings at std 1, projections at `std`) is drawn again from a seeded generator; norms
+    and biases keep their defaults. test_tiny_models.py checks the outputs vary."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # a tied matrix is listed once
+            if parameter.dim() == 2:
+                scale = 1.0 if "embed" in name else std
+                draw = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * scale
+                parameter.copy_(draw.to(parameter.dtype))
+    return model
+
+
+def load_tiny(name: str, seed: int = 0):
+    """A tiny registry model (random weights) with context-dependent outputs (see contextful_init_)."""
     from kvlab.models.loader import load_model
 
-    return load_model(request.param)
+    loaded = load_model(name)
+    contextful_init_(loaded.model, seed)
+    return loaded
+
+
+@pytest.fixture(scope="session", params=TINY_MODELS)
+def tiny_model(request):
+    """A LoadedModel with random weights, once per architecture (Llama with GQA, GPT-NeoX); shared by
+    the session, so a test that changes it must work on a copy."""
+    return load_tiny(request.param)
 
 
 @pytest.fixture(scope="session")

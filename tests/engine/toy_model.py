@@ -3,6 +3,11 @@
 It lets the runner and scheduler be tested against exact dense greedy decoding without depending on
 the real model modules: positions enter through a learned table (so wrong positions change logits)
 and attention reads the paged cache through a real backend (so wrong slots or tables do too).
+
+Initialised so that the next token depends on the context: an untied output head (a tied one scores
+the current token's own embedding highest, and greedy decoding then repeats one token) and sharp
+attention (queries and keys at twice the 1/sqrt(dim) scale). test_toy_model.py checks that greedy
+outputs vary along a sequence and across prompts, so an equality test on this model can fail.
 """
 
 import torch
@@ -17,10 +22,11 @@ class ToyModel(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.embed = nn.Parameter(torch.randn(VOCAB, DIM, generator=generator))
         self.pos = nn.Parameter(torch.randn(MAX_POS, DIM, generator=generator))
-        self.q = nn.Parameter(torch.randn(DIM, HEADS * HEAD_DIM, generator=generator) / DIM**0.5)
-        self.k = nn.Parameter(torch.randn(DIM, KV_HEADS * HEAD_DIM, generator=generator) / DIM**0.5)
+        self.q = nn.Parameter(torch.randn(DIM, HEADS * HEAD_DIM, generator=generator) * 2 / DIM**0.5)
+        self.k = nn.Parameter(torch.randn(DIM, KV_HEADS * HEAD_DIM, generator=generator) * 2 / DIM**0.5)
         self.v = nn.Parameter(torch.randn(DIM, KV_HEADS * HEAD_DIM, generator=generator) / DIM**0.5)
         self.o = nn.Parameter(torch.randn(HEADS * HEAD_DIM, DIM, generator=generator) / DIM**0.5)
+        self.head = nn.Parameter(torch.randn(DIM, VOCAB, generator=generator) / DIM**0.5)
         self.num_layers = 1
 
     def forward(self, input_ids, positions, kv_caches, metadata, backend):
@@ -34,7 +40,7 @@ class ToyModel(nn.Module):
         return x + out.reshape(-1, HEADS * HEAD_DIM) @ self.o
 
     def compute_logits(self, hidden):
-        return hidden @ self.embed.T
+        return hidden @ self.head
 
     @torch.no_grad()
     def dense_greedy(self, token_ids: list[int], max_tokens: int) -> list[int]:
