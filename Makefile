@@ -30,3 +30,16 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# kvlab's SnapKV/PyramidKV (rule="kvpress") vs NVIDIA kvpress 0.5.5, which pins transformers < 5.3:
+# kvpress runs in its own venv (torch pinned to the local CPU wheel, as above).
+KVPRESS_VENV := .venv-kvpress
+.PHONY: kvpress-compare
+
+$(KVPRESS_VENV)/installed:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install --quiet torch==2.13.0 'kvpress==0.5.5'
+	touch $@
+
+kvpress-compare: install $(KVPRESS_VENV)/installed
+	$(BIN)/python -m kvlab.bench.eval.kvpress_compare --kvpress-python $(KVPRESS_VENV)/bin/python --overwrite
