@@ -124,19 +124,41 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def bench_flags(args) -> dict:
+    """The `kvlab bench` flags that set config keys (None: not given, so lower layers win)."""
+    return {
+        "experiment_name": args.experiment_name,
+        "method": args.method,
+        "benchmark_memory": args.benchmark_memory,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "dtypes": args.dtypes,
+        "model": args.model,
+        "device": args.device,
+        "threads": args.threads,
+    }
+
+
 def cmd_bench(args, argv) -> int:
-    from kvlab.bench.core import config as bench_config
     from kvlab.bench.core import writer
     from kvlab.bench.core.datasets import load_text
     from kvlab.bench.generate import runner
-    from kvlab.bench.generate.techniques import known_techniques
+    from kvlab.bench.generate.config import resolve
+    from kvlab.bench.generate.registry import known_techniques
     from kvlab.bench.report.markdown import write_report
 
+    command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
     if args.technique == "paged":
+        from kvlab.bench.serving import config as serving_config
         from kvlab.bench.serving.runs import run_paged_bench
 
-        return run_paged_bench(args, argv)
-    flags = bench_config.flags_from_args(args)
+        config = serving_config.resolve(args.batch_level, args.config, args.set or [], bench_flags(args))
+        out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
+        writer.claim_experiment_dir(out_dir, args.overwrite)
+        path = run_paged_bench(config, out_dir, command)
+        print(f"kvlab: report written to {path / 'report.md'}")
+        return 0
+    flags = bench_flags(args)
     from kvlab.bench.eval.perplexity import tokenize
     from kvlab.bench.generate.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
@@ -145,9 +167,7 @@ def cmd_bench(args, argv) -> int:
     configs = []
     for value in sweep_values:
         overrides = args.set + ([f"{sweep_key}={value}"] if sweep_key else [])
-        config = bench_config.resolve(
-            args.technique, args.batch_level, args.config, overrides, flags, known_techniques()
-        )
+        config = resolve(args.technique, args.batch_level, args.config, overrides, flags, known_techniques())
         if sweep_key:
             config.experiment_name = f"{config.experiment_name}-{value}"
         out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
@@ -156,7 +176,6 @@ def cmd_bench(args, argv) -> int:
     text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
     tokens = tokenize(load_tokenizer(configs[0][0].model), text.text)
     token_ids = tokens[0]
-    command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
     for config, out_dir in configs:
         ppl_fn = _bench_ppl(config, text, tokens) if config.ppl.enabled else None
         path = write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
@@ -206,9 +225,24 @@ def cmd_ppl(args, argv) -> int:
             raise KvlabError(f"{name} must be positive, got {value}")
     text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
     if args.mode == "streaming":
-        from kvlab.bench.eval.streaming_report import run_streaming
+        from kvlab.bench.eval.streaming_report import DEFAULT_CONFIGS, StreamingConfig, run_streaming
 
-        return run_streaming(args, text, argv)
+        config = StreamingConfig(
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            configs=args.press or list(DEFAULT_CONFIGS),
+            cache_tokens=args.cache_tokens,
+            score_from=1 if args.score_from is None else args.score_from,
+            max_tokens=args.max_tokens,
+            model=args.model or "smollm2-135m",
+            dtype=args.dtype or "float32",
+            device=args.device or "cpu",
+            output=args.output,
+        )
+        config.validate()
+        path = run_streaming(config, text, "kvlab " + " ".join(shlex.quote(a) for a in argv))
+        print(f"kvlab: report written to {path / 'report.md'}")
+        return 0
     loaded = load_model(
         args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
     )

@@ -1,6 +1,7 @@
 import pytest
 
-from kvlab.bench.core.config import from_dict, parse_overrides, resolve
+from kvlab.bench.core.config import parse_overrides
+from kvlab.bench.generate.config import from_dict, resolve
 from kvlab.errors import ConfigError
 
 TECHNIQUES = ["static-cache"]
@@ -78,3 +79,58 @@ def test_forward_path_is_auto_or_hf(tmp_path):
     assert resolve_with(tmp_path, overrides=["forward_path=hf"]).forward_path == "hf"
     with pytest.raises(ConfigError, match="forward_path must be auto or hf"):
         resolve_with(tmp_path, overrides=["forward_path=turbo"])
+
+
+def _differs(data: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Keys of `data` whose value equals the default (a preset should not repeat them)."""
+    same = []
+    for key, value in data.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            same += _differs(value, default, f"{prefix}{key}.")
+        elif value == default:
+            same.append(prefix + key)
+    return same
+
+
+def test_shipped_presets_hold_only_what_differs_from_the_defaults():
+    import dataclasses
+
+    from kvlab.bench.core.config import BATCH_LEVELS, CONFIG_ROOT, merge, read_yaml
+    from kvlab.bench.generate.config import BenchConfig
+    from kvlab.bench.generate.registry import TECHNIQUES
+    from kvlab.bench.serving.config import ServingConfig
+    from kvlab.engine.config import EngineConfig
+
+    checked = 0
+    for directory in sorted(p for p in CONFIG_ROOT.iterdir() if p.is_dir()):
+        for level in BATCH_LEVELS:
+            data = read_yaml(directory / f"{level}.yaml")
+            if directory.name == "paged":
+                defaults = dataclasses.asdict(ServingConfig()) | {
+                    "engine": dataclasses.asdict(EngineConfig())
+                }
+            else:
+                technique = TECHNIQUES[directory.name]
+                defaults = merge(dataclasses.asdict(BenchConfig()), technique.presets(level))
+            assert _differs(data, defaults) == [], f"{directory.name}/{level}.yaml repeats defaults"
+            checked += 1
+    assert checked >= 27
+
+
+def test_press_presets_live_in_code_and_resolve_per_level():
+    from kvlab.bench.generate.registry import known_techniques
+
+    known = known_techniques()
+    small = resolve("snapkv", "small", None, [], {}, known)
+    assert (small.prompt_lengths, small.press, small.ppl.max_length) == (
+        [256, 512],
+        {"compression_ratio": 0.5},
+        512,
+    )
+    large = resolve("streaming_llm", "large", None, [], {}, known)  # decode-time: the long-context preset
+    assert large.press == {"max_cache_tokens": 512} and large.ppl.enabled is False
+    assert resolve("snapkv", "large", None, [], {}, known).batch_size == 8
+    # a preset's nested section is not shared between resolved configs
+    small.press["compression_ratio"] = 0.9
+    assert resolve("knorm", "small", None, [], {}, known).press == {"compression_ratio": 0.5}

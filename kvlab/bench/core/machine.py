@@ -1,4 +1,4 @@
-"""What a result was measured on, recorded with every report."""
+"""What a result was measured on, recorded with every report, and the kernels made ready before timing."""
 
 import os
 import platform
@@ -33,3 +33,14 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "kernels": cpu_kernels.describe(),
     }
+
+
+def prepare_kernels() -> None:
+    """Build and calibrate kvlab's CPU kernels now, before any timed region, so that neither a
+    first-use compile (tens of seconds) nor a calibration falls inside a measured time. Call it after
+    setting torch's thread count: the calibration is per thread count."""
+    prepare = getattr(cpu_kernels, "prepare", None)
+    if prepare is not None:
+        prepare()
+    else:  # kernels without a prepare(): available() builds them
+        cpu_kernels.available()

@@ -1,12 +1,19 @@
 """The one results writer: results/<technique>/<experiment>/{results.json, config.yaml, report.md, *.png}.
 
 An existing experiment is never overwritten silently (`claim_experiment_dir` fails before any work),
-and an interrupted run never leaves half an experiment (files are staged, then swapped in).
+an interrupted run never leaves half an experiment (files are staged, then swapped in), and no
+absolute path of the writing machine goes into a result: the data directory becomes
+`$KVLAB_DATA_DIR`, the home directory `~`, the working directory `.` and the temp dir `$TMPDIR`
+(`portable`), so results compare across machines and say nothing about who wrote them.
 """
 
 import json
+import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -14,6 +21,45 @@ from kvlab.errors import ConfigError
 
 SCHEMA_VERSION = 1
 RESULTS_ROOT = Path("results")
+DATA_DIR_ENV = "KVLAB_DATA_DIR"
+
+
+def machine_prefixes(data_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(absolute prefix, portable name) pairs of this machine, longest prefix first."""
+    pairs = []
+    for directory in (data_dir, os.environ.get(DATA_DIR_ENV)):
+        if directory:
+            pairs.append((str(Path(directory).expanduser().resolve()), f"${DATA_DIR_ENV}"))
+            pairs.append((str(Path(directory).expanduser().absolute()), f"${DATA_DIR_ENV}"))
+    pairs += [
+        (str(Path.cwd()), "."),
+        (str(Path.home()), "~"),
+        (str(Path(tempfile.gettempdir()).resolve()), "$TMPDIR"),
+    ]
+    seen, unique = set(), []
+    for prefix, name in sorted(pairs, key=lambda pair: -len(pair[0])):
+        if prefix not in seen and prefix != "/":
+            seen.add(prefix)
+            unique.append((prefix, name))
+    return unique
+
+
+def portable(value: Any, data_dir: str | os.PathLike | None = None) -> Any:
+    """`value` (str, or dicts/lists of them) with this machine's absolute paths made portable."""
+    prefixes = machine_prefixes(data_dir)
+    pattern = re.compile("|".join(f"{re.escape(prefix)}(?![\\w.-])" for prefix, _ in prefixes))
+    names = dict(prefixes)
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, str):
+            return pattern.sub(lambda match: names[match.group(0)], item)
+        if isinstance(item, dict):
+            return {key: convert(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [convert(v) for v in item]
+        return item
+
+    return convert(value)
 
 
 def experiment_dir(technique: str, experiment: str, root: Path = RESULTS_ROOT) -> Path:
@@ -30,7 +76,10 @@ def claim_experiment_dir(path: Path, overwrite: bool) -> None:
 
 def write_experiment(path: Path, payload: dict, config: dict, plot, render) -> Path:
     """Write results.json, config.yaml, plots and report.md beside `path`, then swap them in, so an
-    interrupted run never leaves half an experiment. plot(dir) -> plot names; render(payload, plots) -> md."""
+    interrupted run never leaves half an experiment. plot(dir) -> plot names; render(payload, plots) -> md.
+    Paths of this machine in `payload` and `config` are made portable first."""
+    data_dir = config.get("data_dir")
+    payload, config = portable(payload, data_dir), portable(config, data_dir)
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

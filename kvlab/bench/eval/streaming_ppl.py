@@ -14,6 +14,11 @@ so the cache holds at most `max_cache_tokens`. Configurations (`STREAMING_CONFIG
 
 Results keep every per-token NLL, so a caller plots cumulative PPL, exp(mean NLL of tokens <= t), vs t.
 
+Token by token runs on `kvlab.generate`'s forward paths (kvlab/forward_paths.py): the engine-native
+twin and its kernels for full, window and streaming_llm (a ring of `max_cache_tokens` slots per
+layer, re-rotation by moving only the sink keys; kvlab/native_press.py), the HF modules through a
+`PressCache` for h2o and tova (they score every eviction); `PPLResult.path` says which ran.
+
 Compressed-context protocol (kvpress-style): prefill `context_len` tokens through a `PressCache`
 (compressed right after prefill at `compression_ratio` or to `max_cache_tokens`), then score the
 continuation in one forward over the compressed cache; the NLL covers tokens context_len..N-1.
@@ -29,7 +34,9 @@ from torch import nn
 
 from kvlab.cache import PreallocatedCache, kv_cache_bytes
 from kvlab.errors import ConfigError
+from kvlab.forward_paths import select_forward
 from kvlab.press.base import Press
+from kvlab.press.budget import Budget
 from kvlab.press.h2o import H2OPress
 from kvlab.press.hf import PressCache
 from kvlab.press.registry import PRESSES, get_press
@@ -57,6 +64,7 @@ class PPLResult:
     nll: torch.Tensor
     first_scored: int  # index in the text of the token nll[0] scores
     kv_bytes: int = 0
+    path: str = "hf"  # which forward ran: "native" (engine twin) or "hf" (the HF modules)
 
     @property
     def ppl(self) -> float:
@@ -100,6 +108,7 @@ def streaming_ppl(
     max_tokens: int | None = None,
     on_step: Callable[[int], None] | None = None,
     score_from: int = 1,
+    path: str = "auto",
 ) -> PPLResult:
     """Streaming PPL of `input_ids` (num_tokens,) under one configuration of `STREAMING_CONFIGS`.
 
@@ -109,6 +118,7 @@ def streaming_ppl(
     `score_from`: the recompute oracle scores only tokens from this index on (each of its predictions
     depends on the preceding window alone, so earlier tokens need no compute); the cache-based
     configurations must feed every token anyway and score them all (see `PPLResult.tail`).
+    path: "auto" (native where the model and press allow it), "native" or "hf" (as `kvlab.generate`).
     """
     if config not in STREAMING_CONFIGS and config not in PRESSES:
         raise ConfigError(
@@ -132,29 +142,38 @@ def streaming_ppl(
             "during decode (streaming_llm, h2o, tova) -- use compressed_context_ppl for the others"
         )
     num_tokens = ids.shape[1]
+    budget = None
     if press is None:
         num_tokens = min(num_tokens, int(model.config.max_position_embeddings))
-        cache = PreallocatedCache(model.config.num_hidden_layers, num_tokens)
-        return _token_by_token(model, ids[:, :num_tokens], cache, config, on_step)
-    cache = PressCache(press, model, max_cache_tokens=max_cache_tokens)
-    with cache.hooks(model):
-        return _token_by_token(model, ids, cache, config, on_step)
+    else:
+        budget = Budget(max_cache_tokens=max_cache_tokens)
+    return _token_by_token(model, ids[:, :num_tokens], config, press, budget, on_step, path)
 
 
-def _token_by_token(model, ids, cache, name, on_step) -> PPLResult:
+def _token_by_token(model, ids, name, press, budget, on_step, path) -> PPLResult:
+    """Feed token 0 as a one-token prefill, then every next token as a decode step at its true
+    position; the logits after token t score token t + 1."""
     num_tokens = ids.shape[1]
+    forward = select_forward(
+        model,
+        ids[:, :1],
+        num_tokens - 1,
+        cache=None,
+        attention_mask=None,
+        path=path,
+        press=press,
+        budget=budget,
+    )
     nll = torch.empty(num_tokens - 1, dtype=torch.float64)
-    for t in range(num_tokens - 1):
-        logits = model(
-            input_ids=ids[:, t : t + 1],
-            position_ids=torch.tensor([[t]], device=ids.device),
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
-        nll[t] = _nll(logits, ids[:, t + 1])[0]
-        if on_step is not None:
-            on_step(t)
-    return PPLResult(name=name, nll=nll, first_scored=1, kv_bytes=kv_cache_bytes(cache))
+    with forward.hooks():
+        logits = forward.prefill(ids[:, :1])
+        for t in range(num_tokens - 1):
+            if t:
+                logits = forward.decode(ids[:, t])
+            nll[t] = _nll(logits, ids[:, t + 1])[0]
+            if on_step is not None:
+                on_step(t)
+    return PPLResult(name=name, nll=nll, first_scored=1, kv_bytes=forward.cache_bytes, path=forward.name)
 
 
 def _recompute_ppl(model, ids, window: int, on_step, score_from: int = 1) -> PPLResult:

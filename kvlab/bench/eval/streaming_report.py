@@ -7,13 +7,14 @@ sliding-window-with-recompute oracle.
 
 import json
 import math
-import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from kvlab.bench.core.machine import machine_info
+from kvlab.bench.core.machine import machine_info, prepare_kernels
+from kvlab.bench.core.writer import portable
 from kvlab.bench.eval.perplexity import tokenize
 from kvlab.bench.eval.streaming_ppl import STREAMING_CONFIGS, streaming_ppl
 from kvlab.errors import ConfigError
@@ -22,24 +23,43 @@ from kvlab.models.loader import load_model
 DEFAULT_CONFIGS = ["full", "window", "streaming_llm", "recompute"]
 
 
-def run_streaming(args, text, argv: list[str]) -> int:
-    configs = args.press or DEFAULT_CONFIGS
-    for name in configs:
-        if name not in STREAMING_CONFIGS:
-            raise ConfigError(
-                f"unknown streaming configuration {name!r}; choose from {', '.join(STREAMING_CONFIGS)}"
-            )
-    if args.cache_tokens < 2:
-        raise ConfigError(f"--cache-tokens must be >= 2, got {args.cache_tokens}")
-    score_from = 1 if args.score_from is None else args.score_from
-    loaded = load_model(
-        args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
-    )
-    ids = tokenize(loaded.tokenizer, text.text)[0][: args.max_tokens]
+@dataclass(slots=True)
+class StreamingConfig:
+    """What `kvlab ppl --mode streaming` compares; checked by `validate` before any model loads."""
+
+    dataset: str = "wikitext2"
+    data_dir: str | None = None  # where the text was read from (made portable in the results)
+    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
+    cache_tokens: int = 1024  # KV budget per layer
+    score_from: int = 1  # PPL over tokens from this index on (e.g. past the model's context)
+    max_tokens: int | None = None
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    output: Path | None = None  # default results/streaming-ppl/<model>-<dataset>
+
+    def validate(self) -> None:
+        for name in self.configs:
+            if name not in STREAMING_CONFIGS:
+                raise ConfigError(
+                    f"unknown streaming configuration {name!r}; choose from {', '.join(STREAMING_CONFIGS)}"
+                )
+        if self.cache_tokens < 2:
+            raise ConfigError(f"--cache-tokens must be >= 2, got {self.cache_tokens}")
+
+
+def run_streaming(config: StreamingConfig, text, command: str) -> Path:
+    """Every configuration on the same tokens of `text` (a `datasets.Text`); returns the report dir."""
+    config.validate()
+    configs, score_from = config.configs, config.score_from
+    prepare_kernels()
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+    ids = tokenize(loaded.tokenizer, text.text)[0][: config.max_tokens]
     if not 1 <= score_from < ids.numel():
         raise ConfigError(f"--score-from must be in [1, {ids.numel() - 1}] for this text, got {score_from}")
     output = (
-        args.output or Path("results") / "streaming-ppl" / f"{loaded.name}-{args.dataset.replace(':', '-')}"
+        config.output
+        or Path("results") / "streaming-ppl" / f"{loaded.name}-{config.dataset.replace(':', '-')}"
     )
     rows = {}
     for name in configs:
@@ -51,7 +71,7 @@ def run_streaming(args, text, argv: list[str]) -> int:
             loaded.model,
             ids,
             name,
-            max_cache_tokens=args.cache_tokens,
+            max_cache_tokens=config.cache_tokens,
             on_step=lambda _step, bar=bar: bar.update(),
             score_from=first,
         )
@@ -69,26 +89,26 @@ def run_streaming(args, text, argv: list[str]) -> int:
         print(f"{name:<14} ppl {ppl:10.3f} over {tail.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB")
     scored = "" if score_from == 1 else f"; PPL over tokens {score_from}..{ids.numel() - 1} only"
     protocol = (
-        f"token-by-token over the first {ids.numel()} tokens of {text.description}; KV budget {args.cache_tokens} "
+        f"token-by-token over the first {ids.numel()} tokens of {text.description}; KV budget {config.cache_tokens} "
         f"tokens per layer (full: no eviction, stops at the {loaded.context_length}-token context); "
         "window/streaming_llm/h2o/tova re-rotate keys inside the cache; recompute re-runs the last "
-        f"{args.cache_tokens} tokens for every token it scores{scored}"
+        f"{config.cache_tokens} tokens for every token it scores{scored}"
     )
     output.mkdir(parents=True, exist_ok=True)
     payload = {
         "schema_version": 1,
-        "command": "kvlab " + " ".join(shlex.quote(a) for a in argv),
+        "command": command,
         "machine": machine_info(),
         "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
         "protocol": protocol,
         "results": rows,
     }
+    payload = portable(payload, config.data_dir)
     (output / "results.json").write_text(json.dumps(payload))
     _plot(rows, loaded.context_length, output / "cumulative_ppl.png")
     _markdown(payload, output / "report.md")
-    print(f"protocol: {protocol}")
-    print(f"kvlab: report written to {output / 'report.md'}")
-    return 0
+    print(f"protocol: {payload['protocol']}")
+    return output
 
 
 def _plot(rows: dict, context: int, path: Path) -> None:

@@ -10,15 +10,12 @@ import torch
 from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
-from kvlab.bench.core.config import BenchConfig
-from kvlab.bench.core.metrics import (
-    Floor,
-    PeakMemory,
-    Summary,
-    decode_weight_bytes,
-    measure_bandwidth,
-)
-from kvlab.bench.generate.techniques import TECHNIQUES
+from kvlab.bench.core.floor import Floor, measure_floor
+from kvlab.bench.core.machine import prepare_kernels
+from kvlab.bench.core.memory import PeakMemory, resident_bytes
+from kvlab.bench.core.metrics import Summary, tpot_s, ttft_s
+from kvlab.bench.generate.config import BenchConfig
+from kvlab.bench.generate.registry import TECHNIQUES
 from kvlab.errors import PromptTooLongError
 from kvlab.generate import generate
 from kvlab.models.loader import LoadedModel, load_model, resolve_device
@@ -49,7 +46,8 @@ class RunRecord:
     output_tokens_per_s: Summary
     prefill_tokens_per_s: Summary
     peak_memory_bytes: Summary
-    peak_memory_delta_bytes: Summary
+    peak_memory_delta_bytes: Summary  # rise over the run's start
+    peak_memory_rise_bytes: Summary  # rise over the loaded model (live memory right after loading)
     memory_kind: str
     kv_cache_bytes: int
     tpot_over_floor: float
@@ -75,6 +73,7 @@ class BenchResult:
     model_source: str
     meaningful_ppl: bool
     floors: dict[str, Floor]
+    model_resident_bytes: dict[str, int]  # per dtype: live memory after the model loaded
     runs: list[RunRecord]
     agreement: list[Agreement]
     ppl: dict | None = None
@@ -100,11 +99,16 @@ def measure(method: str, loaded: LoadedModel, input_ids: torch.Tensor, config: B
 
 
 def summarize(
-    method: str, dtype: str, input_ids: torch.Tensor, samples: list[Sample], floor: Floor
+    method: str,
+    dtype: str,
+    input_ids: torch.Tensor,
+    samples: list[Sample],
+    floor: Floor,
+    model_resident: int,
 ) -> RunRecord:
     batch, prompt_len = input_ids.shape
-    ttft = [s.token_times[0] for s in samples]
-    tpot = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in samples]
+    ttft = [ttft_s(s.token_times) for s in samples]
+    tpot = [tpot_s(s.token_times) for s in samples]
     return RunRecord(
         method=method,
         dtype=dtype,
@@ -117,6 +121,9 @@ def summarize(
         prefill_tokens_per_s=Summary.of([batch * prompt_len / t for t in ttft]),
         peak_memory_bytes=Summary.of([float(s.peak_memory_bytes) for s in samples]),
         peak_memory_delta_bytes=Summary.of([float(s.peak_memory_delta_bytes) for s in samples]),
+        peak_memory_rise_bytes=Summary.of(
+            [float(max(0, s.peak_memory_bytes - model_resident)) for s in samples]
+        ),
         memory_kind=samples[0].memory_kind,
         kv_cache_bytes=samples[0].kv_cache_bytes,
         tpot_over_floor=Summary.of(tpot).median / floor.tpot_s,
@@ -152,20 +159,21 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
+    prepare_kernels()  # a kernel build or calibration must never fall inside a measured time
     methods = ["baseline", "optimized"] if config.method == "both" else [config.method]
-    runs, agreements, floors, ppl, quality = [], [], {}, None, None
+    runs, agreements, floors, resident, ppl, quality = [], [], {}, {}, None, None
     loaded = None
     for dtype in config.dtypes:
+        loaded = None  # the previous dtype's model goes before this one loads
         loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
+        resident[dtype] = resident_bytes(device)
         longest = max(config.prompt_lengths) + config.new_tokens
         if longest > loaded.context_length:
             raise PromptTooLongError(
                 f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
                 f"{config.model}'s context of {loaded.context_length} tokens"
             )
-        floors[dtype] = Floor(
-            decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, device)
-        )
+        floors[dtype] = measure_floor(loaded.model)
         if ppl is None and ppl_fn is not None:
             ppl = ppl_fn(loaded)
         quality_fn = TECHNIQUES[config.technique].quality
@@ -185,7 +193,9 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                         samples[method].append(sample)
                     progress.update()
             for method in methods:
-                runs.append(summarize(method, dtype, input_ids, samples[method], floors[dtype]))
+                runs.append(
+                    summarize(method, dtype, input_ids, samples[method], floors[dtype], resident[dtype])
+                )
             if len(methods) == 2:
                 agreements.append(
                     agreement(
@@ -199,6 +209,7 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         model_source=loaded.source,
         meaningful_ppl=loaded.meaningful_ppl,
         floors=floors,
+        model_resident_bytes=resident,
         runs=runs,
         agreement=agreements,
         ppl=ppl,

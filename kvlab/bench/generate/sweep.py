@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from kvlab.bench.core.writer import portable
 from kvlab.errors import ConfigError
 
 
@@ -40,10 +41,11 @@ def write_sweep(key: str, values: list, experiment_dirs: list[Path], out_dir: Pa
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps({"key": key, "values": values, "rows": rows}, indent=1))
+    built_from = [portable(str(directory)) for directory in experiment_dirs]
     lines = [
         f"# Sweep over {key}",
         "",
-        "Built from: " + ", ".join(f"`{d}`" for d in experiment_dirs),
+        "Built from: " + ", ".join(f"`{d}`" for d in built_from),
         "",
         f"| {key} | dtype | prompt | method | TPOT ms | KV MiB | PPL (press) | PPL (full) |",
         "|---:|---|---:|---|---:|---:|---:|---:|",

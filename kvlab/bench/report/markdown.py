@@ -7,6 +7,7 @@ from pathlib import Path
 from kvlab.bench.core.machine import machine_info
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.generate.runner import BenchResult
+from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.bench.report.format import format_mib, format_ms
 from kvlab.bench.report.plots import generation_plots
 
@@ -22,14 +23,8 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
             "meaningful_ppl": result.meaningful_ppl,
         },
         "config": result.config.to_dict(),
-        "floors": {
-            dtype: {
-                "weight_bytes_per_token": floor.weight_bytes_per_token,
-                "bandwidth_bytes_per_s": floor.bandwidth_bytes_per_s,
-                "floor_tpot_s": floor.tpot_s,
-            }
-            for dtype, floor in result.floors.items()
-        },
+        "floors": {dtype: floor.to_dict() for dtype, floor in result.floors.items()},
+        "model_resident_bytes": result.model_resident_bytes,
         "runs": [dataclasses.asdict(run) for run in result.runs],
         "agreement": [dataclasses.asdict(a) for a in result.agreement],
         "ppl": result.ppl,
@@ -52,8 +47,8 @@ def comparison_rows(payload: dict) -> list[str]:
     """One row per (dtype, prompt length, method), with optimized/baseline ratios on the optimized row."""
     rows = [
         "| dtype | batch | prompt | method | TTFT ms | TPOT ms | TPOT / floor | out tok/s | prefill tok/s "
-        "| peak mem MiB | peak Δ MiB | KV MiB | TPOT ratio | TTFT ratio | KV ratio |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak MiB | rise over model MiB | rise over start MiB | KV MiB | TPOT ratio | TTFT ratio | KV ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runs = payload["runs"]
     by_key = {(r["dtype"], r["prompt_len"], r["method"]): r for r in runs}
@@ -68,13 +63,21 @@ def comparison_rows(payload: dict) -> list[str]:
             ]
         rows.append(
             f"| {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} | {_cell(r['ttft_s'])} "
-            f"| {_cell(r['tpot_s'])} | {r['tpot_over_floor']:.2f}x | {r['output_tokens_per_s']['median']:.1f} "
+            f"| {_cell(r['tpot_s'])} | {over_floor(r['tpot_over_floor'])} | {r['output_tokens_per_s']['median']:.1f} "
             f"| {r['prefill_tokens_per_s']['median']:.0f} | {format_mib(r['peak_memory_bytes']['median'])} "
+            f"| {format_mib((r.get('peak_memory_rise_bytes') or {}).get('median'))} "
             f"| {format_mib(r['peak_memory_delta_bytes']['median'])} | {format_mib(r['kv_cache_bytes'])} | "
             + " | ".join(ratios)
             + " |"
         )
     return rows
+
+
+def _resident(payload: dict) -> str:
+    resident = payload.get("model_resident_bytes") or {}
+    return (
+        ", ".join(f"{dtype} {format_mib(value)} MiB" for dtype, value in resident.items()) or "not recorded"
+    )
 
 
 def _forward_path(runs: list[dict]) -> str:
@@ -111,23 +114,19 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         "",
         *comparison_rows(payload),
         "",
-        "Ratios are optimized / baseline (below 1 = faster or smaller). Peak memory: "
-        f"{payload['runs'][0]['memory_kind'] if payload['runs'] else ''}; peak Δ is the rise over the run's start "
-        "(model weights excluded). KV MiB: exact bytes of the cache tensors at the end of generation.",
+        "Ratios are optimized / baseline (below 1 = faster or smaller). Peak memory, per run: "
+        f"{payload['runs'][0]['memory_kind'] if payload['runs'] else ''}. Rise over model: the run's peak "
+        f"minus the live memory right after the model loaded ({_resident(payload)}); rise over start: minus "
+        "the live memory when the run began. KV MiB: exact bytes of the cache tensors at the end of generation.",
+        *below_floor_warning(
+            [
+                (f"{r['dtype']} prompt {r['prompt_len']} {r['method']}", r["tpot_over_floor"])
+                for r in payload["runs"]
+            ]
+        ),
         "",
-        "## The physical floor of batch-1 decode",
-        "",
-        "Each decode step must read every weight once, so TPOT >= weight bytes / memory bandwidth. The bandwidth "
-        "is measured in this run by a 256 MiB matrix-vector product at the run's dtype.",
-        "",
-        "| dtype | weight MiB per token | bandwidth GB/s | floor TPOT ms |",
-        "|---|---:|---:|---:|",
+        *floor_lines(payload["floors"]),
     ]
-    for dtype, floor in payload["floors"].items():
-        lines.append(
-            f"| {dtype} | {format_mib(floor['weight_bytes_per_token'])} | {floor['bandwidth_bytes_per_s'] / 1e9:.2f} "
-            f"| {format_ms(floor['floor_tpot_s'])} |"
-        )
     if payload["agreement"]:
         lines += [
             "",

@@ -40,9 +40,9 @@ def generation_plots(runs: list[RunRecord], directory: Path) -> list[str]:
     x = range(len(chosen))
     ax.bar(
         [i - 0.2 for i in x],
-        [r.peak_memory_delta_bytes.median / 2**20 for r in chosen],
+        [r.peak_memory_rise_bytes.median / 2**20 for r in chosen],
         0.4,
-        label="peak Δ MiB",
+        label="peak rise over model MiB",
     )
     ax.bar([i + 0.2 for i in x], [r.kv_cache_bytes / 2**20 for r in chosen], 0.4, label="KV cache MiB")
     ax.set_xticks(list(x), labels)

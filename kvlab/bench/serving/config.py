@@ -6,17 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import (
-    BATCH_LEVELS,
-    CONFIG_ROOT,
-    ExperimentConfig,
-    _check_keys,
-    _positive,
-    flags_from_args,
-    merge,
-    parse_overrides,
-    read_yaml,
-)
+from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, non_negative, positive
 from kvlab.engine.config import EngineConfig
 from kvlab.errors import ConfigError
 
@@ -94,11 +84,10 @@ class ServingConfig(ExperimentConfig):
                 value = getattr(getattr(self, section), item.name)
                 if item.name in ("press", "enabled"):
                     continue  # checked below
-                if item.name in ("warmup",):
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                        raise ConfigError(f"{section}.warmup must be an integer >= 0, got {value!r}")
+                if item.name == "warmup":
+                    non_negative(f"{section}.warmup", value)
                 else:
-                    _positive(f"{section}.{item.name}", value)
+                    positive(f"{section}.{item.name}", value)
         mixed = self.mixed
         if mixed.prompt_len_min > mixed.prompt_len_max or mixed.output_len_min > mixed.output_len_max:
             raise ConfigError("mixed: each *_min must be <= its *_max")
@@ -134,9 +123,9 @@ def from_dict(data: dict[str, Any]) -> ServingConfig:
         values = data.pop(name, None) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{name} must be a mapping, got {values!r}")
-        _check_keys(f"{name}.", values, cls)
+        check_keys(f"{name}.", values, cls)
         sections[name] = cls(**values)
-    _check_keys("", data, ServingConfig)
+    check_keys("", data, ServingConfig)
     if "dtypes" in data and not isinstance(data["dtypes"], list):
         data["dtypes"] = [data["dtypes"]]
     if not isinstance(data.get("engine", {}), dict):
@@ -144,15 +133,10 @@ def from_dict(data: dict[str, Any]) -> ServingConfig:
     return ServingConfig(**data, **sections)
 
 
-def resolve_config(args) -> ServingConfig:
-    """Layer defaults < YAML < --set < flags, then validate everything."""
-    if args.batch_level not in BATCH_LEVELS:
-        raise ConfigError(f"batch level must be one of {', '.join(BATCH_LEVELS)}, got {args.batch_level!r}")
-    path = Path(args.config) if args.config else CONFIG_ROOT / TECHNIQUE / f"{args.batch_level}.yaml"
-    data = merge({"technique": TECHNIQUE, "batch_level": args.batch_level}, read_yaml(path))
-    data = merge(data, parse_overrides(args.set or []))
-    flags = flags_from_args(args)
-    data = merge(data, {key: value for key, value in flags.items() if value is not None})
-    config = from_dict(data)
+def resolve(
+    batch_level: str, config_file: str | Path | None, overrides: list[str], flags: dict[str, Any]
+) -> ServingConfig:
+    """Layer defaults < configs/paged/<level>.yaml (or `config_file`) < --set < flags, then validate."""
+    config = from_dict(layer(TECHNIQUE, batch_level, config_file, overrides, flags))
     config.validate()
     return config

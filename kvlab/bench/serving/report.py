@@ -10,8 +10,11 @@ from typing import Any
 import numpy as np
 
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
+from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.bench.report.format import format_mib as _mib
 from kvlab.bench.report.format import format_ms as _ms
+
+DECODE_PATHS = ("engine", "kvlab.generate", "model.generate")
 
 # The bars: (key, description, target, higher_is_better)
 BARS = [
@@ -109,10 +112,11 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         f"{config['mixed']['repeats']} round(s), engine and HF alternating; the median round by wall time is "
         f"shown (engine rounds {_seconds(engine['wall_s_rounds'])} s, HF {_seconds(hf['wall_s_rounds'])} s).",
         "",
-        "| path | wall s | output tok/s | peak mem MiB | peak Δ MiB | peak KV in use MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-        _run_row("engine", engine, engine["peak_kv_bytes_in_use"]),
-        _run_row("HF static", hf, hf["peak_kv_bytes"]),
+        "| path | wall s | output tok/s | peak MiB | rise over model MiB | rise over start MiB "
+        "| peak KV in use MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        _run_row("engine", engine, engine["peak_kv_bytes_in_use"], payload.get("model_resident_bytes")),
+        _run_row("HF static", hf, hf["peak_kv_bytes"], payload.get("model_resident_bytes")),
         "",
         f"Engine latency (ms; TTFT includes queueing, since all requests arrive together): "
         f"TTFT p50 {_ms(ttft['p50'])}, p90 {_ms(ttft['p90'])}, p99 {_ms(ttft['p99'])}; "
@@ -149,40 +153,26 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         "## Batch-1 decode vs the bandwidth floor",
         "",
         f"Prompt {decode['prompt_len']} tokens, {decode['new_tokens']} new tokens; median TPOT over "
-        f"{config['decode']['repeats']} runs after {config['decode']['warmup']} warm-up, paths alternating. "
-        "Floor = weight bytes read per token / bandwidth of a 256 MiB matrix-vector product at the dtype, "
-        "measured in this run.",
+        f"{config['decode']['repeats']} runs after {config['decode']['warmup']} warm-up, paths alternating.",
         "",
         "| dtype | floor ms | engine ms | kvlab.generate ms | model.generate ms "
         "| engine / floor | kvlab.generate / floor | model.generate / floor |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    stricter = []
+    cells = []
     for dtype, run in decode["by_dtype"].items():
         floor = run["floor_tpot_s"]
-        medians = [
-            statistics.median(run["tpot_s"][p]) for p in ("engine", "kvlab.generate", "model.generate")
-        ]
+        medians = [statistics.median(run["tpot_s"][p]) for p in DECODE_PATHS]
+        cells += [(f"{dtype} {path}", m / floor) for path, m in zip(DECODE_PATHS, medians, strict=True)]
         lines.append(
             f"| {dtype} | {_ms(floor)} | "
             + " | ".join(_ms(m) for m in medians)
             + " | "
-            + " | ".join(f"{m / floor:.2f}x" for m in medians)
+            + " | ".join(over_floor(m / floor) for m in medians)
             + " |"
         )
-        kernel_bandwidth = run.get("kernel_bandwidth_bytes_per_s")
-        if kernel_bandwidth:
-            kernel_floor = run["weight_bytes_per_token"] / kernel_bandwidth
-            stricter.append(
-                f"{dtype} {run['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (torch) vs {kernel_bandwidth / 1e9:.1f} GB/s "
-                f"(kvlab), floor {_ms(kernel_floor)} ms, engine / that floor {medians[0] / kernel_floor:.2f}x"
-            )
-    if stricter:
-        lines += [
-            "",
-            "The floor above is the bandwidth torch's own matrix-vector product reaches. kvlab's skinny GEMM "
-            "reads the same matrix in the same run at: " + "; ".join(stricter) + ".",
-        ]
+    lines += below_floor_warning(cells)
+    lines += ["", *floor_lines(decode["by_dtype"])]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -220,10 +210,12 @@ def _compression_lines(result: dict[str, Any] | None, config: dict[str, Any]) ->
     return lines
 
 
-def _run_row(name: str, run: dict[str, Any], kv_bytes: int) -> str:
+def _run_row(name: str, run: dict[str, Any], kv_bytes: int, model_resident: int | None) -> str:
+    peak = run["peak_memory_bytes"]
+    rise = None if peak is None or model_resident is None else max(0, peak - model_resident)
     return (
         f"| {name} | {run['wall_s']:.2f} | {run['output_tokens_per_s']:.1f} "
-        f"| {_mib(run['peak_memory_bytes'])} | {_mib(run['peak_memory_delta_bytes'])} | {_mib(kv_bytes)} |"
+        f"| {_mib(peak)} | {_mib(rise)} | {_mib(run['peak_memory_delta_bytes'])} | {_mib(kv_bytes)} |"
     )
 
 
@@ -261,8 +253,9 @@ def _memory_lines(engine: dict[str, Any], hf: dict[str, Any]) -> list[str]:
         "",
         f"Peak KV in use: engine {_mib(engine['peak_kv_bytes_in_use'])} MiB vs HF static "
         f"{_mib(hf['peak_kv_bytes'])} MiB (the largest batch's cache: every row padded to the batch's "
-        f"longest prompt + output). Peak memory: {hf['memory_kind']}; Δ is the rise over the run's start "
-        "(weights and the engine's preallocated pool excluded).",
+        f"longest prompt + output). Peak memory: {hf['memory_kind']}. Rise over model: the peak minus the live "
+        "memory right after the model loaded (the engine's preallocated pool included); rise over start: "
+        "minus the live memory when the run began (weights and the pool excluded).",
     ]
 
 

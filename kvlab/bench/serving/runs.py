@@ -9,7 +9,7 @@ One run measures, on one model and prompts cut from real text (seeded):
   prefix   requests sharing a long system prompt, served one at a time: TTFT with and without the
            prefix cache (the first request, which fills the cache, is left out of both).
   decode   batch-1 TPOT of the engine, `model.generate` and `kvlab.generate` on the same prompt,
-           per dtype, against the measured bandwidth floor (`metrics.Floor`).
+           per dtype, against the measured bandwidth floor (`kvlab.bench.core.floor`).
 Config: defaults < configs/paged/<level>.yaml < --set < flags; validated before any model loads.
 """
 
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from kvlab.bench.core.baselines import hf_static
-from kvlab.bench.serving.config import TECHNIQUE, ServingConfig, resolve_config
+from kvlab.bench.core.metrics import paged_kv_bytes, tpot_between, tpot_s
+from kvlab.bench.serving.config import ServingConfig
 from kvlab.bench.serving.workloads import (
     BenchRequest,
     compression_requests,
@@ -35,33 +36,29 @@ from kvlab.bench.serving.workloads import (
 from kvlab.errors import ConfigError
 
 
-def run_paged_bench(args, argv: list[str]) -> int:
-    import shlex
-
-    from kvlab.bench.core import writer
+def run_paged_bench(config: ServingConfig, out_dir: Path, command: str) -> Path:
+    """Run every workload and write results/paged/<experiment>/ (claim `out_dir` first)."""
     from kvlab.bench.serving.report import write_serving_report
 
-    config = resolve_config(args)
-    out_dir = writer.experiment_dir(TECHNIQUE, config.experiment_name, Path(args.results_dir))
-    writer.claim_experiment_dir(out_dir, args.overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     payload = run_all(config)
-    payload["command"] = "kvlab " + " ".join(shlex.quote(a) for a in argv)
-    path = write_serving_report(payload, out_dir)
-    print(f"kvlab: report written to {path / 'report.md'}")
-    return 0
+    payload["command"] = command
+    return write_serving_report(payload, out_dir)
 
 
 def run_all(config: ServingConfig) -> dict[str, Any]:
     """Every measurement of the paged bench; returns the results payload (raw samples included)."""
     from kvlab.bench.core.datasets import load_text
-    from kvlab.bench.core.machine import machine_info
+    from kvlab.bench.core.machine import machine_info, prepare_kernels
+    from kvlab.bench.core.memory import resident_bytes
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
     text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)  # fails fast, no model yet
+    prepare_kernels()  # a kernel build or calibration must never fall inside a measured time
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
+    model_resident = resident_bytes(loaded.model.device)
     longest = max(
         config.mixed.prompt_len_max + config.mixed.output_len_max,
         config.decode.prompt_len + config.decode.new_tokens,
@@ -79,6 +76,7 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
         "data": data_description,
         "config": config.to_dict(),
         "engine_config": engine.config.to_dict(),
+        "model_resident_bytes": model_resident,  # live memory after the model loaded, before the pool
     }
     requests = mixed_requests(token_ids, config.mixed, config.seed)
     _progress(f"mixed workload: {len(requests)} requests on the engine, then HF static batching")
@@ -118,7 +116,7 @@ def measure_mixed(loaded, engine, requests: list[BenchRequest], config: ServingC
         "num_blocks": num_blocks,
         "block_size": engine.config.block_size,
         "kv_pool_bytes": pool_bytes,
-        "peak_kv_bytes_in_use": max(engine_run["used_blocks"]) * pool_bytes // num_blocks,
+        "peak_kv_bytes_in_use": paged_kv_bytes(max(engine_run["used_blocks"]), pool_bytes, num_blocks),
     }
     hf_run |= {
         "output_tokens_per_s": useful / hf_run["wall_s"],
@@ -144,7 +142,7 @@ def _progress(message: str) -> None:
 
 
 def _peak_memory(device: torch.device, enabled: bool):
-    from kvlab.bench.core.metrics import PeakMemory
+    from kvlab.bench.core.memory import PeakMemory
 
     return PeakMemory(device) if enabled else contextlib.nullcontext()
 
@@ -188,7 +186,7 @@ def serve(engine, requests: list[BenchRequest], press=None) -> dict[str, Any]:
     return {
         "wall_s": wall,
         "ttft_s": [first[i] for i in ids],
-        "tpot_s": [(last[i] - first[i]) / (len(tokens[i]) - 1) for i in ids],
+        "tpot_s": [tpot_between(first[i], last[i], len(tokens[i])) for i in ids],
         "used_blocks": used_blocks,
         "stored_tokens": stored_tokens,
         "num_preemptions": stats.num_preemptions,
@@ -216,7 +214,7 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
     from kvlab.press.hf import PressCache
 
     press = get_press(workload.press)
-    block_bytes = engine.runner.kv_cache_bytes // engine.scheduler.kv.num_blocks
+    pool_bytes, num_blocks = engine.runner.kv_cache_bytes, engine.scheduler.kv.num_blocks
     result: dict[str, Any] = {"press_name": press.describe(), "max_cache_tokens": workload.max_cache_tokens}
     for label, request_press in (
         ("full", None),
@@ -225,7 +223,7 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
         run = serve(with_changes(engine), requests, press=request_press)
         result[label] = run | {
             "output_tokens_per_s": sum(r.output_len for r in requests) / run["wall_s"],
-            "peak_kv_bytes_in_use": max(run["used_blocks"]) * block_bytes,
+            "peak_kv_bytes_in_use": paged_kv_bytes(max(run["used_blocks"]), pool_bytes, num_blocks),
         }
     cache = PressCache(press, loaded.model, max_cache_tokens=workload.max_cache_tokens)
     with cache.hooks(loaded.model):
@@ -247,9 +245,8 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
-    from kvlab.bench.core.metrics import Floor, decode_weight_bytes, measure_bandwidth
+    from kvlab.bench.core.floor import measure_floor
     from kvlab.engine.llm_engine import LLMEngine
-    from kvlab.kernels import cpu as cpu_kernels
     from kvlab.models.loader import load_model
 
     workload = config.decode
@@ -267,23 +264,8 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
             for name, run in paths.items():
                 times = run()
                 if round_index >= workload.warmup:
-                    samples[name].append((times[-1] - times[0]) / (len(times) - 1))
-        floor = Floor(
-            decode_weight_bytes(loaded.model), measure_bandwidth(loaded.model.dtype, loaded.model.device)
-        )
-        on_cpu = loaded.model.device.type == "cpu"
-        kernel_bandwidth = (
-            measure_bandwidth(loaded.model.dtype, loaded.model.device, kernel="kvlab")
-            if on_cpu and cpu_kernels.skinny_serves(loaded.model.dtype)
-            else None
-        )
-        results[dtype] = {
-            "weight_bytes_per_token": floor.weight_bytes_per_token,
-            "bandwidth_bytes_per_s": floor.bandwidth_bytes_per_s,
-            "kernel_bandwidth_bytes_per_s": kernel_bandwidth,
-            "floor_tpot_s": floor.tpot_s,
-            "tpot_s": samples,
-        }
+                    samples[name].append(tpot_s(times))
+        results[dtype] = measure_floor(loaded.model).to_dict() | {"tpot_s": samples}
         loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
     return {"prompt_len": len(prompt), "new_tokens": workload.new_tokens, "by_dtype": results}
 

@@ -1,0 +1,152 @@
+"""The physical floor of batch-1 decode: weight bytes read per token / the memory's bandwidth.
+
+Each decode step of a batch of one must stream every weight from memory once, so no correct
+implementation decodes faster than `weight_bytes_per_token / bandwidth`. The bandwidth must be the
+best the memory delivers, not what one kernel reaches: torch's matrix-vector product is compute-bound
+for bf16 (and for float32 on some CPUs) and then understates it (issue 10 measured a "floor" above
+the TPOT it bounds). So the bandwidth here is the best of several probes, all measured in the run:
+
+  stream sum    a multithreaded sum over a float32 tensor of 512 MiB, far larger than any cache
+                (one add per 4 bytes: memory-bound on any CPU with SIMD)
+  stream dot    the dot product of the two halves of that tensor (BLAS sdot: every byte read once,
+                two flops per 8 bytes; on some CPUs faster than torch's cascade sum)
+  torch matvec  `matrix @ vector` at the run's dtype (what HF decode does)
+  kvlab skinny  kvlab's own skinny GEMM at the run's dtype (kvlab.kernels.cpu), where it runs
+
+and the report names the probe that set it. A TPOT below the floor is a measurement error.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlab.bench.core.metrics import synchronize
+
+STREAM_BYTES = 512 * 2**20
+MATVEC_BYTES = 256 * 2**20
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one batch-1 decode step must read: every parameter once, except an untied input
+    embedding, of which only one row is read."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight.data_ptr() != embedding.data_ptr():
+        total -= embedding.numel() * embedding.element_size() - embedding.shape[1] * embedding.element_size()
+    return total
+
+
+def _best_seconds(run: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Fastest of `iters` timed calls after two warm-ups: the floor wants the memory's best."""
+    import time
+
+    for _ in range(2):
+        run()
+    best = float("inf")
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def stream_read_bandwidth(
+    device: torch.device, num_bytes: int = STREAM_BYTES, iters: int = 8
+) -> dict[str, float]:
+    """Bytes/s of reading a float32 tensor of `num_bytes` (default 512 MiB) once: by a sum and by the
+    dot product of its two halves."""
+    data = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    half = data.numel() // 2
+    first, second = data[:half], data[half : 2 * half]
+    return {
+        "stream sum": data.numel() * 4 / _best_seconds(lambda: data.sum(), device, iters),
+        "stream dot": 2 * half * 4 / _best_seconds(lambda: torch.dot(first, second), device, iters),
+    }
+
+
+def matvec_bandwidth(
+    dtype: torch.dtype,
+    device: torch.device,
+    num_bytes: int = MATVEC_BYTES,
+    iters: int = 8,
+    kernel: str = "torch",
+) -> float:
+    """Bytes/s of a matrix-vector product at `dtype` over a `num_bytes` matrix (what batch-1 decode
+    does). kernel: "torch" (`matrix @ vector`) or "kvlab" (the CPU skinny GEMM)."""
+    side = int((num_bytes / torch.tensor([], dtype=dtype).element_size()) ** 0.5)
+    matrix = torch.randn(side, side, device=device).to(dtype)
+    vector = torch.randn(side, device=device).to(dtype)
+    if kernel == "kvlab":
+        from kvlab.kernels import cpu as cpu_kernels
+
+        rows = vector[None]
+
+        def product():
+            return cpu_kernels.skinny_linear(rows, matrix)
+    elif kernel == "torch":
+
+        def product():
+            return matrix @ vector
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; choose torch or kvlab")
+    return matrix.numel() * matrix.element_size() / _best_seconds(product, device, iters)
+
+
+def kvlab_kernel_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    from kvlab.kernels import cpu as cpu_kernels
+
+    return dtype in cpu_kernels.SKINNY_DTYPES and cpu_kernels.available()
+
+
+def bandwidth_probes(dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """Every probe's bandwidth (bytes/s) in this run, by name."""
+    probes = stream_read_bandwidth(device)
+    probes["torch matvec"] = matvec_bandwidth(dtype, device)
+    if kvlab_kernel_runs(dtype, device):
+        probes["kvlab skinny"] = matvec_bandwidth(dtype, device, kernel="kvlab")
+    return probes
+
+
+@dataclass(slots=True)
+class Floor:
+    """weight bytes per token / the best probe's bandwidth; `probes` keeps every probe's GB/s."""
+
+    weight_bytes_per_token: int
+    bandwidth_bytes_per_s: float
+    probe: str = ""
+    probes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tpot_s(self) -> float:
+        return self.weight_bytes_per_token / self.bandwidth_bytes_per_s
+
+    @classmethod
+    def from_probes(cls, weight_bytes_per_token: int, probes: dict[str, float]) -> "Floor":
+        probe = max(probes, key=probes.__getitem__)
+        return cls(weight_bytes_per_token, probes[probe], probe, dict(probes))
+
+    def to_dict(self) -> dict:
+        return {
+            "weight_bytes_per_token": self.weight_bytes_per_token,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "floor_tpot_s": self.tpot_s,
+            "probe": self.probe,
+            "probes_bytes_per_s": self.probes,
+        }
+
+
+def measure_floor(model: torch.nn.Module) -> Floor:
+    """The floor of batch-1 decode for `model` (its dtype and device), measured now."""
+    probes = bandwidth_probes(model.dtype, model.device)
+    return Floor.from_probes(decode_weight_bytes(model), probes)
+
+
+def below_floor(tpot_s: float, floor_tpot_s: float) -> bool:
+    """A TPOT under the floor cannot be: the timing (or the floor's byte count) is wrong."""
+    return tpot_s < floor_tpot_s

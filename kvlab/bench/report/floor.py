@@ -1,0 +1,51 @@
+"""The floor in every report: how it was measured, which probe set it, and a TPOT under it flagged
+as the measurement error it is (kvlab.bench.core.floor)."""
+
+from kvlab.bench.report.format import format_mib, format_ms
+
+
+def over_floor(ratio: float) -> str:
+    """A TPOT / floor cell; under 1 cannot be and is marked."""
+    return f"{ratio:.2f}x" if ratio >= 1 else f"**{ratio:.2f}x (below floor)**"
+
+
+def below_floor_warning(cells: list[tuple[str, float]]) -> list[str]:
+    """A paragraph naming every (label, TPOT / floor) under the floor; nothing when none is."""
+    below = [f"{label} ({ratio:.2f}x)" for label, ratio in cells if ratio < 1]
+    if not below:
+        return []
+    return [
+        "",
+        "**MEASUREMENT ERROR: TPOT below the bandwidth floor** in " + "; ".join(below) + ". No decode step "
+        "can read its weights faster than the memory delivers them, so these timings (or the floor's byte "
+        "count) are wrong.",
+    ]
+
+
+def floor_lines(floors: dict[str, dict]) -> list[str]:
+    """The floor section: per dtype, weight bytes, every probe's bandwidth, the best and the floor."""
+    names = sorted({name for floor in floors.values() for name in floor.get("probes_bytes_per_s", {})})
+    lines = [
+        "## The physical floor of batch-1 decode",
+        "",
+        "Each decode step must read every weight once, so TPOT >= weight bytes / memory bandwidth. The "
+        "bandwidth is the best of several probes measured in this run (fastest of 8 timed passes each): reading "
+        "a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot product of its halves "
+        "(stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch matvec) and by kvlab's "
+        "skinny GEMM (kvlab skinny, where it runs). The best probe sets the floor.",
+        "",
+        "| dtype | weight MiB per token | "
+        + " | ".join(f"{name} GB/s" for name in names)
+        + " | best probe | floor TPOT ms |",
+        "|---|---:|" + "---:|" * len(names) + "---|---:|",
+    ]
+    for dtype, floor in floors.items():
+        probes = floor.get("probes_bytes_per_s", {})
+        cells = [f"{probes[name] / 1e9:.1f}" if name in probes else "" for name in names]
+        lines.append(
+            f"| {dtype} | {format_mib(floor['weight_bytes_per_token'])} | "
+            + " | ".join(cells)
+            + f" | {floor.get('probe', '')} ({floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s) "
+            f"| {format_ms(floor['floor_tpot_s'])} |"
+        )
+    return lines

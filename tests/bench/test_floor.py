@@ -1,0 +1,41 @@
+"""The floor is the best of several bandwidth probes, names the probe, and a TPOT under it is flagged."""
+
+import pytest
+import torch
+
+from kvlab.bench.core.floor import Floor, decode_weight_bytes, measure_floor
+from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
+from kvlab.models.loader import load_model
+
+
+def test_the_best_probe_sets_the_floor():
+    floor = Floor.from_probes(1_000_000, {"torch matvec": 9e9, "stream sum": 30e9, "kvlab skinny": 31e9})
+    assert floor.probe == "kvlab skinny" and floor.bandwidth_bytes_per_s == 31e9
+    assert floor.tpot_s == pytest.approx(1_000_000 / 31e9)
+    assert floor.to_dict()["probes_bytes_per_s"]["torch matvec"] == 9e9
+
+
+def test_measured_floor_on_a_model_runs_every_probe():
+    model = load_model("tiny-llama", dtype="float32").model
+    floor = measure_floor(model)
+    assert {"stream sum", "stream dot", "torch matvec"} <= set(floor.probes)
+    assert floor.bandwidth_bytes_per_s == max(floor.probes.values()) > 0
+    assert floor.weight_bytes_per_token == decode_weight_bytes(model)
+    from kvlab.kernels import cpu as cpu_kernels
+
+    assert ("kvlab skinny" in floor.probes) == cpu_kernels.available()
+
+
+def test_a_tpot_below_the_floor_is_a_measurement_error():
+    assert over_floor(1.2) == "1.20x" and "below floor" in over_floor(0.83)
+    assert below_floor_warning([("float32 prompt 128 optimized", 1.1)]) == []
+    warning = "\n".join(below_floor_warning([("a", 1.1), ("float32 prompt 128 optimized", 0.83)]))
+    assert "MEASUREMENT ERROR" in warning and "float32 prompt 128 optimized (0.83x)" in warning
+    assert "a (1.10x)" not in warning
+
+
+def test_floor_section_names_the_probe_that_set_it():
+    floor = Floor.from_probes(2**20, {"torch matvec": 9e9, "stream dot": 30e9}).to_dict()
+    text = "\n".join(floor_lines({"bfloat16": floor}))
+    assert "| stream dot (30.0 GB/s) |" in text and "9.0 |" in text
+    assert torch.isclose(torch.tensor(floor["floor_tpot_s"]), torch.tensor(2**20 / 30e9))

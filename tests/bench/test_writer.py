@@ -1,0 +1,46 @@
+"""The one results writer: no absolute path of the writing machine goes into results/."""
+
+import json
+from pathlib import Path
+
+from kvlab.bench.core.writer import portable, write_experiment
+
+
+def test_portable_names_replace_machine_paths(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("KVLAB_DATA_DIR", str(data_dir))
+    home = str(Path.home())
+    value = {
+        "source": f"gguf (cached at {home}/.cache/kvlab/models/m)",
+        "data": [f"local file {data_dir}/pg19/test/1.txt"],
+        "cwd": f"{Path.cwd()}/configs/x.yaml",
+        "other": f"{home}x/not-home",  # a sibling of the home directory is not the home directory
+    }
+    out = portable(value)
+    assert out["source"] == "gguf (cached at ~/.cache/kvlab/models/m)"
+    assert out["data"] == ["local file $KVLAB_DATA_DIR/pg19/test/1.txt"]
+    assert out["cwd"] == "./configs/x.yaml"
+    assert out["other"] == f"{home}x/not-home"
+
+
+def test_written_experiment_holds_no_absolute_path_of_the_machine(tmp_path, monkeypatch):
+    data_dir = tmp_path / "shared-data"
+    monkeypatch.setenv("KVLAB_DATA_DIR", str(data_dir))
+    home = str(Path.home())
+    payload = {
+        "command": f"kvlab bench --data-dir {data_dir} --results-dir {tmp_path}/r",
+        "model": {"source": f"x (cached at {home}/.cache/kvlab/models/smollm2-135m)"},
+        "ppl": {"protocol": f"text from local file {data_dir}/wikitext-2-raw-v1/wiki.test.raw"},
+    }
+    config = {"data_dir": str(data_dir), "model": f"{home}/models/local"}
+
+    def render(written, plots):
+        return f"# {written['command']}\n{written['model']['source']}\n"
+
+    path = write_experiment(tmp_path / "out" / "exp", payload, config, lambda d: [], render)
+    for file in path.iterdir():
+        text = file.read_text()
+        assert home not in text and str(data_dir) not in text, file.name
+    written = json.loads((path / "results.json").read_text())
+    assert written["model"]["source"] == "x (cached at ~/.cache/kvlab/models/smollm2-135m)"
+    assert "$KVLAB_DATA_DIR/wikitext-2-raw-v1" in written["ppl"]["protocol"]
