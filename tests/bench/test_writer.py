@@ -44,3 +44,16 @@ def test_written_experiment_holds_no_absolute_path_of_the_machine(tmp_path, monk
     written = json.loads((path / "results.json").read_text())
     assert written["model"]["source"] == "x (cached at ~/.cache/kvlab/models/smollm2-135m)"
     assert "$KVLAB_DATA_DIR/wikitext-2-raw-v1" in written["ppl"]["protocol"]
+
+
+def test_committed_results_hold_no_absolute_machine_path():
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "results"
+    pattern = re.compile(r"(?<![\w$~.\-/])/(home|root|Users|tmp|work|mnt|data)/")
+    offending = [
+        str(file.relative_to(root))
+        for file in root.rglob("*")
+        if file.suffix in (".json", ".md", ".yaml") and pattern.search(file.read_text())
+    ]
+    assert offending == []
