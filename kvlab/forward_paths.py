@@ -2,6 +2,7 @@
 
     path.prefill(input_ids) -> logits (batch, vocab) of each row's last prompt token
     path.decode(tokens)     -> logits (batch, vocab) after feeding one new token per row
+    with path.hooks(): ...  -> the context generation runs in (a press cache's observation hooks)
 
 `HFForward` calls the Hugging Face model with a transformers `Cache` (any cache: the preallocated
 one, a KV-compression `PressCache`). `NativeForward` runs the model's engine-native twin
@@ -9,7 +10,13 @@ one, a KV-compression `PressCache`). `NativeForward` runs the model's engine-nat
 `batch x capacity` slots: one "block" per row, so the engine's attention backends read each row's
 context as a view. It exists because at batch 1 the HF module tree's per-layer Python overhead is
 a visible share of a decode step; measured in `results/static-cache/`.
+
+A KV press runs natively where `native_press_support` allows (prefill-time presses, StreamingLLM
+as a ring; kvlab/native_press.py) and on the HF modules through `PressCache` otherwise (presses that
+score every decode eviction: h2o, tova; per-head budgets); the chosen path's `name` says which ran.
 """
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -21,6 +28,10 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.cache import PreallocatedCache, kv_cache_bytes
 from kvlab.errors import ConfigError
 from kvlab.models.native import ARCHITECTURES, build_engine_model
+from kvlab.native_press import NativePressCache, native_press_support
+from kvlab.press.base import Press
+from kvlab.press.budget import Budget
+from kvlab.press.hf import PressCache
 
 
 class HFForward:
@@ -28,8 +39,16 @@ class HFForward:
 
     name = "hf"
 
-    def __init__(self, model: PreTrainedModel, cache: Cache, attention_mask: Tensor | None, total: int):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        cache: Cache,
+        attention_mask: Tensor | None,
+        total: int,
+        observe: bool = False,
+    ):
         self.model, self.cache, self.attention_mask = model, cache, attention_mask
+        self.observe = observe  # a PressCache built here: its observation hooks are ours to install
         self.mask = None  # the prompt's mask extended with ones for every generated token
         if attention_mask is not None:
             batch, prompt_len = attention_mask.shape
@@ -69,15 +88,30 @@ class HFForward:
     def cache_bytes(self) -> int:
         return kv_cache_bytes(self.cache)
 
+    def hooks(self) -> contextlib.AbstractContextManager:
+        """Where generation runs: inside the press cache's observation hooks when this path built it."""
+        return self.cache.hooks(self.model) if self.observe else contextlib.nullcontext()
+
 
 class NativeForward:
     """The engine-native twin over a static buffer. Left padding is dropped, not masked: row r's
-    real tokens occupy slots r * capacity + [0, len_r), at positions 0..len_r - 1 as in HF."""
+    real tokens occupy slots r * capacity + [0, len_r), at positions 0..len_r - 1 as in HF.
+
+    With a press (`kvlab.native_press`), each layer keeps its own budget-sized buffer, filled by
+    compression inside the prefill forward; a slot then no longer equals a position, so the two are
+    tracked apart: `positions` (true RoPE position of each row's next token) and the cache's slots.
+    """
 
     name = "native"
 
     def __init__(
-        self, model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None, max_new: int
+        self,
+        model: PreTrainedModel,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        max_new: int,
+        press: Press | None = None,
+        budget: Budget | None = None,
     ):
         self.engine_model = build_engine_model(model, fuse_projections=False)
         self.device = input_ids.device
@@ -88,46 +122,70 @@ class NativeForward:
             if not torch.equal(attention_mask, attention_mask.sort(dim=-1).values):
                 raise ConfigError("attention_mask must be left padding (zeros before ones in every row)")
             self.lengths = attention_mask.sum(-1).tolist()
-        # The last sampled token is never fed back, so a row holds at most len + max_new - 1 tokens.
-        self.capacity = max(self.lengths) + max_new - 1
+        # Positions past the model's context are untrained but computable (HF computes RoPE on the
+        # fly); a bounded press cache may stream there, so the tables cover every position fed.
+        self.engine_model.rotary.reserve(max(self.lengths) + max_new)
         self.backend = get_backend("auto", self.device)
-        self.kv_caches = self.engine_model.allocate_kv_caches(num_blocks=batch, block_size=self.capacity)
+        self.press_cache = None
+        if press is not None:
+            self.press_cache = NativePressCache(self.engine_model, press, budget, self.lengths, max_new)
+            self.kv_caches = self.press_cache.kv_caches
+        else:
+            # The last sampled token is never fed back, so a row holds at most len + max_new - 1 tokens.
+            self.capacity = max(self.lengths) + max_new - 1
+            self.kv_caches = self.engine_model.allocate_kv_caches(num_blocks=batch, block_size=self.capacity)
+            self.row_start = torch.arange(batch, device=self.device) * self.capacity
+            self.max_seq_len = max(self.lengths)
         # Decode metadata that never changes: one query per row, row r owns block r.
         self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=self.device)
         self.block_tables = torch.arange(batch, dtype=torch.int32, device=self.device)[:, None]
-        self.row_start = torch.arange(batch, device=self.device) * self.capacity
         self.positions = torch.tensor(self.lengths, device=self.device)  # of the next token fed
-        self.max_seq_len = max(self.lengths)
+        self.host_positions = list(self.lengths)
 
     def prefill(self, input_ids: Tensor) -> Tensor:
         batch, prompt_len = input_ids.shape
         lengths = self.lengths
         flat = torch.cat([input_ids[row, prompt_len - n :] for row, n in enumerate(lengths)])
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        metadata = AttentionMetadata.from_lists(
-            lengths, lengths, [[row] for row in range(batch)], self.capacity, self.device
-        )
-        hidden = self.engine_model(flat, positions, self.kv_caches, metadata, self.backend)
+        if self.press_cache is not None:
+            metadata, backend = self.press_cache.prefill(self.backend)
+        else:
+            metadata = AttentionMetadata.from_lists(
+                lengths, lengths, [[row] for row in range(batch)], self.capacity, self.device
+            )
+            backend = self.backend
+        hidden = self.engine_model(flat, positions, self.kv_caches, metadata, backend)
         return self.engine_model.compute_logits(hidden[metadata.query_start_loc[1:].long() - 1])
 
     def decode(self, tokens: Tensor) -> Tensor:
-        self.max_seq_len += 1
-        metadata = AttentionMetadata(
-            query_start_loc=self.query_start_loc,
-            seq_lens=(self.positions + 1).int(),
-            block_tables=self.block_tables,
-            slot_mapping=self.row_start + self.positions,
-            max_query_len=1,
-            max_seq_len=self.max_seq_len,
-            block_size=self.capacity,
-        )
-        hidden = self.engine_model(tokens, self.positions, self.kv_caches, metadata, self.backend)
+        if self.press_cache is not None:
+            metadata, backend = self.press_cache.decode(self.host_positions, self.backend)
+        else:
+            # Without a press, row r's token at position p goes to slot p of block r.
+            self.max_seq_len += 1
+            metadata = AttentionMetadata(
+                query_start_loc=self.query_start_loc,
+                seq_lens=(self.positions + 1).int(),
+                block_tables=self.block_tables,
+                slot_mapping=self.row_start + self.positions,
+                max_query_len=1,
+                max_seq_len=self.max_seq_len,
+                block_size=self.capacity,
+            )
+            backend = self.backend
+        hidden = self.engine_model(tokens, self.positions, self.kv_caches, metadata, backend)
         self.positions = self.positions + 1
+        self.host_positions = [p + 1 for p in self.host_positions]
         return self.engine_model.compute_logits(hidden)
 
     @property
     def cache_bytes(self) -> int:
+        if self.press_cache is not None:
+            return self.press_cache.cache_bytes
         return sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in self.kv_caches)
+
+    def hooks(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 def select_forward(
@@ -138,20 +196,42 @@ def select_forward(
     cache: Cache | None,
     attention_mask: Tensor | None,
     path: str,
+    press: Press | None = None,
+    budget: Budget | None = None,
 ) -> HFForward | NativeForward:
-    """ "auto": native when the caller passed no cache and the architecture has a twin; else HF with
-    `cache`, or a `PreallocatedCache` sized for the request."""
+    """ "auto": native when the caller passed no cache, the architecture has a twin and the press
+    (if any) runs natively (`native_press_support`); else HF with `cache`, a `PressCache` for the
+    press, or a `PreallocatedCache` sized for the request."""
     if path not in ("auto", "native", "hf"):
         raise ConfigError(f"unknown forward path {path!r}; choose auto, native or hf")
     if path == "native" and cache is not None:
         raise ConfigError("the native path keeps its own static K/V buffer; pass cache=None or path='hf'")
-    if path == "native" or (path == "auto" and cache is None and model.config.model_type in ARCHITECTURES):
+    why_not_native = None if model.config.model_type in ARCHITECTURES else "no engine-native twin"
+    if press is not None:
+        if cache is not None:
+            raise ConfigError("give a press (kvlab builds its cache) or a cache, not both")
+        if budget is None:
+            raise ConfigError(
+                "a press needs a budget: Budget(max_cache_tokens=...) or Budget(compression_ratio=...)"
+            )
+        for n in {input_ids.shape[1]} if attention_mask is None else set(attention_mask.sum(-1).tolist()):
+            budget.layers(
+                press, model.config.num_hidden_layers, n
+            )  # a budget the press cannot run fails here
+        why_not_native = why_not_native or native_press_support(press)
+    elif budget is not None:
+        raise ConfigError("budget is the press's token budget; it needs a press")
+    if path == "native" and why_not_native is not None:
+        raise ConfigError(f"the native path cannot run this request: {why_not_native}")
+    if path == "native" or (path == "auto" and cache is None and why_not_native is None):
         try:
-            return NativeForward(model, input_ids, attention_mask, max_new)
+            return NativeForward(model, input_ids, attention_mask, max_new, press, budget)
         except ConfigError:
             if path == "native":
                 raise  # auto falls back to HF where the twin cannot run (e.g. dynamic RoPE)
     total = input_ids.shape[1] + max_new
+    if press is not None:
+        return HFForward(model, PressCache(press, model, budget=budget), attention_mask, total, observe=True)
     if cache is None:
         # The last sampled token is never fed back, so the cache holds total - 1 positions.
         cache = PreallocatedCache(model.config.num_hidden_layers, total - 1)

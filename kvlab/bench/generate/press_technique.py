@@ -1,6 +1,10 @@
 """Every registered press as a bench technique: `kvlab bench --technique snapkv ...`.
 
-The optimized path is `kvlab.generate` with a `PressCache`. Config section:
+The optimized path is `kvlab.generate(press=..., budget=...)`: on the engine-native twin and its
+kernels where the press runs there (prefill-time presses compressed per layer inside the prefill,
+StreamingLLM as a ring; kvlab/native_press.py), through a `PressCache` on the HF modules otherwise
+(h2o, tova, per-head budgets; or `forward_path: hf`); the run's `forward_path` says which. Config
+section:
 
     press:
       compression_ratio: 0.5     # fraction of the prompt's K/V removed; or max_cache_tokens: 256
@@ -19,14 +23,13 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
 
 from kvlab.bench.generate.config import BenchConfig
 from kvlab.bench.generate.technique import Technique
 from kvlab.errors import ConfigError
 from kvlab.models.loader import LoadedModel
+from kvlab.press.base import Press
 from kvlab.press.budget import Budget
-from kvlab.press.hf import PressCache
 from kvlab.press.registry import PRESSES, get_press
 
 PRESS_KEYS = ("compression_ratio", "max_cache_tokens", "rerotate", "per_head", "options")
@@ -119,13 +122,14 @@ def validate(config: BenchConfig) -> None:
     build_press(config)
 
 
-def make_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> Cache:
-    section = _section(config)
-    return PressCache(build_press(config), model, budget=_budget(section))
+def press_and_budget(config: BenchConfig) -> tuple[Press, Budget]:
+    """What the optimized path runs: `kvlab.generate(press=..., budget=...)`, which builds the cache --
+    the engine-native twin's per-layer buffers where the press runs there, else a `PressCache`."""
+    return build_press(config), _budget(_section(config))
 
 
-def hooks(cache: Cache, model: PreTrainedModel):
-    return cache.hooks(model)
+def no_cache(model: PreTrainedModel, cache_tokens: int, config: BenchConfig) -> None:
+    return None  # kvlab.generate builds the press cache itself (`Technique.press`)
 
 
 def quality(loaded: LoadedModel, token_ids: torch.Tensor, config: BenchConfig) -> dict[str, Any]:
@@ -188,12 +192,12 @@ def press_techniques() -> dict[str, Technique]:
     return {
         name: Technique(
             name,
-            f"kvlab.generate + PressCache({name}): {(cls.__doc__ or name).strip().splitlines()[0]}",
-            make_cache,
-            hooks,
-            validate,
-            quality,
-            presets_for(name),
+            f"kvlab.generate(press={name}): {(cls.__doc__ or name).strip().splitlines()[0]}",
+            no_cache,
+            validate=validate,
+            quality=quality,
+            presets=presets_for(name),
+            press=press_and_budget,
         )
         for name, cls in PRESSES.items()
     }

@@ -83,6 +83,11 @@ class BenchResult:
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
     total = input_ids.shape[1] + new_tokens - 1  # the last sampled token is never fed back
     technique = TECHNIQUES[config.technique]
+    if technique.press is not None:
+        press, budget = technique.press(config)
+        path = "hf" if config.forward_path == "hf" else "auto"
+        result = generate(loaded.model, input_ids, new_tokens, press=press, budget=budget, path=path)
+        return result.token_times, result.tokens, result.cache_bytes, result.path
     cache = technique.make_cache(loaded.model, total, config)
     with technique.hooks(cache, loaded.model):
         result = generate(loaded.model, input_ids, new_tokens, cache=cache)

@@ -47,3 +47,6 @@ class Technique:
     # batch level -> the technique's defaults at that level (config keys); YAML presets add only
     # what differs from these
     presets: Callable[[str], dict[str, Any]] = _no_presets
+    # config -> (press, Budget) for kvlab.generate(press=..., budget=...), which then builds the cache
+    # itself (native twin where the press runs there); None: the technique's cache is make_cache's
+    press: Callable[[BenchConfig], tuple[Any, Any]] | None = None
