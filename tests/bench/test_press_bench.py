@@ -41,6 +41,7 @@ def test_press_technique_shrinks_the_cache_and_reports_quality(press, tmp_path):
     # `kvlab report presses` turns the experiment into one row of the per-method table.
     table = report_presses(tmp_path / press / "t")
     assert table[2].startswith(f"| {press} | 0.5 | ") and f"{quality['press_ppl']:.3f}" in table[2]
+    assert "n/a" not in table[2]  # both paths' peaks, absolute and as rise over the loaded model
 
 
 def report_presses(path):

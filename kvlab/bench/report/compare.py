@@ -36,8 +36,9 @@ def press_summary(paths: list[Path], prompt_len: int | None = None) -> str:
     """The per-method table: one row per press experiment, at one prompt length (default: each
     experiment's longest) and its first dtype; cells are baseline / optimized medians."""
     rows = [
-        "| method | ratio | PPL protocol | PPL full | PPL press | TTFT ms | TPOT ms | out tok/s | peak RSS MiB | KV MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | ratio | PPL protocol | PPL full | PPL press | TTFT ms | TPOT ms | out tok/s | peak MiB "
+        "| peak rise over model MiB | KV MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
         payload = read_results(path)
@@ -61,10 +62,16 @@ def press_summary(paths: list[Path], prompt_len: int | None = None) -> str:
             f"| {_pair(base, opt, 'ttft_s', format_ms)} | {_pair(base, opt, 'tpot_s', format_ms)} "
             f"| {_pair(base, opt, 'output_tokens_per_s', lambda v: f'{v:.1f}')} "
             f"| {_pair(base, opt, 'peak_memory_bytes', format_mib)} "
+            f"| {_pair(base, opt, 'peak_memory_rise_bytes', format_mib)} "
             f"| {format_mib(base['kv_cache_bytes'])} / {format_mib(opt['kv_cache_bytes'])} |"
         )
     return "\n".join(rows) + "\n"
 
 
 def _pair(base: dict, optimized: dict, key: str, fmt) -> str:
-    return f"{fmt(base[key]['median'])} / {fmt(optimized[key]['median'])}"
+    """`baseline / optimized` medians; n/a where a result predates the key."""
+
+    def median(run: dict) -> str:
+        return fmt(run[key]["median"]) if run.get(key) else "n/a"
+
+    return f"{median(base)} / {median(optimized)}"
