@@ -6,9 +6,10 @@ returns None, so the scheduler can preempt and retry.
 Compaction (a press keeps a subset of a request's tokens). Design choice: every layer keeps the
 same number of tokens, so one block table serves all layers; which tokens each layer (or each
 kv-head) keeps may differ, because slot j simply holds a different token's K/V in different layers.
-A compacted request's blocks no longer hold a plain prefix, so they are never published to or
-served from the prefix cache. Keys keep their true RoPE positions; new tokens continue from
-`request.num_computed_tokens`.
+Compaction moves the kept K/V to the request's first slots in place and frees the blocks past
+them, so it never needs a free block. That needs blocks the request owns alone: a request with a
+press neither publishes its blocks to the prefix cache nor takes hits from it. Keys keep their true
+RoPE positions; new tokens continue from `request.num_computed_tokens`.
 """
 
 from dataclasses import dataclass, field
@@ -135,13 +136,15 @@ class KVCacheManager:
 
     def compact(
         self, request: Request, kept_slots: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> list[int] | None:
-        """Move the kept K/V of a request into fresh blocks and free the old ones.
+    ) -> int:
+        """Move the kept K/V of a request to its first slots, in place, and free the blocks past them.
 
         kept_slots: (num_layers, num_kept) or (num_layers, num_kv_heads, num_kept) int64 indices into
             the request's cached slots [0, request.num_cached_tokens), in the order to store them.
         kv_caches: per layer (key_cache, value_cache), each (num_blocks, block_size, num_kv_heads, head_dim).
-        Returns the new block ids, or None (nothing changed) when the pool cannot hold the copy.
+        Returns the number of blocks freed. It needs no free block, so it cannot fail for lack of room
+        (a copy into fresh blocks could, and left a ring running on an uncompacted cache). The
+        request's blocks must be its own: a request with a press never shares blocks (request.py).
         """
         num_kept = kept_slots.shape[-1]
         if kept_slots.shape[0] != len(kv_caches):
@@ -150,20 +153,23 @@ class KVCacheManager:
             raise ValueError(f"cannot keep {num_kept} of {request.num_cached_tokens} cached tokens")
         if int(kept_slots.min()) < 0 or int(kept_slots.max()) >= request.num_cached_tokens:
             raise ValueError(f"kept slots must lie in [0, {request.num_cached_tokens})")
-        new_block_ids = self.pool.allocate(self.num_blocks_for(num_kept))
-        if new_block_ids is None:
-            return None
-        old_block_ids = self.req_to_block_ids[request.request_id]
+        block_ids = self.req_to_block_ids[request.request_id]
+        shared = [b for b in block_ids if self.pool.blocks[b].ref_count > 1 or self.pool.blocks[b].is_cached]
+        if shared:
+            raise ValueError(
+                f"request {request.request_id!r} shares blocks {shared}: they cannot be compacted"
+            )
         device = kv_caches[0][0].device
-        old_table = torch.tensor(old_block_ids, dtype=torch.long, device=device)
-        new_table = torch.tensor(new_block_ids, dtype=torch.long, device=device)
+        table = torch.tensor(block_ids, dtype=torch.long, device=device)
         kept = kept_slots.to(device=device, dtype=torch.long)
-        src = old_table[kept // self.block_size] * self.block_size + kept % self.block_size
+        src = table[kept // self.block_size] * self.block_size + kept % self.block_size
         positions = torch.arange(num_kept, device=device)
-        dst = new_table[positions // self.block_size] * self.block_size + positions % self.block_size
+        dst = table[positions // self.block_size] * self.block_size + positions % self.block_size
         for layer, caches in enumerate(kv_caches):
             for cache in caches:
                 flat = cache.view(-1, *cache.shape[2:])  # (num_slots, num_kv_heads, head_dim)
+                # The right-hand side is gathered into a new tensor before anything is written, so
+                # sources that later destinations overwrite (dst[j] <= src[j]) are read intact.
                 if src.dim() == 2:
                     flat[dst] = flat[src[layer]]
                 else:  # per kv-head selection: head h of slot j comes from head h of slot src[l, h, j]
@@ -171,9 +177,10 @@ class KVCacheManager:
                     flat[dst[None, :], heads] = flat[src[layer], heads]
         request.num_evicted_tokens += request.num_cached_tokens - num_kept
         request.num_ring_evictions = 0  # kept slots are stored in the order given (position order)
-        self.req_to_block_ids[request.request_id] = list(new_block_ids)
-        self.pool.free(old_block_ids[::-1])
-        return new_block_ids
+        freed = block_ids[self.num_blocks_for(num_kept) :]
+        del block_ids[self.num_blocks_for(num_kept) :]  # the live list scheduled steps hold
+        self.pool.free(freed[::-1])
+        return len(freed)
 
     def _ensure_hashes(self, request: Request, num_full_blocks: int) -> None:
         hashes = request.block_hashes

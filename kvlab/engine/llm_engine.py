@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from kvlab.attention.backends.registry import get_backend
-from kvlab.engine.compression import RequestPress, compress_request
+from kvlab.engine.compression import RequestPress, run_presses
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
@@ -230,18 +230,10 @@ class LLMEngine:
             return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _run_presses(self, scheduled: SchedulerOutput) -> None:
-        """Compress each request with a press whose prefill completed in this step and that goes on."""
-        for item in scheduled.scheduled:
-            request = item.request
-            if (
-                request.press is None
-                or not (item.is_prefill and item.samples)
-                or request.status is not RequestStatus.RUNNING
-            ):
-                continue
-            queries = self.runner.recorded_queries.pop(request.request_id, None)
-            evicted = compress_request(request, self.scheduler.kv, self.runner.kv_caches, queries)
-            self._counters.num_press_evicted_tokens += evicted
+        """Compress each running request whose prompt this step finished computing (see compression.py)."""
+        requests = [item.request for item in scheduled.scheduled]
+        kv, caches = self.scheduler.kv, self.runner.kv_caches
+        self._counters.num_press_evicted_tokens += run_presses(requests, kv, caches, self.runner.recorded_queries)
 
     def generate(
         self,

@@ -18,6 +18,8 @@ from kvlab.errors import ConfigError
 from kvlab.sampling import SamplingConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from kvlab.engine.compression import RequestPress
 
 
@@ -94,6 +96,12 @@ class Request:
     press: "RequestPress | None" = None  # compresses the request's K/V once its prefill completes
     press_budget: int | None = None  # slots the press keeps (set with `press`, from the prompt length)
     num_ring_evictions: int = 0  # ring overwrites since the kept slots were last stored in position order
+    # The press has run on the prompt since the request was last (re)computed from scratch: until it
+    # has, no later token is computed and no ring slot is overwritten (see compression.py).
+    press_applied: bool = False
+    # (num_layers, kv_heads, budget) prompt positions the first compression kept; a recompute after
+    # preemption keeps exactly these, so the output does not depend on memory pressure.
+    press_kept: "torch.Tensor | None" = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -143,13 +151,14 @@ class Request:
 
     @property
     def shares_blocks(self) -> bool:
-        """Whether its blocks may be published to or served from the prefix cache: not once a press
-        dropped tokens, and never under a ring press, which will overwrite slots in place."""
-        return not self.is_compacted and not (self.press is not None and self.press.evicts_during_decode)
+        """Whether its blocks may be published to or served from the prefix cache: never with a press,
+        which compacts (and a ring overwrites) the request's blocks in place."""
+        return self.press is None
 
     def ring_slot(self) -> int | None:
-        """The slot the next decode token overwrites, or None when it is appended."""
-        if self.press is None or not self.press.evicts_during_decode or self.is_prefilling:
+        """The slot the next decode token overwrites, or None when it is appended. A ring runs only on
+        a cache the press has compacted (never on a prompt it has not seen yet)."""
+        if self.press is None or not self.press.evicts_during_decode or not self.press_applied:
             return None
         if self.num_cached_tokens < self.press_budget:
             return None
@@ -157,8 +166,14 @@ class Request:
 
     @property
     def observes_prefill_queries(self) -> bool:
-        """Its press scores tokens by the prompt's queries, so every prompt token must be computed."""
-        return self.press is not None and self.press.needs_queries
+        """Its press scores tokens by the prompt's queries, which the next chunk of the prompt computes.
+        A recompute after preemption keeps the remembered positions (`press_kept`): no queries needed."""
+        return (
+            self.press is not None
+            and self.press.needs_queries
+            and self.press_kept is None
+            and self.num_computed_tokens < self.num_prompt_tokens
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvlab.engine.block_pool import HashFn, hash_block_tokens
+from kvlab.engine.compression import press_step_limit
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.kv_cache_manager import KVCacheManager, PrefixHit
 from kvlab.engine.request import Request, RequestStatus
@@ -144,7 +145,7 @@ class Scheduler:
                 continue
             if request.request_id in scheduled_ids:
                 continue
-            num_new = self._chunk(request.num_pending_tokens, budget[0])
+            num_new = self._chunk(press_step_limit(request, request.num_pending_tokens), budget[0])
             if num_new == 0:
                 continue
             while self.kv.allocate_slots(request, num_new) is None:
@@ -162,7 +163,7 @@ class Scheduler:
         while self.waiting and budget[0] > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hit: PrefixHit = self.kv.get_computed_blocks(request)
-            num_new = self._chunk(request.num_tokens - hit.num_tokens, budget[0])
+            num_new = self._chunk(press_step_limit(request, request.num_tokens - hit.num_tokens), budget[0])
             if num_new == 0 or self.kv.allocate_slots(request, num_new, hit) is None:
                 return  # first come first served: a later request does not overtake a stuck one
             self.waiting.popleft()
@@ -195,6 +196,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_evicted_tokens = 0  # recomputation rebuilds the full, uncompressed cache
         request.num_ring_evictions = 0
+        request.press_applied = False  # the recompute stops at the prompt's end for the press to run again
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

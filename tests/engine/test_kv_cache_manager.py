@@ -87,8 +87,9 @@ def test_compact_copies_kept_kv_and_really_frees_blocks(per_head):
     else:
         kept = torch.tensor([[0, 5, 13], [4, 8, 12]])  # layers keep different tokens, same count
     assert manager.pool.num_used_blocks == 4
-    new_ids = manager.compact(request, kept, caches)
-    assert new_ids is not None and manager.pool.num_used_blocks == 1
+    old_ids = list(manager.block_ids("a"))
+    assert manager.compact(request, kept, caches) == 3  # blocks freed
+    assert manager.pool.num_used_blocks == 1 and manager.block_ids("a") == old_ids[:1]  # in place
     assert request.num_cached_tokens == 3 and request.num_computed_tokens == 14
     new_slots = _slots_of(manager, "a", range(3))
     for layer in range(2):
@@ -102,15 +103,31 @@ def test_compact_copies_kept_kv_and_really_frees_blocks(per_head):
     assert manager.pool.num_free_blocks == 8
 
 
-def test_compact_returns_none_without_room_and_rejects_bad_slots():
+def test_compact_needs_no_free_block_and_rejects_bad_slots():
+    """A full pool: a copy into fresh blocks had no room and left the request uncompacted."""
     manager = KVCacheManager(num_blocks=2, block_size=4)
     request = Request("a", list(range(8)))
     manager.allocate_slots(request, 8)
     request.num_computed_tokens = 8
     caches = _filled_cache(2, 4, num_layers=1)
-    assert manager.compact(request, torch.tensor([[0, 1]]), caches) is None
-    assert manager.pool.num_used_blocks == 2 and request.num_evicted_tokens == 0
+    before = caches[0][0].view(-1, 2, 3).clone()
+    slots = _slots_of(manager, "a", range(8))
     with pytest.raises(ValueError, match="lie in"):
         manager.compact(request, torch.tensor([[0, 8]]), caches)
     with pytest.raises(ValueError, match="layers"):
         manager.compact(request, torch.tensor([[0], [1]]), caches)
+    assert manager.pool.num_free_blocks == 0
+    assert manager.compact(request, torch.tensor([[1, 6]]), caches) == 1
+    assert manager.pool.num_used_blocks == 1 and request.num_cached_tokens == 2
+    now = caches[0][0].view(-1, 2, 3)
+    assert torch.equal(now[slots[0]], before[slots[1]]) and torch.equal(now[slots[1]], before[slots[6]])
+
+
+def test_compact_refuses_blocks_shared_through_the_prefix_cache():
+    manager = KVCacheManager(num_blocks=4, block_size=4)
+    request = Request("a", list(range(8)))
+    manager.allocate_slots(request, 8)
+    request.num_computed_tokens = 8
+    manager.cache_full_blocks(request)  # published: another request could be reading them
+    with pytest.raises(ValueError, match="shares blocks"):
+        manager.compact(request, torch.tensor([[0, 1]]), _filled_cache(4, 4, num_layers=1))

@@ -77,7 +77,9 @@ def test_min_budget_is_checked_when_the_budget_is_resolved(press, minimum):
     budget = Budget(max_cache_tokens=minimum)
     assert set(budget.layers(press, 4, 100)) >= {minimum} or press.layer_weights(4) is not None
     if minimum > 1:
-        with pytest.raises(ConfigError, match=f"budget of {minimum - 1} tokens is too small.*at least {minimum}"):
+        with pytest.raises(
+            ConfigError, match=f"budget of {minimum - 1} tokens is too small.*at least {minimum}"
+        ):
             Budget(max_cache_tokens=minimum - 1).layers(press, 4, 100)
 
 
