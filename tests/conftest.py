@@ -47,7 +47,7 @@ def contextful_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.5) ->
     ~1e-4 absolute. test_tiny_models.py checks the outputs vary."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():  # a tied matrix is listed once
+        for parameter in model.parameters():  # a tied matrix is listed once
             if parameter.dim() == 2:
                 draw = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std
                 parameter.copy_(draw.to(parameter.dtype))

@@ -22,7 +22,6 @@ from kvlab.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
 from kvlab.engine.request import SamplingParams
 from kvlab.models.loader import LoadedModel
 
-
 logger = logging.getLogger(__name__)
 
 

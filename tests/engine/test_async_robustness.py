@@ -41,7 +41,9 @@ def test_a_failing_queued_add_fails_only_its_caller():
         llm = AsyncLLM.from_engine(engine)
         results = await asyncio.wait_for(
             asyncio.gather(
-                collect(llm, "one", "a"), collect(llm, "two", "bad"), collect(llm, "three", "b"),
+                collect(llm, "one", "a"),
+                collect(llm, "two", "bad"),
+                collect(llm, "three", "b"),
                 return_exceptions=True,
             ),
             TIMEOUT_S,

@@ -51,7 +51,9 @@ def test_streamed_pieces_concatenate_to_the_full_decode_and_steps_decode_a_bound
     assert len(final.output_token_ids) == 48
     expected = ByteTokenizer().decode(final.output_token_ids)
     assert "".join(pieces) == final.text == expected
-    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))  # only grows
+    assert all(
+        later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False)
+    )  # only grows
     # Whole-output decoding read 1, 2, ..., 48 tokens per step; the window stays a few tokens.
     assert max(engine.tokenizer.decoded_lengths) <= 8
 

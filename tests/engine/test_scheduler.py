@@ -145,7 +145,9 @@ def test_stop_conditions():
     probe = Request("probe", [5, 6, 7])
     eos = fake_token(probe)
     stopped = Request("eos", [5, 6, 7], SamplingParams(max_tokens=5), eos_token_ids=(eos,))
-    ignoring = Request("ignore", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True), eos_token_ids=(eos,))
+    ignoring = Request(
+        "ignore", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True), eos_token_ids=(eos,)
+    )
     by_id = Request("stop-id", [5, 6, 7], SamplingParams(max_tokens=5, stop_token_ids=(eos,)))
     for request in (stopped, ignoring, by_id):
         scheduler.add_request(request)
