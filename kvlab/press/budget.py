@@ -51,7 +51,9 @@ class Budget:
         if ratio is not None and (
             isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0
         ):
-            raise ConfigError(f"compression_ratio is the fraction of tokens removed, in [0, 1); got {ratio!r}")
+            raise ConfigError(
+                f"compression_ratio is the fraction of tokens removed, in [0, 1); got {ratio!r}"
+            )
 
     def describe(self) -> str:
         if self.max_cache_tokens is not None:
@@ -84,7 +86,9 @@ class Budget:
     def for_layer(self, press: Press, layer: int, num_layers: int, n: int) -> int:
         return self.layers(press, num_layers, n)[layer]
 
-    def spread(self, weights: Sequence[float] | None, num_layers: int, n: int, minimum: int) -> tuple[int, ...]:
+    def spread(
+        self, weights: Sequence[float] | None, num_layers: int, n: int, minimum: int
+    ) -> tuple[int, ...]:
         """Split `tokens(n) * num_layers` over the layers in proportion to `weights` (None: evenly),
         each layer within [minimum, n]; the clipped layers' excess or shortfall goes to the others."""
         average = self.tokens(n)
