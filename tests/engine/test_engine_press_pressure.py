@@ -158,3 +158,31 @@ def test_tiny_pool_equals_roomy_pool_and_the_hf_press_for_every_press(model, nam
     expected = press_reference(model, pressed_prompt, press, 20, **spec)
     assert tiny == roomy == expected
     assert tiny_plain == roomy_plain == plain_reference(model, plain_prompt, 24)
+
+
+def test_async_streams_survive_a_press_budget_below_its_minimum(model):
+    """The bad request fails in its caller; the stream already running completes with plain greedy."""
+    import asyncio
+
+    from kvlab.engine.async_engine import AsyncLLM
+
+    first = prompt_of(10, seed=15)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def main():
+        llm = AsyncLLM.from_engine(LLMEngine.from_model(model, block_size=BLOCK, num_blocks=32))
+
+        async def collect(prompt, press=None):
+            return [o async for o in llm.generate(prompt, params, press=press)]
+
+        running = asyncio.ensure_future(collect(first))
+        await asyncio.sleep(0)  # the first request is submitted
+        bad = RequestPress(get_press("snapkv", window=8), max_cache_tokens=8)
+        with pytest.raises(ConfigError, match="too small"):
+            await collect(prompt_of(12, seed=16), press=bad)
+        outputs = await asyncio.wait_for(running, 120)
+        await llm.shutdown()
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and outputs[-1].output_token_ids == plain_reference(model, first, 6)
