@@ -78,6 +78,13 @@ def test_raw_samples_and_block_accounting(experiment):
     assert (
         set(decode["tpot_s"]) == {"engine", "kvlab.generate", "model.generate"} and decode["floor_tpot_s"] > 0
     )
+    # the floor is the best probe of the run, named; the engine's peak rise over the loaded model is real
+    assert decode["probe"] in decode["probes_bytes_per_s"] and decode["bandwidth_bytes_per_s"] == max(
+        decode["probes_bytes_per_s"].values()
+    )
+    assert (
+        payload["model_resident_bytes"] > 0 and engine["peak_memory_bytes"] > payload["model_resident_bytes"]
+    )
 
 
 def test_compression_keeps_blocks_within_the_budget_and_matches_the_hf_press(experiment):
