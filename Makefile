@@ -18,6 +18,7 @@ $(BIN)/kvlab: pyproject.toml
 	touch $(BIN)/kvlab
 
 install: $(BIN)/kvlab
+	$(BIN)/python -m kvlab.kernels build  # compile + calibrate the CPU kernels now, not in a first run
 
 bench: install
 	$(BIN)/kvlab bench --technique static-cache --batch-level small --experiment-name default --overwrite

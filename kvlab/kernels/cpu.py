@@ -1,22 +1,20 @@
-"""CPU kernels compiled from C++ on first use (torch.utils.cpp_extension), with torch's as fallback.
+"""CPU kernels compiled from C++ once (build.py), with torch's as fallback, chosen by measurement.
 
 Why a kernel of our own: a decode step multiplies a few rows (one per running request) by every
-weight matrix, so its cost should be the weight bytes over the memory bandwidth. Measured on a
-2-core AVX2 AMD EPYC (torch 2.13.0 with MKL) over SmolLM2-135M's 30 layers and LM head, torch's
-matmuls stay far from that: float32 with 1 row 62-68 ms per step and with 2-16 rows 103-175 ms
-(about 4 GB/s against the 17 GB/s a plain read gets); bfloat16, which this CPU only emulates,
-23-26 ms with 1 row and 128-270 ms with 8-16. The skinny GEMM (skinny_gemm.cpp) streams each weight
-row once and applies it to up to four input rows from registers: in the same runs 32-34 ms (fp32)
-and 18-24 ms (bf16) with 1 row, 53 ms / 51 ms with 8 and 88-101 ms with 16. MKL wins again from
-about 48 rows, hence SKINNY_MAX_ROWS.
+weight matrix, so its cost should be the weight bytes over the memory bandwidth. torch's matmuls
+often stay far from that: on a 2-core AVX2 AMD EPYC (torch 2.13.0, MKL) float32 1-row products over
+SmolLM2-135M's matrices streamed ~4 GB/s against 17 GB/s for a plain read, and on an AVX512-BF16
+EPYC oneDNN's bf16 matrix-vector product streamed 9 GB/s against 30. The skinny GEMM
+(skinny_gemm.cpp) streams each weight row once; its AVX2 / AVX-512 / AVX512-BF16 variants are picked
+at run time by what the CPU reports, and whether it or torch serves a (dtype, rows) is decided by a
+calibration run once per build, CPU, torch version and thread count (calibrate.py).
 
-Half precision takes the kernel only where the CPU lacks native half arithmetic (kvlab.hardware):
-with AMX or AVX512-BF16, oneDNN's bf16 kernels are the better choice. `KVLAB_CPU_KERNELS=0` turns
-the kernels off (torch's everywhere), e.g. to measure what they bring.
+`prepare()` builds and calibrates up front; benches call it before timing anything.
+`KVLAB_CPU_KERNELS=0` turns the kernels off (torch's everywhere), e.g. to measure what they bring;
+`KVLAB_SKINNY_VARIANT=avx2|avx512|avx512bf16` limits the skinny GEMM to one variant.
 """
 
 import functools
-import hashlib
 import os
 import shutil
 import warnings
@@ -25,14 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kvlab.hardware import emulated_half
+from kvlab.errors import ConfigError
+from kvlab.kernels import build, calibrate
 
-SKINNY_MAX_ROWS = 32
-KERNEL_DIR = Path(__file__).parent
-SOURCES = [
-    KERNEL_DIR / name for name in ("skinny_gemm.cpp", "paged_attention.cpp", "rms_norm.cpp", "rotary.cpp")
-]
-COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for uses OpenMP
+SKINNY_MAX_ROWS = calibrate.ROW_BUCKETS[-1]
+SKINNY_DTYPES = (torch.float32, torch.bfloat16)
+VARIANT_ENV = "KVLAB_SKINNY_VARIANT"
 
 
 def enabled_by_env() -> bool:
@@ -47,18 +43,10 @@ def build_failure() -> str | None:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"needs an x86 CPU with AVX2 (torch reports {capability})"
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    if shutil.which(build.compiler()) is None:
         return "no C++ compiler on PATH"
     try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name=f"kvlab_cpu_kernels_{_source_digest()}",
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=COMPILE_FLAGS,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        build.build_and_load()
     except Exception as error:  # a failed build must not stop inference: torch's kernels still work
         last_line = (str(error).strip().splitlines() or [""])[-1]
         reason = f"build failed ({type(error).__name__}: {last_line})"
@@ -67,27 +55,8 @@ def build_failure() -> str | None:
     return None
 
 
-def _source_digest() -> str:
-    """Names the build after its sources (headers included), so an edited kernel is rebuilt."""
-    digest = hashlib.sha256()
-    for path in sorted(KERNEL_DIR.glob("*.[ch]*")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def available() -> bool:
     return build_failure() is None
-
-
-def describe() -> str:
-    """One line for reports: which matmul kernel small-batch decode uses here."""
-    failure = build_failure()
-    if failure is None:
-        return (
-            f"kvlab C++ kernels (AVX2): skinny GEMM for matmuls of <= {SKINNY_MAX_ROWS} rows, "
-            "paged decode attention, RMSNorm (fused with the residual add), RoPE"
-        )
-    return f"torch's matmuls only (kvlab CPU kernels: {failure})"
 
 
 def ops():
@@ -98,33 +67,120 @@ def ops():
     return torch.ops.kvlab
 
 
-def handles(x: Tensor) -> bool:
-    """Whether the row-wise kernels (RMSNorm, RoPE) take x: a float32 or bfloat16 CPU tensor."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and available()
+@functools.cache
+def supported_variants() -> tuple[str, ...]:
+    """The skinny GEMM variants this CPU can run, best first (the CPU's own report, via cpuid)."""
+    return tuple(ops().skinny_variants())
+
+
+def variants() -> tuple[str, ...]:
+    """The variants the calibration may choose from: all supported, or the one KVLAB_SKINNY_VARIANT names."""
+    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    if not forced:
+        return supported_variants()
+    if forced not in supported_variants():
+        raise ConfigError(
+            f"{VARIANT_ENV}={forced!r} is not a skinny GEMM variant this CPU runs; choose one of "
+            f"{', '.join(supported_variants())}"
+        )
+    return (forced,)
 
 
 @functools.cache
+def _calibration_at(threads: int, variant_set: tuple[str, ...]) -> calibrate.Calibration:
+    del threads  # part of the cache key: a new thread count is a new calibration
+    return calibrate.load_or_measure(
+        build.build_dir(),
+        build.source_digest(),
+        variant_set,
+        lambda x, w, name: ops().skinny_linear(x, w, None, name),
+    )
+
+
+def calibration() -> calibrate.Calibration:
+    """The kernel choice per (dtype, rows) at torch's current thread count: cached, else measured (~5 s)."""
+    ops()
+    return _calibration_at(torch.get_num_threads(), variants())
+
+
+def prepare() -> None:
+    """Build the kernels and calibrate now, so neither falls inside a measured time. Call it after
+    setting torch's thread count (the calibration is per thread count). No-op without the kernels."""
+    if available():
+        calibration()
+
+
+def describe() -> str:
+    """One line for reports: which matmul kernel serves each (dtype, rows) here, and the other kernels."""
+    failure = build_failure()
+    if failure is not None:
+        return f"torch's matmuls only (kvlab CPU kernels: {failure})"
+    table = calibration()
+    parts = []
+    for dtype in SKINNY_DTYPES:
+        spans, start = [], 1
+        for size in calibrate.ROW_BUCKETS:
+            d = table.decision(dtype, size)
+            name = d.kernel if d.kernel == calibrate.TORCH else f"kvlab {d.kernel}"
+            if spans and spans[-1][1] == name:
+                spans[-1][0][1] = size
+            else:
+                spans.append(([start, size], name))
+            start = size + 1
+        text = ", ".join(
+            f"rows {lo}-{hi} {name}" if lo != hi else f"row {lo} {name}" for (lo, hi), name in spans
+        )
+        parts.append(f"{str(dtype).removeprefix('torch.')}: {text}")
+    return (
+        f"kvlab C++ kernels: skinny GEMM by calibration at {table.key['threads']} threads "
+        f"({'; '.join(parts)}; torch above {SKINNY_MAX_ROWS} rows), paged decode attention, "
+        "RMSNorm (fused with the residual add), RoPE"
+    )
+
+
+def handles(x: Tensor) -> bool:
+    """Whether the row-wise kernels (RMSNorm, RoPE) take x: a float32 or bfloat16 CPU tensor."""
+    return x.device.type == "cpu" and x.dtype in SKINNY_DTYPES and available()
+
+
 def skinny_serves(dtype: torch.dtype) -> bool:
-    """Whether CPU matmuls at `dtype` take the skinny GEMM: float32, or bfloat16 the CPU only emulates."""
-    emulated = dtype == torch.bfloat16 and emulated_half(torch.empty(0, dtype=dtype))
-    return (dtype == torch.float32 or emulated) and available()
+    """Whether the calibration gave one-row CPU matmuls at `dtype` to kvlab's skinny GEMM."""
+    return (
+        dtype in SKINNY_DTYPES and available() and calibration().decision(dtype, 1).kernel != calibrate.TORCH
+    )
 
 
 def takes_skinny(x: Tensor, weight: Tensor) -> bool:
-    """Whether x @ weight.T goes to the skinny GEMM: few CPU rows at a dtype it serves."""
+    """Whether x @ weight.T goes to the skinny GEMM: few CPU rows where the calibration chose it."""
     return (
         x.device.type == "cpu"
         and x.dim() == 2
         and x.shape[0] <= SKINNY_MAX_ROWS
         and x.dtype == weight.dtype
+        and x.dtype in SKINNY_DTYPES
         and weight.is_contiguous()
-        and skinny_serves(x.dtype)
+        and available()
+        and calibration().decision(x.dtype, x.shape[0]).kernel != calibrate.TORCH
     )
 
 
-def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) @ weight (N, K).T + bias, accumulated in float32, returned in x's dtype."""
-    return ops().skinny_linear(x, weight, bias)
+def skinny_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, variant: str | None = None
+) -> Tensor:
+    """x (M, K) @ weight (N, K).T + bias, accumulated in float32, returned in x's dtype, by the skinny
+    GEMM: `variant` ("avx2", "avx512", "avx512bf16"), or the calibration's fastest for this shape."""
+    if variant is None:
+        variant = calibration().decision(x.dtype, min(x.shape[0], SKINNY_MAX_ROWS)).variant
+    return ops().skinny_linear(x, weight, bias, variant)
+
+
+def skinny_variant(dtype: torch.dtype, rows: int = 1) -> str:
+    """The variant skinny_linear runs for `rows` rows at `dtype` (for reports)."""
+    return calibration().decision(dtype, min(rows, SKINNY_MAX_ROWS)).variant
+
+
+def build_directory() -> Path:
+    return build.build_dir()
 
 
 def paged_decode_attention(

@@ -96,6 +96,21 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   TORCH_CHECK(key_cache.size(3) == D && D % 8 == 0, "paged_decode_attention: head_dim must match and be a multiple of 8");
   TORCH_CHECK(H % KH == 0, "paged_decode_attention: query heads must be a multiple of kv heads");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode_attention: one table and length per request");
+  // The kernel reads through the tables unchecked, so a bad length or block id would read (or, via
+  // a stale table, leak) memory outside the caches: validate what it is about to dereference.
+  const int64_t NB = key_cache.size(0), width = block_tables.size(1);
+  const int32_t* lens = seq_lens.const_data_ptr<int32_t>();
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK(lens[r] >= 1, "paged_decode_attention: seq_lens[", r, "] = ", lens[r], " but every request needs >= 1 token");
+    TORCH_CHECK(lens[r] <= width * BS, "paged_decode_attention: seq_lens[", r, "] = ", lens[r],
+                " exceeds its block table's capacity of ", width, " blocks x ", BS, " = ", width * BS, " tokens");
+    for (int64_t b = 0; b < (lens[r] + BS - 1) / BS; ++b) {
+      const int32_t id = tables[r * width + b];
+      TORCH_CHECK(id >= 0 && id < NB, "paged_decode_attention: block_tables[", r, ", ", b, "] = ", id,
+                  " is outside the cache's blocks [0, ", NB, ")");
+    }
+  }
   at::Tensor out = at::empty_like(query);
   const auto run = [&](auto tag) {
     using T = decltype(tag);

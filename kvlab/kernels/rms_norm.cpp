@@ -30,6 +30,7 @@ void check(const at::Tensor& t, const at::Tensor& weight) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "rms_norm: rows must be a contiguous (T, hidden) tensor");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == t.size(1) && weight.scalar_type() == t.scalar_type(),
               "rms_norm: weight must be (hidden,) in the rows' dtype");
+  TORCH_CHECK(weight.is_contiguous(), "rms_norm: weight must be contiguous (the kernel reads it with unit stride)");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16 only");
 }
 

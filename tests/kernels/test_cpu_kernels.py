@@ -1,4 +1,5 @@
-"""The C++ CPU kernels equal float64 / torch references on awkward shapes, and kvlab works without them."""
+"""The C++ CPU kernels (RMSNorm, RoPE, paged attention) equal torch references, check their inputs,
+and kvlab works without them. The skinny GEMM and its calibration: test_skinny_gemm.py."""
 
 import os
 import subprocess
@@ -15,27 +16,6 @@ from kvlab.rope import RotaryEmbedding
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
 )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 32])
-@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 20), (5, 203)])
-def test_skinny_linear_equals_float64_reference(dtype, rows, out_features, in_features):
-    """Row and column tails (K not a multiple of the vector width, N odd) and every input-row grouping."""
-    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
-    x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
-    bias = torch.randn(out_features, generator=generator).to(dtype)
-    expected = F.linear(x.double(), weight.double(), bias.double())
-    out = cpu_kernels.skinny_linear(x, weight, bias)
-    assert out.dtype == dtype and out.shape == (rows, out_features)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the result
-    torch.testing.assert_close(out.double(), expected, atol=tolerance * 10, rtol=tolerance)
-
-
-def test_skinny_linear_rejects_mismatched_shapes():
-    with pytest.raises(RuntimeError, match="columns"):
-        cpu_kernels.skinny_linear(torch.randn(2, 8), torch.randn(4, 9))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -113,3 +93,56 @@ def test_without_the_kernels_kvlab_falls_back_to_torch():
     )
     assert result.returncode == 0, result.stderr
     assert "turned off by KVLAB_CPU_KERNELS=0" in result.stdout
+
+
+def _paged_inputs(seq_len: int, table: list[int], num_blocks: int = 4, block_size: int = 4):
+    """One request, one head of 8 dims, over `num_blocks` blocks; the table and length as given."""
+    key_cache = torch.randn(num_blocks, block_size, 1, 8)
+    return (
+        torch.randn(1, 1, 8),
+        key_cache,
+        torch.randn_like(key_cache),
+        torch.tensor([table], dtype=torch.int32),
+        torch.tensor([seq_len], dtype=torch.int32),
+        1.0,
+    )
+
+
+def test_paged_attention_rejects_an_empty_sequence():
+    with pytest.raises(RuntimeError, match=r"seq_lens\[0\] = 0 .* >= 1 token"):
+        cpu_kernels.paged_decode_attention(*_paged_inputs(0, [1, 2]))
+
+
+def test_paged_attention_rejects_seq_len_beyond_table_capacity():
+    """Two blocks of 4 hold 8 tokens; a 9th would be read from past the table row."""
+    with pytest.raises(RuntimeError, match="exceeds its block table's capacity of 2 blocks x 4 = 8 tokens"):
+        cpu_kernels.paged_decode_attention(*_paged_inputs(9, [1, 2]))
+
+
+@pytest.mark.parametrize("block_id", [4, 1000, -1])
+def test_paged_attention_rejects_block_id_out_of_range(block_id):
+    with pytest.raises(
+        RuntimeError, match=rf"block_tables\[0, 1\] = {block_id} is outside the cache's blocks \[0, 4\)"
+    ):
+        cpu_kernels.paged_decode_attention(*_paged_inputs(6, [1, block_id]))
+
+
+def test_paged_attention_ignores_table_padding_past_the_sequence():
+    """Entries past the blocks a request uses are padding (any value) and must not be rejected."""
+    query, keys, values, _, _, scale = _paged_inputs(3, [2, 0])
+    padded = torch.tensor([[2, 12345]], dtype=torch.int32)
+    out = cpu_kernels.paged_decode_attention(
+        query, keys, values, padded, torch.tensor([3], dtype=torch.int32), scale
+    )
+    k, v = keys[2, :3, 0], values[2, :3, 0]
+    expected = torch.softmax(query[0] @ k.T, dim=-1) @ v
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_rejects_a_non_contiguous_weight():
+    x = torch.randn(3, 16)
+    strided_weight = torch.randn(32)[::2]  # (16,) with stride 2: read with unit stride it is wrong
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        cpu_kernels.rms_norm(x, strided_weight, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        cpu_kernels.add_rms_norm_(x.clone(), x, strided_weight, 1e-5)

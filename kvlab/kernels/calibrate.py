@@ -1,0 +1,197 @@
+"""Which kernel serves a (dtype, rows) matmul on this CPU: measured once, cached beside the build.
+
+Why measure: whether torch's matmul (MKL / oneDNN) or kvlab's skinny GEMM is faster depends on the
+CPU, the dtype and the rows count, and assumptions about it proved wrong. On a 2-core AMD EPYC with
+AVX512-BF16, oneDNN's bf16 matrix-vector product streamed 9 GB/s where a plain read gets 30, so the
+old rule "native bf16 -> oneDNN" cost bf16 decode 1.7x; at 16-32 rows oneDNN won there instead.
+
+The calibration times every candidate -- each skinny GEMM variant this CPU supports, and torch --
+on a pass over a set of distinct weight matrices (by default SmolLM2-135M's layer shapes, copied to
+`working_set`) so each call streams its matrix as a decode step does rather than hitting a
+warm cache, for rows 1, 2, 4, 8, 16, 32 and float32 / bfloat16. Candidates alternate within each
+round and each call's minimum over the rounds counts, so a noisy neighbour skews no candidate alone. The
+table is keyed by the kernel sources, CPU model, torch version, thread count and the candidates, and
+stored as JSON in the build folder: a new build, CPU, torch or thread count calibrates afresh.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TORCH = "torch"
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# SmolLM2-135M's decode matrices (out_features, in_features): fused q/k/v, o, fused gate/up, down.
+DEFAULT_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
+DEFAULT_WORKING_SET = 16 * 2**20  # bytes of float32 weights per pass; bfloat16 passes read half
+ROUNDS = 6  # the first is a warm-up
+TIE = 0.03  # relative difference below which two candidates count as equally fast
+
+
+def bucket(rows: int) -> int:
+    """The calibrated rows count that stands for `rows`: the smallest bucket >= rows."""
+    for size in ROW_BUCKETS:
+        if rows <= size:
+            return size
+    raise ValueError(f"rows {rows} exceeds the largest calibrated bucket {ROW_BUCKETS[-1]}")
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """For one (dtype, rows bucket): the fastest kvlab variant, and what runs (it, or torch)."""
+
+    kernel: str  # "torch" or the variant's name
+    variant: str  # the fastest skinny GEMM variant, used when kvlab's kernel is asked for anyway
+    ms: dict[str, float] = field(default_factory=dict)  # per candidate: ms per pass (minimum)
+
+
+@dataclass(slots=True)
+class Calibration:
+    key: dict
+    decisions: dict[tuple[str, int], Decision]
+    path: Path | None = None
+    measured_now: bool = False
+
+    def decision(self, dtype: torch.dtype, rows: int) -> Decision:
+        return self.decisions[(str(dtype).removeprefix("torch."), bucket(rows))]
+
+    def to_json(self) -> dict:
+        table: dict[str, dict[str, dict]] = {}
+        for (dtype, rows), d in self.decisions.items():
+            table.setdefault(dtype, {})[str(rows)] = {"kernel": d.kernel, "variant": d.variant, "ms": d.ms}
+        return {"key": self.key, "decisions": table}
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> "Calibration":
+        decisions = {
+            (dtype, int(rows)): Decision(entry["kernel"], entry["variant"], entry["ms"])
+            for dtype, by_rows in data["decisions"].items()
+            for rows, entry in by_rows.items()
+        }
+        return cls(data["key"], decisions, path)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def calibration_key(
+    digest: str, variants: Sequence[str], shapes: Sequence[tuple[int, int]], threads: int
+) -> dict:
+    return {
+        "kernels": digest,
+        "method": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],  # this file's procedure
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "variants": list(variants),
+        "shapes": [list(shape) for shape in shapes],
+        "rows": list(ROW_BUCKETS),
+    }
+
+
+def cache_path(directory: Path, key: dict) -> Path:
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return directory / f"calibration-{name}.json"
+
+
+def _weight_set(
+    shapes: Sequence[tuple[int, int]], dtype: torch.dtype, working_set: int
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    layer = sum(out * inp for out, inp in shapes) * 4
+    copies = max(1, working_set // layer)
+    return [
+        (torch.randn(out, inp, generator=generator) * 0.05).to(dtype)
+        for _ in range(copies)
+        for out, inp in shapes
+    ]
+
+
+def _fastest(names: Sequence[str], ms: dict[str, float]) -> str:
+    """The fastest name; times within TIE of it are a tie, which the order of `names` settles (kvlab's
+    variants widest ISA first, torch last), so noise between equals does not flip the choice."""
+    best = min(ms[name] for name in names)
+    return next(name for name in names if ms[name] <= best * (1 + TIE))
+
+
+def measure(
+    skinny: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+    variants: Sequence[str],
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    working_set: int = DEFAULT_WORKING_SET,
+    rounds: int = ROUNDS,
+) -> dict[tuple[str, int], Decision]:
+    """Time each candidate per (dtype, rows bucket); `skinny(x, weight, variant)` runs kvlab's kernel."""
+    decisions = {}
+    for dtype_name, dtype in DTYPES.items():
+        weights = _weight_set(shapes, dtype, working_set)
+        # float32 weights take the same kernel in avx512bf16 as in avx512: time it once.
+        kernels = [
+            v for v in variants if not (dtype == torch.float32 and v == "avx512bf16" and "avx512" in variants)
+        ]
+        for rows in ROW_BUCKETS:
+            inputs = {inp: torch.randn(rows, inp).to(dtype) for _, inp in shapes}
+            candidates: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+                name: (lambda x, w, name=name: skinny(x, w, name)) for name in kernels
+            }
+            candidates[TORCH] = F.linear  # what kvlab.models.native.linear runs when torch is chosen
+            # Per (candidate, matrix) the fastest of the rounds, summed over the matrices: a call that a
+            # busy machine descheduled in one round is replaced by its undisturbed time from another.
+            fastest = {name: [float("inf")] * len(weights) for name in candidates}
+            for round_index in range(rounds):
+                for name, run in candidates.items():
+                    times = fastest[name]
+                    for i, w in enumerate(weights):
+                        x = inputs[w.shape[1]]
+                        start = time.perf_counter()
+                        run(x, w)
+                        elapsed = time.perf_counter() - start
+                        if round_index > 0 and elapsed < times[i]:
+                            times[i] = elapsed
+            best = {name: sum(times) * 1e3 for name, times in fastest.items()}
+            variant = _fastest(kernels, best)
+            kernel = _fastest(list(candidates), best)
+            ms = {name: round(value, 4) for name, value in best.items()}
+            decisions[(dtype_name, rows)] = Decision(kernel, variant, ms)
+    return decisions
+
+
+def load_or_measure(
+    directory: Path,
+    digest: str,
+    variants: Sequence[str],
+    skinny: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+) -> Calibration:
+    """The cached table for this key (at torch's current thread count), or a fresh measurement
+    written beside the build."""
+    key = calibration_key(digest, variants, shapes, torch.get_num_threads())
+    path = cache_path(directory, key)
+    if path.exists():
+        try:
+            calibration = Calibration.from_json(json.loads(path.read_text()), path)
+            if calibration.key == key:
+                return calibration
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged file is measured again and overwritten
+    calibration = Calibration(key, measure(skinny, variants, shapes), path, measured_now=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(calibration.to_json(), indent=1))
+    os.replace(partial, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return calibration

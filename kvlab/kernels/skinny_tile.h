@@ -1,0 +1,94 @@
+// The skinny GEMM's register tiling, written once over an ISA "traits" type (one per variant TU).
+// Included only by the variant translation units, inside an anonymous namespace: every variant gets
+// its own internal copy compiled with its own flags (see skinny_variants.h for why that matters).
+//
+// Layout is dot-product form, as llama.cpp's vec_dot and the weight's natural (N, K) layout want:
+// a tile of MR input rows x NR weight rows keeps MR * NR vector accumulators in registers; per
+// step along K it loads NR weight vectors and MR input vectors once each and issues MR * NR FMAs
+// (oneDNN and BLIS block their microkernels the same way, with the weight panel walked once).
+// At one input row the tile is NR independent streams over the weights: memory-bound, as decode is.
+#pragma once
+
+#include <cstdint>
+
+#include "skinny_variants.h"
+
+namespace {
+
+using kvlab::skinny::kBlockRows;
+using kvlab::skinny::Problem;
+
+template <class T, int MR, int NR>
+inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t N) {
+  typename T::Acc acc[MR][NR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[m][r] = T::zero();
+  int64_t k = 0;
+  for (; k + T::kStep <= K; k += T::kStep) {
+    typename T::WV wv[NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) wv[r] = T::load_w(w + r * K + k);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const typename T::XV xv = T::load_x(x + m * K + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) acc[m][r] = T::fma(acc[m][r], wv[r], xv);
+    }
+  }
+  if (k < K) {  // the K tail: partial vectors, zero-filled past the row's end
+    const int rest = static_cast<int>(K - k);
+    typename T::WV wv[NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) wv[r] = T::load_w_tail(w + r * K + k, rest);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const typename T::XV xv = T::load_x_tail(x + m * K + k, rest);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) acc[m][r] = T::fma(acc[m][r], wv[r], xv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) y[m * N + r] = T::reduce(acc[m][r]);
+}
+
+// MR input rows against NB weight rows, as tiles of the widest NR the variant's registers allow.
+template <class T, int MR, int NB>
+inline void rows_against_block(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t N) {
+  constexpr int NR = T::template weight_rows<MR>() < NB ? T::template weight_rows<MR>() : NB;
+  static_assert(NB % NR == 0, "a block splits into whole tiles");
+#pragma GCC unroll 8
+  for (int r = 0; r < NB; r += NR) tile<T, MR, NR>(x, w + r * K, y + r, K, N);
+}
+
+// Every input row against NB weight rows, which stay in cache while the input tiles pass over them.
+template <class T, int NB>
+inline void block(const typename T::X* x, const typename T::W* w, float* y, int64_t M, int64_t K, int64_t N) {
+  constexpr int MR = T::kTileInputRows;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) rows_against_block<T, MR, NB>(x + m * K, w, y + m * N, K, N);
+  if constexpr (MR > 2) {
+    if (m + 2 <= M) {
+      rows_against_block<T, 2, NB>(x + m * K, w, y + m * N, K, N);
+      m += 2;
+    }
+  }
+  if (m < M) rows_against_block<T, 1, NB>(x + m * K, w, y + m * N, K, N);
+  // MR > 4 would leave up to MR - 1 rows here; the variants keep MR <= 4 so one 2 and one 1 suffice.
+  static_assert(MR <= 4, "remainder handling covers MR <= 4");
+}
+
+template <class T>
+void run(const Problem& p, int64_t n_begin, int64_t n_end) {
+  const auto* x = static_cast<const typename T::X*>(p.x);
+  const auto* w = static_cast<const typename T::W*>(p.w);
+  const int64_t K = p.K, N = p.N;
+  int64_t n = n_begin;
+  for (; n + kBlockRows <= n_end; n += kBlockRows) block<T, kBlockRows>(x, w + n * K, p.y + n, p.M, K, N);
+  for (; n < n_end; ++n) block<T, 1>(x, w + n * K, p.y + n, p.M, K, N);
+}
+
+}  // namespace

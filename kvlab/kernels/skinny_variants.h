@@ -1,0 +1,32 @@
+// The skinny GEMM's per-ISA entry points. Each variant lives in its own translation unit compiled
+// with its own -m flags (build.py), and includes no torch header: an inline function of a shared
+// header compiled once with AVX-512 could otherwise be the copy the linker keeps, and crash a CPU
+// without it. skinny_gemm.cpp picks a variant at run time from what the CPU reports.
+#pragma once
+
+#include <cstdint>
+
+namespace kvlab::skinny {
+
+// y (M, N) = x (M, K) @ w (N, K)^T for the weight rows [n_begin, n_end), float32 accumulation.
+// x is float32, except for variants whose bf16 kernel reads bfloat16 inputs (x_is_bf16 below).
+struct Problem {
+  const void* x;
+  const void* w;
+  float* y;
+  int64_t M, K, N;
+};
+
+using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);
+
+// Weight rows per block: the unit threads split, so each block's rows stay in L1/L2 while every
+// tile of input rows passes over them.
+constexpr int64_t kBlockRows = 8;
+
+void avx2_f32(const Problem&, int64_t, int64_t);
+void avx2_bf16(const Problem&, int64_t, int64_t);
+void avx512_f32(const Problem&, int64_t, int64_t);
+void avx512_bf16(const Problem&, int64_t, int64_t);
+void avx512bf16_bf16(const Problem&, int64_t, int64_t);  // vdpbf16ps: x in bfloat16
+
+}  // namespace kvlab::skinny

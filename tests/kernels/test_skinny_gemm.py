@@ -1,0 +1,208 @@
+"""The skinny GEMM: every ISA variant equals a float64 reference on awkward shapes, the calibration
+decides by what it measures and is cached, and a variant can be forced (the AVX2 base stays tested)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvlab.errors import ConfigError
+from kvlab.kernels import calibrate
+from kvlab.kernels import cpu as cpu_kernels
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
+)
+ALL_VARIANTS = ("avx2", "avx512", "avx512bf16")
+
+
+def _supported(variant: str) -> None:
+    if variant not in cpu_kernels.supported_variants():
+        pytest.skip(f"this CPU lacks the instructions of the {variant} variant")
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11, 16, 31, 32])
+@pytest.mark.parametrize(
+    ("out_features", "in_features"),
+    # K tails for each step width (8 AVX2, 16 AVX-512, 32 bf16 pairs); N tails of the 8-row blocks.
+    [(96, 64), (37, 20), (5, 203), (17, 577), (9, 1000), (1, 1)],
+)
+def test_variant_equals_float64_reference(variant, dtype, rows, out_features, in_features):
+    _supported(variant)
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    out = cpu_kernels.skinny_linear(x, weight, bias, variant=variant)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the result
+    torch.testing.assert_close(out.double(), expected, atol=tolerance * 10, rtol=tolerance)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_variant_on_a_non_contiguous_input_and_no_bias(variant):
+    _supported(variant)
+    x = torch.randn(40, 6)[:, :5].T  # (5, 40) with strides (1, 6)
+    weight = torch.randn(24, 40).to(torch.bfloat16)
+    out = cpu_kernels.skinny_linear(x.to(torch.bfloat16), weight, variant=variant)
+    expected = x.to(torch.bfloat16).double() @ weight.double().T
+    torch.testing.assert_close(out.double(), expected, atol=1e-1, rtol=1e-2)
+
+
+def test_skinny_linear_rejects_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.skinny_linear(torch.randn(2, 8), torch.randn(4, 9))
+
+
+def test_op_rejects_an_unknown_variant():
+    with pytest.raises(RuntimeError, match="unknown variant 'sse9'"):
+        cpu_kernels.skinny_linear(torch.randn(2, 8), torch.randn(4, 8), variant="sse9")
+
+
+def test_supported_variants_follow_what_the_cpu_reports():
+    """AVX2 is the base; AVX-512 variants appear exactly when torch sees AVX-512 (and cpuid BF16)."""
+    supported = cpu_kernels.supported_variants()
+    assert supported[-1] == "avx2"
+    has_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert ("avx512" in supported) == has_avx512
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if flags:
+        assert ("avx512bf16" in supported) == (has_avx512 and "avx512_bf16" in flags)
+
+
+def test_unknown_forced_variant_is_a_config_error(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.VARIANT_ENV, "sse9")
+    with pytest.raises(ConfigError, match="'sse9'.*choose one of .*avx2"):
+        cpu_kernels.variants()
+
+
+def test_forced_avx2_runs_avx2_everywhere():
+    """KVLAB_SKINNY_VARIANT=avx2: the calibration only offers AVX2 (vs torch), reports say so, and
+    linear() equals torch's product wherever the skinny GEMM takes it."""
+    code = (
+        "import torch\n"
+        "from kvlab.kernels import cpu\n"
+        "from kvlab.models.native import linear\n"
+        "assert cpu.variants() == ('avx2',), cpu.variants()\n"
+        "table = cpu.calibration()\n"
+        "assert {d.variant for d in table.decisions.values()} == {'avx2'}\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    x, w = torch.randn(3, 40).to(dtype), torch.randn(24, 40).to(dtype)\n"
+        "    assert cpu.skinny_variant(dtype, 3) == 'avx2'\n"
+        "    torch.testing.assert_close(linear(x, w).double(), x.double() @ w.double().T, atol=0.1, rtol=0.01)\n"
+        "print(cpu.describe())\n"
+    )
+    env = {**os.environ, cpu_kernels.VARIANT_ENV: "avx2"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "avx512" not in result.stdout and ("kvlab avx2" in result.stdout or "torch" in result.stdout)
+
+
+def _fake_calibration(kernel_by_bucket: dict[int, str]) -> calibrate.Calibration:
+    decisions = {
+        (dtype, rows): calibrate.Decision(kernel_by_bucket[rows], "avx2", {})
+        for dtype in calibrate.DTYPES
+        for rows in calibrate.ROW_BUCKETS
+    }
+    return calibrate.Calibration({"threads": 2}, decisions)
+
+
+def test_takes_skinny_follows_the_calibration(monkeypatch):
+    table = _fake_calibration({1: "avx2", 2: "avx2", 4: "torch", 8: "avx2", 16: "torch", 32: "torch"})
+    monkeypatch.setattr(cpu_kernels, "calibration", lambda: table)
+    weight = torch.randn(16, 8)
+    taken = [rows for rows in range(1, 40) if cpu_kernels.takes_skinny(torch.randn(rows, 8), weight)]
+    assert taken == [1, 2, 5, 6, 7, 8]  # buckets 1, 2 and 8 (5-8); 3-4, 9-32 torch; > 32 never
+    assert not cpu_kernels.takes_skinny(torch.randn(1, 8), torch.randn(8, 16).T)  # non-contiguous weight
+    assert (
+        "rows 1-2 kvlab avx2, rows 3-4 torch, rows 5-8 kvlab avx2, rows 9-32 torch" in cpu_kernels.describe()
+    )
+
+
+def _tiny_measure(skinny, variants):
+    return calibrate.measure(skinny, variants, shapes=((8, 16),), working_set=4096, rounds=3)
+
+
+def test_calibration_picks_torch_where_the_kernel_is_slower():
+    """A kernel that takes 20 ms per call loses to torch on a tiny matrix; an instant one wins."""
+
+    def slow(x, w, name):
+        time.sleep(0.02)
+        return x
+
+    def instant(x, w, name):
+        return x
+
+    assert {d.kernel for d in _tiny_measure(slow, ["avx2"]).values()} == {"torch"}
+    fast = _tiny_measure(instant, ["avx2"])
+    assert {d.kernel for d in fast.values()} == {"avx2"}
+    assert set(fast) == {(dtype, rows) for dtype in calibrate.DTYPES for rows in calibrate.ROW_BUCKETS}
+
+
+def test_calibration_picks_the_faster_variant():
+    def skinny(x, w, name):
+        if name == "avx2":
+            time.sleep(0.02)
+        return x
+
+    decisions = _tiny_measure(skinny, ["avx512", "avx2"])
+    assert {d.variant for d in decisions.values()} == {"avx512"}
+    assert all(d.ms["avx2"] > d.ms["avx512"] for d in decisions.values())
+
+
+def test_calibration_is_cached_and_reloaded(tmp_path, monkeypatch):
+    calls = []
+
+    def skinny(x, w, name):
+        calls.append(name)
+        return x
+
+    shapes = ((8, 16),)
+    first = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+    assert first.measured_now and first.path.exists() and calls
+    stored = json.loads(first.path.read_text())
+    assert stored["key"]["kernels"] == "digest-a" and stored["key"]["threads"] == torch.get_num_threads()
+    assert set(stored["decisions"]) == {"float32", "bfloat16"}
+    calls.clear()
+    again = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+    assert not again.measured_now and not calls and again.decisions == first.decisions
+    # A new build, another thread count: measured again, into another file.
+    rebuilt = calibrate.load_or_measure(tmp_path, "digest-b", ["avx2"], skinny, shapes)
+    assert rebuilt.measured_now and rebuilt.path != first.path
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        other = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.measured_now and other.path not in (first.path, rebuilt.path)
+    # A damaged file is measured again, not trusted.
+    first.path.write_text("{not json")
+    assert calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes).measured_now
+
+
+def test_bucket_maps_rows_to_the_smallest_calibrated_size():
+    assert [calibrate.bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [
+        1,
+        2,
+        4,
+        4,
+        8,
+        8,
+        16,
+        16,
+        32,
+        32,
+    ]
+    with pytest.raises(ValueError, match="33"):
+        calibrate.bucket(33)
