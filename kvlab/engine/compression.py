@@ -141,14 +141,15 @@ def press_step_limit(request: Request, num_tokens: int) -> int:
     """The most of `num_tokens` pending tokens the next step may compute for `request`.
 
     With a press: a step never crosses the prompt's end (the press runs on exactly the prompt, also
-    when a recompute after preemption covers prompt + outputs), and a ring press computes the tokens
-    past the prompt one per step (each overwrites the ring slot its decode step overwrote)."""
+    when a recompute after preemption covers prompt + outputs). Past the prompt a ring press
+    computes tokens one per step once it holds its budget (each overwrites the ring slot its decode
+    step overwrote); until then they only append, so they may share a step up to the budget."""
     if request.press is None:
         return num_tokens
     if request.num_computed_tokens < request.num_prompt_tokens:
         return min(num_tokens, request.num_prompt_tokens - request.num_computed_tokens)
     if request.press.evicts_during_decode:
-        return min(num_tokens, 1)
+        return min(num_tokens, max(1, request.press_budget - request.num_cached_tokens))
     return num_tokens
 
 

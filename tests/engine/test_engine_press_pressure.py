@@ -186,3 +186,30 @@ def test_async_streams_survive_a_press_budget_below_its_minimum(model):
 
     outputs = asyncio.run(main())
     assert outputs[-1].finished and outputs[-1].output_token_ids == plain_reference(model, first, 6)
+
+
+def test_a_ring_preempted_while_filling_its_budget_replays_exactly(model):
+    """Budget 30 over a 24-token prompt: decode appends up to 30, then the ring starts. The replay
+    after preemption appends the outputs that fit the budget in one chunk, then one per step."""
+    ring_prompt, plain_prompt = prompt_of(24, seed=31), prompt_of(20, seed=32)
+    press = get_press("streaming_llm", n_sink=2)
+    expected = press_reference(model, ring_prompt, press, 20, max_cache_tokens=30)
+    assert expected != plain_reference(model, ring_prompt, 20)
+    engine = LLMEngine.from_model(model, block_size=BLOCK, num_blocks=15)
+    plain = engine.add_request(plain_prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+    ring = engine.add_request(
+        ring_prompt,
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        press=RequestPress(press, max_cache_tokens=30),
+    )
+    request, final, chunks = engine.scheduler.requests[ring], {}, []
+    while engine.has_unfinished_requests():
+        scheduled = engine.scheduler.schedule()
+        chunks += [s.num_new_tokens for s in scheduled.scheduled if s.request is request]
+        sampled = engine.runner.execute(scheduled)
+        done = engine.scheduler.update(scheduled, sampled)
+        engine._run_presses(scheduled)
+        final |= {r.request_id: r.output_token_ids for r in done}
+    assert request.num_preemptions > 0 and 6 in chunks  # 24 recomputed, then 6 outputs up to 30
+    assert final[ring] == expected
+    assert final[plain] == plain_reference(model, plain_prompt, 24)
