@@ -173,6 +173,7 @@ def test_a_ring_request_neither_publishes_nor_reuses_prefix_blocks(llama):
         (get_press("streaming_llm", n_sink=4), {"max_cache_tokens": 4}, "4 tokens is too small"),
         (get_press("pyramidkv", window=4), {"max_cache_tokens": 16}, "different budgets"),
         (get_press("knorm", rerotate=True), {"max_cache_tokens": 8}, "true positions"),
+        (get_press("knorm", per_head=True), {"max_cache_tokens": 8}, "per kv-head"),
         (get_press("knorm"), {}, "exactly one"),
     ],
 )
