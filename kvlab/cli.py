@@ -260,9 +260,12 @@ def cmd_ppl(args, argv) -> int:
 def cmd_generate(args, argv) -> int:
     import torch
 
+    from kvlab.engine.detokenizer import IncrementalDetokenizer
     from kvlab.generate import generate
+    from kvlab.kernels import cpu as cpu_kernels
     from kvlab.models.loader import load_model
     from kvlab.sampling import SamplingConfig
+    from kvlab.stopping import model_eos_ids
 
     _set_threads(args.threads)
     if args.max_tokens <= 0:
@@ -284,27 +287,23 @@ def cmd_generate(args, argv) -> int:
     )
     if input_ids.shape[1] == 0:
         raise KvlabError("the prompt is empty")
+    cpu_kernels.prepare()  # a first-use build or calibration is announced here, not inside the TTFT
     generated: list[int] = []
-    printed = 0
+    detokenizer = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
     def stream(token: torch.Tensor) -> None:
-        nonlocal printed
         generated.append(int(token[0]))
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        # Hold back a trailing replacement character: the next token may complete a multi-byte symbol.
-        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
-        print(text[printed:safe], end="", flush=True)
-        printed = max(printed, safe)
+        print(detokenizer.step(generated), end="", flush=True)
 
     result = generate(
         loaded.model,
         input_ids,
         args.max_tokens,
         sampling=sampling,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=list(model_eos_ids(loaded.model)) or tokenizer.eos_token_id,
         on_token=stream,
     )
-    print()
+    print(detokenizer.flush(generated))
     n = result.tokens.shape[1]
     print(
         f"[{n} tokens, TTFT {result.ttft * 1000:.0f} ms, TPOT {result.tpot * 1000:.1f} ms]", file=sys.stderr
