@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads to calibrate for (default: torch's)"
     )
+    parser.add_argument(
+        "--recalibrate", action="store_true", help="measure again even if a calibration is cached"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvlab CPU kernels not built ({failure}); torch's kernels will be used", file=sys.stderr)
         return 0
     built = time.perf_counter()
-    table = cpu.calibration()
+    table = cpu.recalibrate() if args.recalibrate else cpu.calibration()
     done = time.perf_counter()
     how = "measured" if table.measured_now else "cached"
     print(f"kvlab CPU kernels ready in {cpu.build_directory()} (load {built - start:.1f} s)")

@@ -59,9 +59,19 @@ class Calibration:
     decisions: dict[tuple[str, int], Decision]
     path: Path | None = None
     measured_now: bool = False
+    # (dtype, rows) for every rows count up to the largest bucket: decision() runs once per matmul.
+    _by_rows: dict[tuple[torch.dtype, int], Decision] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_rows = {
+            (dtype, rows): self.decisions[(name, bucket(rows))]
+            for name, dtype in DTYPES.items()
+            if (name, ROW_BUCKETS[0]) in self.decisions
+            for rows in range(1, ROW_BUCKETS[-1] + 1)
+        }
 
     def decision(self, dtype: torch.dtype, rows: int) -> Decision:
-        return self.decisions[(str(dtype).removeprefix("torch."), bucket(rows))]
+        return self._by_rows[(dtype, rows)]
 
     def to_json(self) -> dict:
         table: dict[str, dict[str, dict]] = {}
@@ -114,7 +124,7 @@ def _weight_set(
 ) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     layer = sum(out * inp for out, inp in shapes) * 4
-    copies = max(1, working_set // layer)
+    copies = min(64, max(1, working_set // layer))  # bounded: tiny shapes would mean many tiny calls
     return [
         (torch.randn(out, inp, generator=generator) * 0.05).to(dtype)
         for _ in range(copies)
@@ -177,19 +187,21 @@ def load_or_measure(
     variants: Sequence[str],
     skinny: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
     shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    fresh: bool = False,
+    working_set: int = DEFAULT_WORKING_SET,
 ) -> Calibration:
-    """The cached table for this key (at torch's current thread count), or a fresh measurement
-    written beside the build."""
+    """The cached table for this key (at torch's current thread count), or (if none, or `fresh`) a new
+    measurement written beside the build."""
     key = calibration_key(digest, variants, shapes, torch.get_num_threads())
     path = cache_path(directory, key)
-    if path.exists():
+    if path.exists() and not fresh:
         try:
             calibration = Calibration.from_json(json.loads(path.read_text()), path)
             if calibration.key == key:
                 return calibration
         except (ValueError, KeyError, TypeError):
             pass  # a damaged file is measured again and overwritten
-    calibration = Calibration(key, measure(skinny, variants, shapes), path, measured_now=True)
+    calibration = Calibration(key, measure(skinny, variants, shapes, working_set), path, measured_now=True)
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps(calibration.to_json(), indent=1))

@@ -75,7 +75,12 @@ def supported_variants() -> tuple[str, ...]:
 
 def variants() -> tuple[str, ...]:
     """The variants the calibration may choose from: all supported, or the one KVLAB_SKINNY_VARIANT names."""
-    forced = os.environ.get(VARIANT_ENV, "").strip().lower()
+    return _variants(os.environ.get(VARIANT_ENV, ""))
+
+
+@functools.cache
+def _variants(forced: str) -> tuple[str, ...]:
+    forced = forced.strip().lower()
     if not forced:
         return supported_variants()
     if forced not in supported_variants():
@@ -86,21 +91,32 @@ def variants() -> tuple[str, ...]:
     return (forced,)
 
 
+def _skinny_variant_op(x: Tensor, weight: Tensor, variant: str) -> Tensor:
+    return ops().skinny_linear(x, weight, None, variant)
+
+
 @functools.cache
-def _calibration_at(threads: int, variant_set: tuple[str, ...]) -> calibrate.Calibration:
+def _calibration_at(threads: int) -> calibrate.Calibration:
     del threads  # part of the cache key: a new thread count is a new calibration
-    return calibrate.load_or_measure(
-        build.build_dir(),
-        build.source_digest(),
-        variant_set,
-        lambda x, w, name: ops().skinny_linear(x, w, None, name),
-    )
+    return calibrate.load_or_measure(build.build_dir(), build.source_digest(), variants(), _skinny_variant_op)
 
 
 def calibration() -> calibrate.Calibration:
-    """The kernel choice per (dtype, rows) at torch's current thread count: cached, else measured (~5 s)."""
+    """The kernel choice per (dtype, rows) at torch's current thread count: cached, else measured (~5 s).
+    Called once per matmul, so it is one cached lookup once loaded (KVLAB_SKINNY_VARIANT is read then)."""
+    return _calibration_at(torch.get_num_threads())
+
+
+def recalibrate() -> calibrate.Calibration:
+    """Measure again and replace the cached table (e.g. one taken while the machine was busy)."""
     ops()
-    return _calibration_at(torch.get_num_threads(), variants())
+    calibrate.load_or_measure(
+        build.build_dir(), build.source_digest(), variants(), _skinny_variant_op, fresh=True
+    )
+    _calibration_at.cache_clear()
+    table = calibration()
+    table.measured_now = True
+    return table
 
 
 def prepare() -> None:
@@ -153,9 +169,9 @@ def skinny_serves(dtype: torch.dtype) -> bool:
 def takes_skinny(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes to the skinny GEMM: few CPU rows where the calibration chose it."""
     return (
-        x.device.type == "cpu"
-        and x.dim() == 2
-        and x.shape[0] <= SKINNY_MAX_ROWS
+        x.dim() == 2
+        and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+        and x.device.type == "cpu"
         and x.dtype == weight.dtype
         and x.dtype in SKINNY_DTYPES
         and weight.is_contiguous()
@@ -170,13 +186,19 @@ def skinny_linear(
     """x (M, K) @ weight (N, K).T + bias, accumulated in float32, returned in x's dtype, by the skinny
     GEMM: `variant` ("avx2", "avx512", "avx512bf16"), or the calibration's fastest for this shape."""
     if variant is None:
-        variant = calibration().decision(x.dtype, min(x.shape[0], SKINNY_MAX_ROWS)).variant
-    return ops().skinny_linear(x, weight, bias, variant)
+        variant = calibration().decision(x.dtype, min(max(x.shape[0], 1), SKINNY_MAX_ROWS)).variant
+    return _op().skinny_linear(x, weight, bias, variant)
+
+
+@functools.cache
+def _op():
+    """The resolved op namespace (ops() checks the build; this skips the check on the hot path)."""
+    return ops()
 
 
 def skinny_variant(dtype: torch.dtype, rows: int = 1) -> str:
     """The variant skinny_linear runs for `rows` rows at `dtype` (for reports)."""
-    return calibration().decision(dtype, min(rows, SKINNY_MAX_ROWS)).variant
+    return calibration().decision(dtype, min(max(rows, 1), SKINNY_MAX_ROWS)).variant
 
 
 def build_directory() -> Path:

@@ -168,41 +168,35 @@ def test_calibration_is_cached_and_reloaded(tmp_path, monkeypatch):
         return x
 
     shapes = ((8, 16),)
-    first = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+
+    def load(digest):
+        return calibrate.load_or_measure(tmp_path, digest, ["avx2"], skinny, shapes, working_set=4096)
+
+    first = load("digest-a")
     assert first.measured_now and first.path.exists() and calls
     stored = json.loads(first.path.read_text())
     assert stored["key"]["kernels"] == "digest-a" and stored["key"]["threads"] == torch.get_num_threads()
     assert set(stored["decisions"]) == {"float32", "bfloat16"}
     calls.clear()
-    again = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+    again = load("digest-a")
     assert not again.measured_now and not calls and again.decisions == first.decisions
     # A new build, another thread count: measured again, into another file.
-    rebuilt = calibrate.load_or_measure(tmp_path, "digest-b", ["avx2"], skinny, shapes)
+    rebuilt = load("digest-b")
     assert rebuilt.measured_now and rebuilt.path != first.path
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1 if threads > 1 else 2)
-        other = calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes)
+        other = load("digest-a")
     finally:
         torch.set_num_threads(threads)
     assert other.measured_now and other.path not in (first.path, rebuilt.path)
     # A damaged file is measured again, not trusted.
     first.path.write_text("{not json")
-    assert calibrate.load_or_measure(tmp_path, "digest-a", ["avx2"], skinny, shapes).measured_now
+    assert load("digest-a").measured_now
 
 
 def test_bucket_maps_rows_to_the_smallest_calibrated_size():
-    assert [calibrate.bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [
-        1,
-        2,
-        4,
-        4,
-        8,
-        8,
-        16,
-        16,
-        32,
-        32,
-    ]
+    rows = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)
+    assert [calibrate.bucket(r) for r in rows] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 32]
     with pytest.raises(ValueError, match="33"):
         calibrate.bucket(33)
