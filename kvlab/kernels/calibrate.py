@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ def load_or_measure(
                 return calibration
         except (ValueError, KeyError, TypeError):
             pass  # a damaged file is measured again and overwritten
+    print("kvlab: calibrating CPU kernels once for this machine (~5 s)...", file=sys.stderr, flush=True)
     calibration = Calibration(key, measure(skinny, variants, shapes, working_set), path, measured_now=True)
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
