@@ -91,3 +91,38 @@ def test_per_head_budgets_with_equal_split_match_the_plain_press(tiny_model, tex
     torch.testing.assert_close(
         compressed_context_ppl(tiny_model.model, text_ids, per_head, **args).nll, plain.nll
     )
+
+
+@pytest.mark.parametrize("config", ["full", "window", "streaming_llm"])
+def test_native_streaming_equals_the_hf_path(tiny_model, config):
+    """Token by token on the engine twin (ring of 12 slots, sinks re-rotated every step) scores every
+    token as the HF modules with a PressCache do."""
+    torch.manual_seed(4)
+    ids = torch.randint(10, 49000, (50,))
+    native = streaming_ppl(tiny_model.model, ids, config, max_cache_tokens=12)
+    hf = streaming_ppl(tiny_model.model, ids, config, max_cache_tokens=12, path="hf")
+    assert (native.path, hf.path) == ("native", "hf")
+    torch.testing.assert_close(native.nll, hf.nll, atol=1e-4, rtol=1e-4)
+    assert native.kv_bytes == hf.kv_bytes
+    if config != "full":  # the budget bites: the press changed the scores
+        full = streaming_ppl(tiny_model.model, ids, "full")
+        assert (native.nll - full.nll).abs().max() > 1e-2
+
+
+def test_presses_that_score_evictions_stream_on_the_hf_path(tiny_model, text_ids):
+    assert streaming_ppl(tiny_model.model, text_ids, "h2o", max_cache_tokens=8).path == "hf"
+    with pytest.raises(ConfigError, match="native path cannot run"):
+        streaming_ppl(tiny_model.model, text_ids, "tova", max_cache_tokens=8, path="native")
+
+
+@pytest.mark.integration
+def test_smollm2_native_streaming_equals_the_hf_path_on_pg19(smollm2):
+    from kvlab.bench.core.datasets import load_text
+    from kvlab.bench.eval.perplexity import tokenize
+
+    ids = tokenize(smollm2.tokenizer, load_text("pg19").text)[0][:160]
+    native = streaming_ppl(smollm2.model, ids, "streaming_llm", max_cache_tokens=64)
+    hf = streaming_ppl(smollm2.model, ids, "streaming_llm", max_cache_tokens=64, path="hf")
+    assert native.path == "native"
+    torch.testing.assert_close(native.nll, hf.nll, atol=2e-3, rtol=1e-3)
+    assert native.ppl == pytest.approx(hf.ppl, rel=1e-4)
