@@ -84,6 +84,7 @@ def run_streaming(config: StreamingConfig, text, command: str) -> Path:
             "first_scored": result.first_scored,
             "kv_bytes": result.kv_bytes,
             "seconds": time.perf_counter() - started,
+            "forward_path": result.path,  # "native" (engine twin + kernels) or "hf" (HF modules)
             "cumulative_ppl": result.cumulative_ppl().tolist(),
         }
         print(f"{name:<14} ppl {ppl:10.3f} over {tail.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB")
@@ -143,13 +144,14 @@ def _markdown(payload: dict, path: Path) -> None:
         "",
         f"Protocol: {payload['protocol']}.",
         "",
-        "| configuration | PPL | tokens scored | KV MiB at end | seconds |",
-        "|---|---:|---:|---:|---:|",
+        "| configuration | PPL | tokens scored | KV MiB at end | seconds | forward |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, row in payload["results"].items():
         ppl = "-" if math.isnan(row["ppl"]) else f"{row['ppl']:.3f}"
         lines.append(
-            f"| {name} | {ppl} | {row['tokens_scored']} | {row['kv_bytes'] / 2**20:.1f} | {row['seconds']:.0f} |"
+            f"| {name} | {ppl} | {row['tokens_scored']} | {row['kv_bytes'] / 2**20:.1f} | {row['seconds']:.0f} "
+            f"| {row.get('forward_path', 'hf')} |"
         )
     if not payload["model"]["meaningful_ppl"]:
         lines += ["", "Random weights: these perplexities are meaningless."]
