@@ -9,6 +9,8 @@
 // At one input row the tile is NR independent streams over the weights: memory-bound, as decode is.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 
 #include "skinny_variants.h"
@@ -29,7 +31,13 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
   for (; k + T::kStep <= K; k += T::kStep) {
     typename T::WV wv[NR];
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) wv[r] = T::load_w(w + r * K + k);
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = T::load_w(w + r * K + k);
+      // The same spot kBlockRows rows on: the next block's rows, fetched while this one computes.
+      // A weight row is short (576 bf16 = 18 cache lines) and a tile walks NR of them at once, too
+      // many short streams for the hardware prefetcher to ramp up on before each ends.
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kBlockRows) * K + k), _MM_HINT_T0);
+    }
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const typename T::XV xv = T::load_x(x + m * K + k);
