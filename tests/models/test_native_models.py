@@ -50,6 +50,13 @@ def hf_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
         return hf_model(ids[None]).logits[0]
 
 
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32 agreement up to summation order: the error of a dot product grows with the size of its
+    terms, so the tolerance scales with the largest logit (the tiny models' logits reach about 20)."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-4)
+
+
 @pytest.fixture
 def token_ids(prompt_ids):
     return [prompt_ids[0, :15], prompt_ids[1, :10]]
@@ -60,7 +67,7 @@ def test_prefill_matches_hf(tiny_model, token_ids, backend_name):
     model = build_engine_model(tiny_model.model)
     logits = run_schedule(model, get_backend(backend_name), token_ids, [[15, 10]])
     for ids, got in zip(token_ids, logits, strict=True):
-        torch.testing.assert_close(got, hf_logits(tiny_model.model, ids), atol=1e-4, rtol=1e-4)
+        assert_logits_close(got, hf_logits(tiny_model.model, ids))
 
 
 @pytest.mark.parametrize("backend_name", ["sdpa", "tiled"])
@@ -71,7 +78,7 @@ def test_chunked_prefill_and_decode_match_hf(tiny_model, token_ids, backend_name
     options = {"block_m": 4, "block_n": 8} if backend_name == "tiled" else {}
     logits = run_schedule(model, get_backend(backend_name, **options), token_ids, schedule)
     for ids, got in zip(token_ids, logits, strict=True):
-        torch.testing.assert_close(got, hf_logits(tiny_model.model, ids), atol=1e-4, rtol=1e-4)
+        assert_logits_close(got, hf_logits(tiny_model.model, ids))
 
 
 def test_single_sequence_decode_matches_hf(tiny_model, token_ids):
@@ -79,7 +86,7 @@ def test_single_sequence_decode_matches_hf(tiny_model, token_ids):
     model = build_engine_model(tiny_model.model)
     ids = token_ids[0]
     logits = run_schedule(model, get_backend("sdpa"), [ids], [[8]] + [[1]] * 7)[0]
-    torch.testing.assert_close(logits, hf_logits(tiny_model.model, ids), atol=1e-4, rtol=1e-4)
+    assert_logits_close(logits, hf_logits(tiny_model.model, ids))
 
 
 @pytest.mark.parametrize("emulated", [True, False], ids=["float32-math", "half-math"])
@@ -180,4 +187,4 @@ def test_architecture_variants_match_hf(model_type, overrides):
     hf_model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 128, (12,))
     logits = run_schedule(build_engine_model(hf_model), get_backend("sdpa"), [ids], [[7], [3], [1], [1]])[0]
-    torch.testing.assert_close(logits, hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
+    assert_logits_close(logits, hf_logits(hf_model, ids))
