@@ -64,8 +64,12 @@ def test_rerotation_changes_the_ring_output(tiny_model, prompt):
 @pytest.mark.parametrize("name", [n for n in NATIVE if not PRESSES[n].evicts_by_position])
 def test_kept_positions_equal_the_press_cache(tiny_model, prompt, name):
     model, press, budget = tiny_model.model, press_of(name), budget_of(name)
-    native = select_forward(model, prompt, 1, cache=None, attention_mask=None, path="native", press=press, budget=budget)
-    hf = select_forward(model, prompt, 1, cache=None, attention_mask=None, path="hf", press=press, budget=budget)
+    native = select_forward(
+        model, prompt, 1, cache=None, attention_mask=None, path="native", press=press, budget=budget
+    )
+    hf = select_forward(
+        model, prompt, 1, cache=None, attention_mask=None, path="hf", press=press, budget=budget
+    )
     assert isinstance(native, NativeForward) and isinstance(hf, HFForward)
     native.prefill(prompt)
     with hf.hooks():
@@ -106,7 +110,9 @@ def test_press_arguments_are_checked(tiny_model, prompt):
     with pytest.raises(ConfigError, match="needs a press"):
         generate(model, prompt, 3, budget=Budget(max_cache_tokens=8))
     with pytest.raises(ConfigError, match="not both"):
-        generate(model, prompt, 3, press=get_press("knorm"), budget=Budget(max_cache_tokens=8), cache=object())
+        generate(
+            model, prompt, 3, press=get_press("knorm"), budget=Budget(max_cache_tokens=8), cache=object()
+        )
     # A budget the press cannot run fails before anything runs, on either path.
     for path in ("auto", "hf"):
         with pytest.raises(ConfigError, match="too small"):
