@@ -11,6 +11,13 @@ the garbage collector and `malloc_trim(0)`, which returns every free page of eve
 kernel (MADV_DONTNEED): resident memory is then live memory, and whatever the region touches, new or
 reused, shows up as a rise. Within the region the high-water mark is the true footprint, including
 fragmentation of the region's own frees.
+
+Fragmentation inside a region still varies from run to run while glibc's mmap threshold moves (it
+rises to the size of the largest chunk freed, so a 4,096-token prefill's activations land in the heap
+one run and in mmap the next: measured on SmolLM2, the same SnapKV run rose 400-485 MiB). The first
+measurement therefore fixes the threshold at 128 KiB (glibc's default starting value; M_MMAP_THRESHOLD
+through mallopt, which also stops its adjustment), so every tensor of 128 KiB or more is its own
+mapping, returned to the kernel when freed. This changes the bench process only, for both paths alike.
 """
 
 import ctypes
@@ -27,8 +34,10 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 CPU_METHOD = (
     "peak RSS (VmHWM reset per run via /proc/self/clear_refs, after gc + glibc malloc_trim(0) so that "
-    "resident = live memory at the start)"
+    "resident = live memory at the start; glibc mmap threshold fixed at 128 KiB)"
 )
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 def status_bytes(key: str) -> int | None:
@@ -47,6 +56,8 @@ def _libc():
     try:
         libc = ctypes.CDLL(name)
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         return libc
     except (OSError, AttributeError, TypeError):
         return None
