@@ -12,7 +12,7 @@ from tqdm import tqdm
 from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.floor import Floor, measure_floor
 from kvlab.bench.core.machine import prepare_kernels
-from kvlab.bench.core.memory import PeakMemory, resident_bytes
+from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, tpot_s, ttft_s
 from kvlab.bench.generate.config import BenchConfig
 from kvlab.bench.generate.registry import TECHNIQUES
@@ -171,7 +171,7 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
     for dtype in config.dtypes:
         loaded = None  # the previous dtype's model goes before this one loads
         loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
-        resident[dtype] = resident_bytes(device)
+        resident[dtype] = model_resident_bytes(loaded.model)
         longest = max(config.prompt_lengths) + config.new_tokens
         if longest > loaded.context_length:
             raise PromptTooLongError(

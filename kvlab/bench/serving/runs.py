@@ -51,14 +51,14 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
     """Every measurement of the paged bench; returns the results payload (raw samples included)."""
     from kvlab.bench.core.datasets import load_text
     from kvlab.bench.core.machine import machine_info, prepare_kernels
-    from kvlab.bench.core.memory import resident_bytes
+    from kvlab.bench.core.memory import model_resident_bytes
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
     text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)  # fails fast, no model yet
     prepare_kernels()  # a kernel build or calibration must never fall inside a measured time
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
-    model_resident = resident_bytes(loaded.model.device)
+    model_resident = model_resident_bytes(loaded.model)
     longest = max(
         config.mixed.prompt_len_max + config.mixed.output_len_max,
         config.decode.prompt_len + config.decode.new_tokens,
