@@ -62,6 +62,18 @@ def token_ids(prompt_ids):
     return [prompt_ids[0, :15], prompt_ids[1, :10]]
 
 
+def test_long_prefill_mlp_in_row_chunks_matches_hf(tiny_model, token_ids, monkeypatch):
+    """The Llama twin runs a long prefill's MLP over chunks of rows (peak memory); the output must not
+    change. A chunk of 4 rows splits this 25-token prefill into uneven chunks."""
+    from kvlab.models import llama
+
+    monkeypatch.setattr(llama, "MLP_CHUNK_ROWS", 4)
+    model = build_engine_model(tiny_model.model)
+    logits = run_schedule(model, get_backend("sdpa"), token_ids, [[15, 10]])
+    for ids, got in zip(token_ids, logits, strict=True):
+        assert_logits_close(got, hf_logits(tiny_model.model, ids))
+
+
 @pytest.mark.parametrize("backend_name", ["sdpa", "reference", "tiled"])
 def test_prefill_matches_hf(tiny_model, token_ids, backend_name):
     model = build_engine_model(tiny_model.model)
