@@ -54,3 +54,11 @@ def tpot_s(token_times: list[float]) -> float:
 def paged_kv_bytes(blocks_in_use: int, pool_bytes: int, num_blocks: int) -> int:
     """KV bytes held by `blocks_in_use` blocks of a paged pool of `num_blocks` blocks (`pool_bytes` in all)."""
     return blocks_in_use * pool_bytes // num_blocks
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share (where a numerical difference first shows)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -13,7 +13,7 @@ from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.floor import Floor, measure_floor
 from kvlab.bench.core.machine import prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
-from kvlab.bench.core.metrics import Summary, tpot_s, ttft_s
+from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
 from kvlab.bench.generate.config import BenchConfig
 from kvlab.bench.generate.registry import TECHNIQUES
 from kvlab.errors import PromptTooLongError
@@ -140,12 +140,7 @@ def summarize(
 def agreement(
     dtype: str, prompt_len: int, baseline: list[list[int]], optimized: list[list[int]]
 ) -> Agreement:
-    prefixes = []
-    for row_a, row_b in zip(baseline, optimized, strict=True):
-        n = 0
-        while n < min(len(row_a), len(row_b)) and row_a[n] == row_b[n]:
-            n += 1
-        prefixes.append(n)
+    prefixes = [matching_prefix(a, b) for a, b in zip(baseline, optimized, strict=True)]
     return Agreement(dtype, prompt_len, baseline == optimized, min(prefixes), len(baseline[0]))
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kvlab.bench.core.baselines import hf_static
-from kvlab.bench.core.metrics import paged_kv_bytes, tpot_between, tpot_s
+from kvlab.bench.core.metrics import matching_prefix, paged_kv_bytes, tpot_between, tpot_s
 from kvlab.bench.serving.config import ServingConfig
 from kvlab.bench.serving.workloads import (
     BenchRequest,
@@ -195,12 +195,7 @@ def serve(engine, requests: list[BenchRequest], press=None) -> dict[str, Any]:
 
 
 def agreement(engine_tokens: list[list[int]], hf_tokens: list[list[int]]) -> dict[str, Any]:
-    prefixes = []
-    for a, b in zip(engine_tokens, hf_tokens, strict=True):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        prefixes.append(n)
+    prefixes = [matching_prefix(a, b) for a, b in zip(engine_tokens, hf_tokens, strict=True)]
     identical = sum(a == b for a, b in zip(engine_tokens, hf_tokens, strict=True))
     return {"identical_requests": identical, "num_requests": len(prefixes), "matching_prefix": prefixes}
 
