@@ -1,8 +1,19 @@
 import os
 import random
+import re
 
 import pytest
 import torch
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Test ids that a shell passes through unquoted: a string parameter (YAML text, a message, a
+    command line) keeps its letters, digits and . - + and turns anything else into _, so a list of
+    node ids (e.g. the suite in reverse order) can be handed back to pytest as arguments."""
+    if isinstance(val, str):
+        return re.sub(r"[^\w.+-]+", "_", val).strip("_") or "empty"
+    return None
+
 
 # Triton kernels are checked on CPU by Triton's interpreter, which must be chosen before triton is first
 # imported (importing transformers may import it), so it is set here, before any test module loads.
