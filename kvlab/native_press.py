@@ -291,6 +291,10 @@ class PerLayerMetadata(AttentionBackend):
     ):
         self.inner, self.layer_of, self.group_of, self.metadata = inner, layer_of, group_of, metadata
         self.name = inner.name
+        self.fused_cpu_decode = inner.fused_cpu_decode
+
+    def layer_metadata(self, key_cache: Tensor, metadata: AttentionMetadata) -> AttentionMetadata:
+        return self._metadata(key_cache)
 
     def _metadata(self, key_cache: Tensor) -> AttentionMetadata:
         return self.metadata[self.group_of[self.layer_of[key_cache.data_ptr()]]]

@@ -1,6 +1,6 @@
 """Compiling the C++ CPU kernels: once per source digest, into kvlab's cache, announced on stderr.
 
-The torch ops (skinny_gemm.cpp, paged_attention.cpp, rms_norm.cpp, rotary.cpp) build with AVX2 flags
+The torch ops (skinny_gemm.cpp, paged_attention.cpp, rms_norm.cpp, rotary.cpp, decode_step.cpp) build with AVX2 flags
 through torch.utils.cpp_extension. The skinny GEMM's ISA variants are separate translation units,
 each compiled here with its own -m flags and linked in; skinny_gemm.cpp calls one only where the CPU
 reports its instructions, so the library loads on any AVX2 CPU (why they include no torch header:
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-OP_SOURCES = ("skinny_gemm.cpp", "paged_attention.cpp", "rms_norm.cpp", "rotary.cpp")
+OP_SOURCES = ("skinny_gemm.cpp", "paged_attention.cpp", "rms_norm.cpp", "rotary.cpp", "decode_step.cpp")
 OP_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # -fopenmp: at::parallel_for uses OpenMP
 # source -> its own ISA flags; the CPU check before each call lives in skinny_gemm.cpp.
 VARIANT_SOURCES = {

@@ -11,7 +11,8 @@ calibration run once per build, CPU, torch version and thread count (calibrate.p
 
 `prepare()` builds and calibrates up front; benches call it before timing anything.
 `KVLAB_CPU_KERNELS=0` turns the kernels off (torch's everywhere), e.g. to measure what they bring;
-`KVLAB_SKINNY_VARIANT=avx2|avx512|avx512bf16` limits the skinny GEMM to one variant.
+`KVLAB_SKINNY_VARIANT=avx2|avx512|avx512bf16` limits the skinny GEMM to one variant;
+`KVLAB_FUSED_DECODE=0` runs Llama decode steps op by op instead of as one op (decode_step.cpp).
 """
 
 import functools
@@ -150,7 +151,7 @@ def describe() -> str:
     return (
         f"kvlab C++ kernels: skinny GEMM by calibration at {table.key['threads']} threads "
         f"({'; '.join(parts)}; torch above {SKINNY_MAX_ROWS} rows), paged decode attention, "
-        "RMSNorm (fused with the residual add), RoPE"
+        "RMSNorm (fused with the residual add), RoPE, whole Llama decode steps as one op"
     )
 
 
@@ -178,6 +179,20 @@ def takes_skinny(x: Tensor, weight: Tensor) -> bool:
         and available()
         and calibration().decision(x.dtype, x.shape[0]).kernel != calibrate.TORCH
     )
+
+
+def fused_decode_variant(dtype: torch.dtype, rows: int) -> str | None:
+    """The skinny GEMM variant a fused decode step of `rows` rows runs at `dtype` (decode_step.cpp),
+    or None where it does not run: kernels unavailable or off, or the calibration gave those rows to torch."""
+    if (
+        dtype not in SKINNY_DTYPES
+        or not 0 < rows <= SKINNY_MAX_ROWS
+        or not available()
+        or os.environ.get("KVLAB_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off")
+    ):
+        return None
+    decision = calibration().decision(dtype, rows)
+    return None if decision.kernel == calibrate.TORCH else decision.variant
 
 
 def skinny_linear(
@@ -216,6 +231,48 @@ def paged_decode_attention(
     """query (B, H, D), one token per request, over its paged context -> (B, H, D) in query's dtype."""
     return ops().paged_decode_attention(
         query.contiguous(), key_cache, value_cache, block_tables, seq_lens, scale
+    )
+
+
+def decode_step(
+    embedded: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    layers,
+    final_norm: Tensor,
+    caches,
+    metadata,
+    num_heads: int,
+    eps: float,
+    scale: float,
+    variant: str,
+) -> Tensor:
+    """One whole Llama decode step (kvlab/kernels/decode_step.cpp): `layers` maps each of input_norm, q,
+    k, v, o, post_norm, gate, up, down to its per-layer list; `caches` is (key caches, value caches);
+    `metadata` one AttentionMetadata per layer. -> final-normed hidden (M, hidden)."""
+    return _op().decode_step(
+        embedded,
+        cos.contiguous(),
+        sin.contiguous(),
+        layers["input_norm"],
+        layers["q"],
+        layers["k"],
+        layers["v"],
+        layers["o"],
+        layers["post_norm"],
+        layers["gate"],
+        layers["up"],
+        layers["down"],
+        final_norm,
+        caches[0],
+        caches[1],
+        [m.slot_mapping for m in metadata],
+        [m.seq_lens for m in metadata],
+        [m.block_tables for m in metadata],
+        num_heads,
+        eps,
+        scale,
+        variant,
     )
 
 

@@ -13,19 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "skinny_variants.h"
+#include "skinny_dispatch.h"
+
+namespace kvlab::skinny {
 
 namespace {
-
-namespace sk = kvlab::skinny;
-
-struct Variant {
-  const char* name;
-  bool (*supported)();
-  sk::Kernel f32;
-  sk::Kernel bf16;
-  bool bf16_reads_bf16_inputs;  // vdpbf16ps multiplies bf16 by bf16; the others widen x to float32
-};
 
 // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0), not only CPUID.
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -34,10 +26,12 @@ bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf1
 
 // Best first: the order in which variants are offered to the calibration.
 const Variant kVariants[] = {
-    {"avx512bf16", has_avx512bf16, sk::avx512_f32, sk::avx512bf16_bf16, true},
-    {"avx512", has_avx512, sk::avx512_f32, sk::avx512_bf16, false},
-    {"avx2", has_avx2, sk::avx2_f32, sk::avx2_bf16, false},
+    {"avx512bf16", has_avx512bf16, avx512_f32, avx512bf16_bf16, true},
+    {"avx512", has_avx512, avx512_f32, avx512_bf16, false},
+    {"avx2", has_avx2, avx2_f32, avx2_bf16, false},
 };
+
+}  // namespace
 
 const Variant& find_variant(const std::string& name) {
   for (const Variant& v : kVariants)
@@ -54,6 +48,15 @@ std::vector<std::string> skinny_variants() {
     if (v.supported()) names.emplace_back(v.name);
   return names;
 }
+
+}  // namespace kvlab::skinny
+
+namespace {
+
+namespace sk = kvlab::skinny;
+using sk::find_variant;
+using sk::Variant;
+using sk::skinny_variants;
 
 // x (M, K) and weight (N, K) in one dtype, bias (N,) or none -> (M, N) in that dtype. The float32
 // result is rounded once, after the bias.

@@ -33,10 +33,12 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       wv[r] = T::load_w(w + r * K + k);
-      // The same spot kBlockRows rows on: the next block's rows, fetched while this one computes.
-      // A weight row is short (576 bf16 = 18 cache lines) and a tile walks NR of them at once, too
-      // many short streams for the hardware prefetcher to ramp up on before each ends.
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kBlockRows) * K + k), _MM_HINT_T0);
+      // The same spot two blocks on, into L2, fetched while this block computes. A weight row is
+      // short (576 bf16 = 18 cache lines) and a tile walks NR of them at once, too many short
+      // streams for the hardware prefetcher to ramp up on before each ends. (Two blocks ahead into
+      // L2 measured a little faster than one block into L1 on a Sapphire Rapids VM; the noise of
+      // that machine was of the same order.)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * kBlockRows) * K + k), _MM_HINT_T1);
     }
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {

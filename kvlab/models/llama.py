@@ -19,6 +19,7 @@ from torch import Tensor
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
+from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models.native import EngineModel, add_rms_norm_, linear, rms_norm
 from kvlab.rope import RotaryEmbedding
 
@@ -70,6 +71,12 @@ class LlamaEngineModel(EngineModel):
         self.layers = [self._fuse(layer, fuse_projections) for layer in hf_model.model.layers]
         # The norm that follows each layer's MLP: the next layer's input norm, then the final norm.
         self.next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        self.has_bias = any(
+            b is not None
+            for layer in self.layers
+            for b in (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
+        )
+        self._step_weights: dict[str, list[Tensor]] | None = None
 
     @staticmethod
     def _fuse(layer, fuse: bool) -> LlamaLayer:
@@ -97,6 +104,9 @@ class LlamaEngineModel(EngineModel):
         backend: AttentionBackend,
     ) -> Tensor:
         """input_ids, positions (T,) -> final-normed hidden states (T, hidden)."""
+        variant = self._fused_decode_variant(input_ids, kv_caches, metadata, backend)
+        if variant is not None:
+            return self._fused_decode(input_ids, positions, kv_caches, metadata, backend, variant)
         num_tokens = input_ids.shape[0]
         num_heads, num_kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
@@ -119,6 +129,51 @@ class LlamaEngineModel(EngineModel):
             x = add_rms_norm_(residual, attn, layer.post_norm, self.eps)
             x = add_rms_norm_(residual, _mlp(layer, x), next_norm, self.eps)
         return x
+
+    def _fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
+        """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
+        to run op by op: prefill and mixed steps, other backends, biases, GPU, no kernels."""
+        if not (metadata.is_decode_only and backend.fused_cpu_decode) or self.has_bias:
+            return None
+        if self.device.type != "cpu" or self.head_dim % 8 or kv_caches[0][0].dtype != self.dtype:
+            return None
+        return cpu_kernels.fused_decode_variant(self.dtype, input_ids.shape[0])
+
+    def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
+        if self._step_weights is None:
+            self._step_weights = self._split_step_weights()
+        cos, sin = self.rotary.tables(positions)
+        keys, values = zip(*kv_caches, strict=True)
+        return cpu_kernels.decode_step(
+            F.embedding(input_ids, self.embed),
+            cos,
+            sin,
+            self._step_weights,
+            self.final_norm,
+            (list(keys), list(values)),
+            [backend.layer_metadata(key_cache, metadata) for key_cache in keys],
+            self.num_heads,
+            self.eps,
+            self.scale,
+            variant,
+        )
+
+    def _split_step_weights(self) -> dict[str, list[Tensor]]:
+        """Per-layer q, k, v, gate, up (row views of fused matrices: no copies) and the rest."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        step: dict[str, list[Tensor]] = {
+            name: [] for name in ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
+        }
+        for layer in self.layers:
+            qkv = layer.qkv.split([q_size, kv_size, kv_size]) if isinstance(layer.qkv, Tensor) else layer.qkv
+            gate_up = layer.gate_up.chunk(2) if isinstance(layer.gate_up, Tensor) else layer.gate_up
+            for name, tensor in zip(
+                step,
+                (layer.input_norm, *qkv, layer.o_proj, layer.post_norm, *gate_up, layer.down),
+                strict=True,
+            ):
+                step[name].append(tensor)
+        return step
 
 
 # A long prefill's MLP holds gate, up, SiLU(gate) * up and the joined projection at once: at 4,096

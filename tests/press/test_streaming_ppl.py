@@ -99,7 +99,7 @@ def test_native_streaming_equals_the_hf_path(tiny_model, config):
     token as the HF modules with a PressCache do."""
     torch.manual_seed(4)
     ids = torch.randint(10, 49000, (50,))
-    native = streaming_ppl(tiny_model.model, ids, config, max_cache_tokens=12)
+    native = streaming_ppl(tiny_model.model, ids, config, max_cache_tokens=12, path="native")
     hf = streaming_ppl(tiny_model.model, ids, config, max_cache_tokens=12, path="hf")
     assert (native.path, hf.path) == ("native", "hf")
     torch.testing.assert_close(native.nll, hf.nll, atol=1e-4, rtol=1e-4)
@@ -116,13 +116,13 @@ def test_presses_that_score_evictions_stream_on_the_hf_path(tiny_model, text_ids
 
 
 @pytest.mark.integration
-def test_smollm2_native_streaming_equals_the_hf_path_on_pg19(smollm2):
+def test_smollm2_streaming_equals_the_hf_path_on_pg19(smollm2):
     from kvlab.bench.core.datasets import load_text
     from kvlab.bench.eval.perplexity import tokenize
 
     ids = tokenize(smollm2.tokenizer, load_text("pg19").text)[0][:160]
     native = streaming_ppl(smollm2.model, ids, "streaming_llm", max_cache_tokens=64)
     hf = streaming_ppl(smollm2.model, ids, "streaming_llm", max_cache_tokens=64, path="hf")
-    assert native.path == "native"
+    assert native.path == "native-banded"  # scored in chunks (banded_ring.py); 160 tokens: one chunk
     torch.testing.assert_close(native.nll, hf.nll, atol=2e-3, rtol=1e-3)
     assert native.ppl == pytest.approx(hf.ppl, rel=1e-4)

@@ -17,6 +17,9 @@ class AttentionBackend(ABC):
     """One interface for every backend: write the step's new K/V, then attend."""
 
     name: str = "base"
+    # Whether a CPU decode step may run as one fused op (kvlab/kernels/decode_step.cpp) that writes
+    # and reads the paged cache itself, exactly as this backend's write_kv + forward would.
+    fused_cpu_decode: bool = False
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -30,6 +33,10 @@ class AttentionBackend(ABC):
         """query (T, H, D) -> output (T, H, D): causal attention of each request's new tokens over
         its whole context (cached + new), read from the paged cache through `metadata.block_tables`.
         The new tokens' K/V must already be in the cache (see `write_kv`)."""
+
+    def layer_metadata(self, key_cache: Tensor, metadata: AttentionMetadata) -> AttentionMetadata:
+        """The metadata the layer owning `key_cache` reads (the model's, unless a wrapper holds per-layer ones)."""
+        return metadata
 
     def write_kv(
         self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor

@@ -19,6 +19,8 @@ from kvlab.kernels import cpu as cpu_kernels
 
 @register_backend("cpu_paged")
 class CpuPagedBackend(SdpaBackend):
+    fused_cpu_decode = True
+
     def __init__(self) -> None:
         failure = cpu_kernels.build_failure()
         if failure is not None:

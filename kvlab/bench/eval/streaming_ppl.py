@@ -14,6 +14,11 @@ so the cache holds at most `max_cache_tokens`. Configurations (`STREAMING_CONFIG
 
 Results keep every per-token NLL, so a caller plots cumulative PPL, exp(mean NLL of tokens <= t), vs t.
 
+A StreamingLLM ring (streaming_llm, window) is scored a chunk at a time where the model has an
+engine-native twin: the tokens each query sees depend only on its position, so a chunk's attention is
+a band of the causal mask plus the sink columns, the same NLLs at C-row matmul speed
+(kvlab/bench/eval/banded_ring.py; `path="native"` runs it token by token instead).
+
 Token by token runs on `kvlab.generate`'s forward paths (kvlab/forward_paths.py): the engine-native
 twin and its kernels for full, window and streaming_llm (a ring of `max_cache_tokens` slots per
 layer, re-rotation by moving only the sink keys; kvlab/native_press.py), the HF modules through a
@@ -32,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlab.bench.eval.banded_ring import banded_ring_logprobs, ring_layout
 from kvlab.cache import PreallocatedCache, kv_cache_bytes
 from kvlab.errors import ConfigError
 from kvlab.forward_paths import select_forward
+from kvlab.models.native import ARCHITECTURES
 from kvlab.press.base import Press
 from kvlab.press.budget import Budget
 from kvlab.press.h2o import H2OPress
@@ -45,6 +52,7 @@ from kvlab.press.tova import TOVAPress
 from kvlab.press.wrappers import KeyRerotationPress
 
 FULL, RECOMPUTE = "full", "recompute"
+BANDED = "banded"
 STREAMING_CONFIGS: dict[str, Callable[[], Press | None]] = {
     FULL: lambda: None,
     "window": lambda: KeyRerotationPress(StreamingLLMPress(n_sink=0)),
@@ -118,7 +126,8 @@ def streaming_ppl(
     `score_from`: the recompute oracle scores only tokens from this index on (each of its predictions
     depends on the preceding window alone, so earlier tokens need no compute); the cache-based
     configurations must feed every token anyway and score them all (see `PPLResult.tail`).
-    path: "auto" (native where the model and press allow it), "native" or "hf" (as `kvlab.generate`).
+    path: "auto" (banded chunks for a StreamingLLM ring on a model with an engine-native twin, else
+    native token by token where the model and press allow it), "banded", "native" or "hf".
     """
     if config not in STREAMING_CONFIGS and config not in PRESSES:
         raise ConfigError(
@@ -147,7 +156,29 @@ def streaming_ppl(
         num_tokens = min(num_tokens, int(model.config.max_position_embeddings))
     else:
         budget = Budget(max_cache_tokens=max_cache_tokens)
+    layout = ring_layout(press)
+    banded_runs = layout is not None and model.config.model_type in ARCHITECTURES
+    if path == BANDED and not banded_runs:
+        raise ConfigError(
+            "path 'banded' needs a StreamingLLM ring (streaming_llm, window) on a model with an "
+            f"engine-native twin ({', '.join(ARCHITECTURES)})"
+        )
+    if path == BANDED or (path == "auto" and banded_runs):
+        budget.layers(press, model.config.num_hidden_layers, 1)  # the ring needs budget >= n_sink + 1
+        n_sink, rerotate = layout
+        nll = banded_ring_logprobs(model, ids[:, :num_tokens], max_cache_tokens, n_sink, rerotate)
+        cache_bytes = _ring_bytes(model, max_cache_tokens)
+        return PPLResult(name=config, nll=nll, first_scored=1, kv_bytes=cache_bytes, path="native-banded")
     return _token_by_token(model, ids[:, :num_tokens], config, press, budget, on_step, path)
+
+
+def _ring_bytes(model, slots: int) -> int:
+    """K+V bytes of a ring of `slots` tokens in every layer, what the streaming cache holds."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * slots
 
 
 def _token_by_token(model, ids, name, press, budget, on_step, path) -> PPLResult:

@@ -1,0 +1,158 @@
+// One decode query group's attention over its paged context, shared by the paged-attention op and
+// the fused decode step. The G = H / KH query heads that share a kv head (GQA) are handled together,
+// so each cached key and value row is loaded once for all of them. Two passes: scores for every
+// position, a max-subtracted softmax, then the weighted sum of the values; exact, and the scores
+// of even an 8k context (G x 8k floats) stay in L2. Float32 math over a float32 or bf16 cache.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "vec.h"
+
+namespace kvlab {
+
+// e^x for 8 lanes: x = n ln2 + r with n = round(x / ln2) and |r| <= ln2 / 2 (ln2 split in two
+// parts, Cody & Waite 1980, so r keeps its low bits), e^r by its degree-6 Taylor polynomial
+// (truncation error below 2e-7 relative on that interval), 2^n built in the exponent field.
+// Inputs are clamped to float32's normal range, so a very negative score gives ~1e-38, not 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37f)), _mm256_set1_ps(-87.33f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// s[i] = e^(s[i] - max) for i < n; returns the sum of the new values.
+inline float exp_shifted_sum(float* s, int64_t n, float max) {
+  const __m256 shift = _mm256_set1_ps(max);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), shift));
+    _mm256_storeu_ps(s + i, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = horizontal_sum(sums);
+  if (i < n) {  // the tail through a padded copy, so every value takes the same polynomial
+    alignas(32) float rest[8] = {max, max, max, max, max, max, max, max};
+    std::copy(s + i, s + n, rest);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(rest), shift));
+    _mm256_store_ps(rest, e);
+    for (int64_t j = 0; j < n - i; ++j) sum += (s[i + j] = rest[j]);
+  }
+  return sum;
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
+  return horizontal_sum(acc);
+}
+
+template <typename T>
+inline void add_scaled(float* acc, float p, const T* v, int64_t D) {
+  const __m256 weight = _mm256_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 8)
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, load8(v + d), _mm256_loadu_ps(acc + d)));
+}
+
+// Where a paged cache keeps its rows: (num_blocks, block_size, KH, D), read through a block table.
+template <typename T>
+struct PagedContext {
+  const T* keys;
+  const T* values;
+  const int32_t* table;  // this request's block ids
+  int64_t length;        // positions 0..length-1 are attended
+  int64_t block_size, kv_heads, head_dim;
+
+  int64_t offset(int64_t p, int64_t kh) const {
+    return ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * head_dim;
+  }
+};
+
+// A share of one group's attention: positions [begin, end) only, unnormalised, so shares of one
+// context computed apart (e.g. by different threads) merge exactly (flash-decoding; Dao et al. 2023):
+// for each head g, max[g] = max score, sum[g] = sum of e^(score - max[g]), acc (G x D) = sum of
+// e^(score - max[g]) v. An empty share gives max -inf and sum 0. scores: scratch of G * (end - begin).
+template <typename T>
+void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_t G, int64_t begin, int64_t end,
+                  float* scores, float* acc, float* max, float* sum) {
+  const int64_t n = end - begin, D = ctx.head_dim;
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    max[g] = -std::numeric_limits<float>::infinity();
+    sum[g] = 0.f;
+  }
+  if (n <= 0) return;
+  // Rows of one kv head sit KH * D apart and jump at block boundaries, which the hardware
+  // prefetcher follows late; each row is requested kAhead positions before it is read.
+  constexpr int64_t kAhead = 16;
+  const auto prefetch_row = [&](const T* row) {
+    for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
+      _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
+  };
+  for (int64_t p = begin; p < std::min(end, begin + kAhead); ++p) prefetch_row(ctx.keys + ctx.offset(p, kh));
+  for (int64_t p = begin; p < end; ++p) {
+    if (p + kAhead < end) prefetch_row(ctx.keys + ctx.offset(p + kAhead, kh));
+    const T* key = ctx.keys + ctx.offset(p, kh);
+    for (int64_t g = 0; g < G; ++g) scores[g * n + p - begin] = dot(q + g * D, key, D);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    max[g] = *std::max_element(s, s + n);
+    sum[g] = exp_shifted_sum(s, n, max[g]);
+  }
+  for (int64_t p = begin; p < std::min(end, begin + kAhead); ++p) prefetch_row(ctx.values + ctx.offset(p, kh));
+  for (int64_t p = begin; p < end; ++p) {
+    if (p + kAhead < end) prefetch_row(ctx.values + ctx.offset(p + kAhead, kh));
+    const T* value = ctx.values + ctx.offset(p, kh);
+    for (int64_t g = 0; g < G; ++g) add_scaled(acc + g * D, scores[g * n + p - begin], value, D);
+  }
+}
+
+// out (G x D) = the softmax-weighted values of shares (max, sum, acc as attend_share gives them),
+// rescaled to their common maximum and normalised.
+inline void merge_shares(int64_t shares, int64_t G, int64_t D, const float* const* acc, const float* const* max,
+                         const float* const* sum, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < shares; ++c) top = std::max(top, max[c][g]);
+    float total = 0.f;
+    std::fill(out + g * D, out + (g + 1) * D, 0.f);
+    for (int64_t c = 0; c < shares; ++c) {
+      if (sum[c][g] == 0.f) continue;
+      const float weight = std::exp(max[c][g] - top);
+      total += weight * sum[c][g];
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += weight * acc[c][g * D + d];
+    }
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] /= total;
+  }
+}
+
+// out (G x D) = softmax(q k^T) v over the whole context, for the G query heads q (G x D, already
+// scaled) of kv head kh. scores: scratch of at least G * length floats.
+template <typename T>
+void attend_group(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_t G, float* scores, float* out) {
+  float max[64], sum[64];
+  attend_share(ctx, kh, q, G, 0, ctx.length, scores, out, max, sum);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < ctx.head_dim; ++d) out[g * ctx.head_dim + d] /= sum[g];
+}
+
+}  // namespace kvlab

@@ -1,0 +1,389 @@
+// A whole decode step of a Llama-architecture model (Llama, SmolLM2, Mistral-style GQA) in one op:
+// for each layer RMSNorm -> q/k/v -> RoPE -> K/V into the paged cache -> attention -> o_proj ->
+// residual + RMSNorm -> SiLU(gate) * up -> down -> residual, then the final norm.
+//
+// Why one op: at batch 1 a step reads every weight once, so it should cost the weight bytes over the
+// memory bandwidth. Issued as ~12 torch ops per layer, it also pays each op's dispatch and each
+// parallel region's wake-up and join (~10 us apiece, 30 layers): 4-6 ms per step on a 2-core
+// machine, a third of a bf16 step of SmolLM2. Here the threads enter one OpenMP region per step and
+// meet at six barriers per layer, as llama.cpp's graph compute does. Each thread keeps its own
+// copy of the residual stream and normalises it itself (a few hundred values): the norms need no
+// barrier, and every thread computes the same values in the same order.
+//
+// The matmuls are the skinny GEMM's kernels (skinny_tile.h), with the threads splitting weight rows;
+// attention is decode_attention.h, split by (request, kv head). Values are rounded to the model's
+// dtype where the op-by-op forward (kvlab/models/llama.py) rounds them, so both give the same
+// tokens; activations stay in float32 between those points.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "decode_attention.h"
+#include "paged_checks.h"
+#include "skinny_dispatch.h"
+
+namespace {
+
+namespace sk = kvlab::skinny;
+
+constexpr int64_t kMinShare = 32;  // positions: a shorter share costs more in its merge than it saves
+constexpr int64_t kMaxShares = 16;
+
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// A float32 activation and, for a GEMM whose kernel reads bf16 inputs (vdpbf16ps), its bf16 copy.
+struct Activation {
+  float* f;
+  c10::BFloat16* b;  // null unless the kernel reads bf16
+};
+
+struct Part {
+  const void* w;
+  int64_t rows;
+  float* y;  // (M, rows)
+};
+
+// This thread's share of y = x @ [parts]^T: the parts' rows are split as one concatenated matrix,
+// in whole kBlockRows blocks, so each thread streams an equal slice of the weights exactly once.
+template <int kParts>
+void gemm_share(sk::Kernel kernel, const void* x, int64_t M, int64_t K, const Part (&parts)[kParts], int tid,
+                int threads) {
+  int64_t total = 0;
+  for (const Part& p : parts) total += p.rows;
+  const int64_t blocks = (total + sk::kBlockRows - 1) / sk::kBlockRows;
+  const int64_t lo = std::min(total, blocks * tid / threads * sk::kBlockRows);
+  const int64_t hi = std::min(total, blocks * (tid + 1) / threads * sk::kBlockRows);
+  int64_t offset = 0;
+  for (const Part& p : parts) {
+    const int64_t begin = std::max(lo, offset) - offset, end = std::min(hi, offset + p.rows) - offset;
+    if (begin < end) kernel(sk::Problem{x, p.w, p.y, M, K, p.rows}, begin, end);
+    offset += p.rows;
+  }
+}
+
+// out = RMSNorm(row) * weight, rounded as kvlab/kernels/rms_norm.cpp rounds (normalised row first).
+template <typename T>
+void rms_norm_row(const float* row, const T* weight, float* out, int64_t n, float eps) {
+  float sum_squares = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum_squares += row[i] * row[i];
+  const float inverse_rms = 1.f / std::sqrt(sum_squares / n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(row[i] * inverse_rms) * static_cast<float>(weight[i]));
+}
+
+void to_bf16(const float* in, c10::BFloat16* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::BFloat16>(in[i]);
+}
+
+// Rounds 8 float32 lanes to bfloat16 precision (nearest even), as a float32 -> bf16 -> float32 trip.
+inline __m256 round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// h = SiLU(gate) * up (Ramachandran et al. 2017: x * sigmoid(x)), with the model dtype's roundings of
+// the op-by-op forward: gate and up as their matmul returns them, SiLU's output, the product.
+template <typename T>
+void silu_mul(const float* gate, const float* up, float* h, int64_t n) {
+  constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
+  const auto round = [](__m256 v) { return kHalf ? round_bf16(v) : v; };
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = round(_mm256_loadu_ps(gate + j)), u = round(_mm256_loadu_ps(up + j));
+    const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, kvlab::exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(h + j, round(_mm256_mul_ps(round(_mm256_mul_ps(g, sigmoid)), u)));
+  }
+  for (; j < n; ++j) {
+    const float g = round_to<T>(gate[j]), u = round_to<T>(up[j]);
+    h[j] = round_to<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
+  }
+}
+
+struct Shapes {
+  int64_t M, hidden, H, KH, D, I, rotary_half, layers;
+  float eps, scale;
+};
+
+struct LayerWeights {
+  const void *q, *k, *v, *o, *gate, *up, *down;
+  const void *input_norm, *post_norm;
+};
+
+struct LayerCache {
+  void *keys, *values;
+  int64_t block_size;
+  const int64_t* slots;     // (M,) flat slot of each row's new token
+  const int32_t* seq_lens;  // (M,) context length including the new token
+  const int32_t* tables;    // (M, width)
+  int64_t width;
+};
+
+template <typename T>
+void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, const std::vector<LayerCache>& caches,
+                   const T* final_norm, const T* embedded, const T* cos, const T* sin, T* out,
+                   const sk::Variant& variant) {
+  constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
+  const sk::Kernel kernel = kHalf ? variant.bf16 : variant.f32;
+  const bool bf16_inputs = kHalf && variant.bf16_reads_bf16_inputs;
+  const int64_t M = s.M, hidden = s.hidden, H = s.H, KH = s.KH, D = s.D, I = s.I, G = H / KH;
+  const int64_t q_size = H * D, kv_size = KH * D;
+  int64_t max_len = 1;
+  for (const LayerCache& c : caches)
+    for (int64_t m = 0; m < M; ++m) max_len = std::max<int64_t>(max_len, c.seq_lens[m]);
+
+  const int threads = std::max(1, at::get_num_threads());
+  // Shared between threads (each writes a disjoint part between two barriers).
+  // Attention is split into shares of each (request, kv head) context, so that every thread gets
+  // the same number (e.g. 3 kv heads of one request on 2 threads: 2 shares each, 3 per thread),
+  // none shorter than kMinShare positions.
+  const int64_t items = M * KH;
+  const int64_t shares = std::max<int64_t>(
+      1, std::min<int64_t>({threads / std::gcd<int64_t>(items, threads), max_len / kMinShare, kMaxShares}));
+  const int64_t units = items * shares, share_len = (max_len + shares - 1) / shares + 1;
+  // Shared between threads (each writes a disjoint part between two barriers).
+  std::vector<float> q(M * q_size), k(M * kv_size), v(M * kv_size), o(M * hidden);
+  std::vector<float> gate(M * I), up(M * I), h(M * I), down(M * hidden);
+  std::vector<float> part_acc(units * G * D), part_max(units * G), part_sum(units * G);
+  std::vector<c10::BFloat16> h_b(bf16_inputs ? M * I : 0);
+  // Private per thread: the residual stream, its normalised copy, the attention output, scratch.
+  std::vector<std::vector<float>> residual(threads), normed(threads), attention(threads), scratch(threads);
+  std::vector<std::vector<c10::BFloat16>> normed_b(threads), attention_b(threads);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float>& res = residual[tid];
+    std::vector<float>& x = normed[tid];
+    std::vector<float>& attn = attention[tid];
+    std::vector<c10::BFloat16>& attn_b = attention_b[tid];
+    res.resize(M * hidden);
+    x.resize(M * hidden);
+    attn.resize(M * q_size);
+    scratch[tid].resize(G * share_len + G * D);
+    if (bf16_inputs) {
+      normed_b[tid].resize(M * hidden);
+      attn_b.resize(M * q_size);
+    }
+    float* scores = scratch[tid].data();
+    float* q_group = scores + G * share_len;
+    for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
+    const auto normalise = [&](const void* norm_weight) {
+      for (int64_t m = 0; m < M; ++m)
+        rms_norm_row(res.data() + m * hidden, static_cast<const T*>(norm_weight), x.data() + m * hidden, hidden, s.eps);
+      if (bf16_inputs) to_bf16(x.data(), normed_b[tid].data(), M * hidden);
+    };
+    // RoPE of one head of request m, rounded as kvlab/kernels/rotary.cpp rounds.
+    const auto rotate = [&](const float* in, int64_t m, float* rotated) {
+      const T* c_row = cos + m * s.rotary_half;
+      const T* s_row = sin + m * s.rotary_half;
+      for (int64_t i = 0; i < D; ++i) rotated[i] = round_to<T>(in[i]);
+      for (int64_t i = 0; i < s.rotary_half; ++i) {
+        const float a = rotated[i], b = rotated[i + s.rotary_half];
+        const float ci = static_cast<float>(c_row[i]), si = static_cast<float>(s_row[i]);
+        rotated[i] = round_to<T>(a * ci - b * si);
+        rotated[i + s.rotary_half] = round_to<T>(b * ci + a * si);
+      }
+    };
+    const auto input = [&](const float* f, const c10::BFloat16* b) -> const void* { return bf16_inputs ? static_cast<const void*>(b) : f; };
+    // A sublayer's output is rounded as the op it replaces returns it, then added.
+    const auto add_to_residual = [&](const float* y) {
+      for (int64_t i = 0; i < M * hidden; ++i) res[i] = round_to<T>(res[i] + round_to<T>(y[i]));
+    };
+    normalise(weights[0].input_norm);
+
+    for (int64_t l = 0; l < s.layers; ++l) {
+      const LayerWeights& w = weights[l];
+      const LayerCache& c = caches[l];
+      const Part qkv[3] = {{w.q, q_size, q.data()}, {w.k, kv_size, k.data()}, {w.v, kv_size, v.data()}};
+      gemm_share(kernel, input(x.data(), normed_b[tid].data()), M, hidden, qkv, tid, nt);
+#pragma omp barrier
+      // The new tokens' keys (rotated) and values into their slots, per (request, kv head).
+      for (int64_t item = tid; item < items; item += nt) {
+        const int64_t m = item / KH, kh = item % KH;
+        float key[512];
+        rotate(k.data() + m * kv_size + kh * D, m, key);
+        T* key_slot = static_cast<T*>(c.keys) + (c.slots[m] * KH + kh) * D;
+        T* value_slot = static_cast<T*>(c.values) + (c.slots[m] * KH + kh) * D;
+        const float* value = v.data() + m * kv_size + kh * D;
+        for (int64_t i = 0; i < D; ++i) {
+          key_slot[i] = static_cast<T>(key[i]);
+          value_slot[i] = static_cast<T>(value[i]);
+        }
+      }
+#pragma omp barrier
+      // Attention in shares of (request, kv head, stretch of the context), an equal number per thread.
+      for (int64_t unit = units * tid / nt; unit < units * (tid + 1) / nt; ++unit) {
+        const int64_t item = unit / shares, share = unit % shares;
+        const int64_t m = item / KH, kh = item % KH, L = c.seq_lens[m];
+        for (int64_t g = 0; g < G; ++g) {
+          rotate(q.data() + m * q_size + (kh * G + g) * D, m, q_group + g * D);
+          for (int64_t i = 0; i < D; ++i) q_group[g * D + i] *= s.scale;
+        }
+        const kvlab::PagedContext<T> context{static_cast<const T*>(c.keys), static_cast<const T*>(c.values),
+                                             c.tables + m * c.width, L, c.block_size, KH, D};
+        kvlab::attend_share(context, kh, q_group, G, L * share / shares, L * (share + 1) / shares, scores,
+                            part_acc.data() + unit * G * D, part_max.data() + unit * G, part_sum.data() + unit * G);
+      }
+#pragma omp barrier
+      // Every thread merges all shares into its own copy of the attention output (a few thousand
+      // multiply-adds), which its o_proj share then reads: no barrier between the two.
+      for (int64_t item = 0; item < items; ++item) {
+        const float* accs[kMaxShares];
+        const float* maxes[kMaxShares];
+        const float* sums[kMaxShares];
+        for (int64_t share = 0; share < shares; ++share) {
+          const int64_t unit = item * shares + share;
+          accs[share] = part_acc.data() + unit * G * D;
+          maxes[share] = part_max.data() + unit * G;
+          sums[share] = part_sum.data() + unit * G;
+        }
+        float* a = attn.data() + (item / KH) * q_size + (item % KH) * G * D;
+        kvlab::merge_shares(shares, G, D, accs, maxes, sums, a);
+        for (int64_t i = 0; i < G * D; ++i) a[i] = round_to<T>(a[i]);
+      }
+      if (bf16_inputs) to_bf16(attn.data(), attn_b.data(), M * q_size);
+      const Part o_part[1] = {{w.o, hidden, o.data()}};
+      gemm_share(kernel, input(attn.data(), attn_b.data()), M, q_size, o_part, tid, nt);
+#pragma omp barrier
+      add_to_residual(o.data());
+      normalise(w.post_norm);
+      // SiLU(gate) * up over this thread's intermediate columns: gate and up rows are split alike,
+      // so the product needs no barrier between the two matmuls.
+      {
+        const int64_t blocks = (I + sk::kBlockRows - 1) / sk::kBlockRows;
+        const int64_t lo = std::min(I, blocks * tid / nt * sk::kBlockRows);
+        const int64_t hi = std::min(I, blocks * (tid + 1) / nt * sk::kBlockRows);
+        const void* xin = input(x.data(), normed_b[tid].data());
+        if (lo < hi) {
+          kernel(sk::Problem{xin, w.gate, gate.data(), M, hidden, I}, lo, hi);
+          kernel(sk::Problem{xin, w.up, up.data(), M, hidden, I}, lo, hi);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          silu_mul<T>(gate.data() + m * I + lo, up.data() + m * I + lo, h.data() + m * I + lo, hi - lo);
+          if (bf16_inputs) to_bf16(h.data() + m * I + lo, h_b.data() + m * I + lo, hi - lo);
+        }
+      }
+#pragma omp barrier
+      const Part down_part[1] = {{w.down, hidden, down.data()}};
+      gemm_share(kernel, input(h.data(), h_b.data()), M, I, down_part, tid, nt);
+#pragma omp barrier
+      add_to_residual(down.data());
+      normalise(l + 1 < s.layers ? weights[l + 1].input_norm : static_cast<const void*>(final_norm));
+    }
+    if (tid == 0)
+      for (int64_t i = 0; i < M * hidden; ++i) out[i] = static_cast<T>(x[i]);
+  }
+}
+
+void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, "decode_step: ", name, " must be (", rows, ", ",
+              cols, "), got ", w.sizes());
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu() && w.scalar_type() == dtype, "decode_step: ", name,
+              " must be a contiguous CPU tensor in the model's dtype");
+}
+
+void check_vector(const at::Tensor& w, int64_t n, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == n && w.is_contiguous() && w.scalar_type() == dtype, "decode_step: ", name,
+              " must be a contiguous (", n, ",) tensor in the model's dtype");
+}
+
+// embedded (M, hidden): the new tokens' embeddings; cos/sin (M, rotary_dim / 2); per layer: the
+// weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)), the norms, the K/V
+// caches (num_blocks, block_size, KH, D) and that layer's slot_mapping (M,) int64, seq_lens (M,)
+// and block_tables (M, width) int32 (layers of a press may hold different slots). -> final-normed
+// hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
+at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                       at::TensorList input_norms, at::TensorList q, at::TensorList k, at::TensorList v,
+                       at::TensorList o, at::TensorList post_norms, at::TensorList gate, at::TensorList up,
+                       at::TensorList down, const at::Tensor& final_norm, at::TensorList key_caches,
+                       at::TensorList value_caches, at::TensorList slot_mappings, at::TensorList seq_lens,
+                       at::TensorList block_tables, int64_t num_heads, double eps, double scale,
+                       c10::string_view variant_name) {
+  const sk::Variant& variant = sk::find_variant(std::string(variant_name));
+  TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
+              "decode_step: embedded must be a contiguous CPU (M, hidden) tensor");
+  const at::ScalarType dtype = embedded.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_step: float32 or bfloat16 only, got ", dtype);
+  const int64_t L = static_cast<int64_t>(q.size());
+  TORCH_CHECK(L >= 1, "decode_step: no layers");
+  for (const at::TensorList list : {input_norms, k, v, o, post_norms, gate, up, down, key_caches, value_caches,
+                                    slot_mappings, seq_lens, block_tables})
+    TORCH_CHECK(static_cast<int64_t>(list.size()) == L, "decode_step: every per-layer list needs ", L, " entries");
+  const int64_t M = embedded.size(0), hidden = embedded.size(1);
+  TORCH_CHECK(key_caches[0].dim() == 4, "decode_step: caches must be (num_blocks, block_size, kv_heads, head_dim)");
+  const int64_t KH = key_caches[0].size(2), D = key_caches[0].size(3), H = num_heads;
+  TORCH_CHECK(H >= 1 && H % KH == 0 && H / KH <= 64, "decode_step: num_heads must be a multiple (at most 64) of the kv heads");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "decode_step: head_dim must be a multiple of 8, at most 512");
+  const int64_t I = gate[0].size(0);
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == M && 2 * cos.size(1) <= D &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
+              "decode_step: cos and sin must be contiguous (M, rotary_dim / 2) in the model's dtype");
+  check_vector(final_norm, hidden, dtype, "final_norm");
+  const Shapes shapes{M, hidden, H, KH, D, I, cos.size(1), L, static_cast<float>(eps), static_cast<float>(scale)};
+  std::vector<LayerWeights> weights;
+  std::vector<LayerCache> caches;
+  for (int64_t l = 0; l < L; ++l) {
+    check_weight(q[l], H * D, hidden, dtype, "q");
+    check_weight(k[l], KH * D, hidden, dtype, "k");
+    check_weight(v[l], KH * D, hidden, dtype, "v");
+    check_weight(o[l], hidden, H * D, dtype, "o");
+    check_weight(gate[l], I, hidden, dtype, "gate");
+    check_weight(up[l], I, hidden, dtype, "up");
+    check_weight(down[l], hidden, I, dtype, "down");
+    check_vector(input_norms[l], hidden, dtype, "input_norm");
+    check_vector(post_norms[l], hidden, dtype, "post_norm");
+    const at::Tensor& kc = key_caches[l];
+    const at::Tensor& vc = value_caches[l];
+    TORCH_CHECK(kc.dim() == 4 && kc.size(2) == KH && kc.size(3) == D && kc.sizes() == vc.sizes(),
+                "decode_step: layer ", l, "'s caches must be (num_blocks, block_size, ", KH, ", ", D, ")");
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == dtype && vc.scalar_type() == dtype,
+                "decode_step: caches must be contiguous, in the model's dtype");
+    const at::Tensor& slots = slot_mappings[l];
+    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
+                "decode_step: slot_mapping must be (M,) int64");
+    TORCH_CHECK(seq_lens[l].numel() == M, "decode_step: seq_lens must be (M,)");
+    const int64_t NB = kc.size(0), BS = kc.size(1);
+    kvlab::check_paged_metadata("decode_step", seq_lens[l], block_tables[l], NB, BS);
+    const int64_t* slot = slots.const_data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m)
+      TORCH_CHECK(slot[m] >= 0 && slot[m] < NB * BS, "decode_step: slot_mapping[", m, "] = ", slot[m],
+                  " is outside the cache's ", NB * BS, " slots");
+    weights.push_back({q[l].const_data_ptr(), k[l].const_data_ptr(), v[l].const_data_ptr(), o[l].const_data_ptr(),
+                       gate[l].const_data_ptr(), up[l].const_data_ptr(), down[l].const_data_ptr(),
+                       input_norms[l].const_data_ptr(), post_norms[l].const_data_ptr()});
+    caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[l].const_data_ptr<int32_t>(),
+                      block_tables[l].const_data_ptr<int32_t>(), block_tables[l].size(1)});
+  }
+  at::Tensor out = at::empty_like(embedded);
+  if (dtype == at::kFloat)
+    decode_layers<float>(shapes, weights, caches, final_norm.const_data_ptr<float>(), embedded.const_data_ptr<float>(),
+                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), variant);
+  else
+    decode_layers<c10::BFloat16>(shapes, weights, caches, final_norm.const_data_ptr<c10::BFloat16>(),
+                                 embedded.const_data_ptr<c10::BFloat16>(), cos.const_data_ptr<c10::BFloat16>(),
+                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), variant);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvlab, m) {
+  m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, Tensor[] input_norms, Tensor[] q, Tensor[] k, "
+        "Tensor[] v, Tensor[] o, Tensor[] post_norms, Tensor[] gate, Tensor[] up, Tensor[] down, Tensor final_norm, "
+        "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor[] slot_mappings, Tensor[] seq_lens, "
+        "Tensor[] block_tables, int num_heads, float eps, float scale, str variant) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvlab, CPU, m) { m.impl("decode_step", &decode_step); }

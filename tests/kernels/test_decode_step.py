@@ -1,0 +1,142 @@
+"""The fused Llama decode step (kvlab/kernels/decode_step.cpp) gives the logits of the op-by-op
+forward and of the HF model, for batches of requests over shuffled paged blocks, at any thread count
+(which changes how attention is split into shares), under presses with per-layer metadata and
+rings, and refuses metadata that would write outside the cache."""
+
+import random
+
+import pytest
+import torch
+from conftest import load_tiny
+
+from kvlab.attention.backends.registry import get_backend
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.generate import generate
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models.native import build_engine_model
+from kvlab.press.budget import Budget
+from kvlab.press.registry import get_press
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
+)
+
+BLOCK_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return load_tiny("tiny-llama")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused steps that ran (so a test cannot pass by silently running op by op)."""
+    calls = []
+    original = cpu_kernels.decode_step
+
+    def counting(embedded, *args, **kwargs):
+        calls.append(embedded.shape[0])
+        return original(embedded, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "decode_step", counting)
+    return calls
+
+
+def decode_logits(hf_model, dtype, prompt_lens, steps, seed=0):
+    """Prefill requests of `prompt_lens` tokens, then `steps` batched decode steps of fixed random
+    tokens, over shuffled blocks; -> the decode steps' logits (steps, requests, vocab), float32."""
+    model = build_engine_model(hf_model.to(dtype))
+    generator = torch.Generator().manual_seed(seed)
+    total = [n + steps for n in prompt_lens]
+    tokens = [torch.randint(10, 1000, (n,), generator=generator) for n in total]
+    blocks = [-(-n // BLOCK_SIZE) for n in total]
+    free = list(range(sum(blocks)))
+    random.Random(seed).shuffle(free)
+    tables = [[free.pop() for _ in range(n)] for n in blocks]
+    caches = model.allocate_kv_caches(num_blocks=sum(blocks), block_size=BLOCK_SIZE)
+    backend = get_backend("cpu_paged")
+    for ids, n, table in zip(tokens, prompt_lens, tables, strict=True):
+        metadata = AttentionMetadata.from_lists([n], [n], [table], BLOCK_SIZE)
+        model(ids[:n], torch.arange(n), caches, metadata, backend)
+    logits = []
+    for step in range(steps):
+        seq_lens = [n + step + 1 for n in prompt_lens]
+        metadata = AttentionMetadata.from_lists([1] * len(tokens), seq_lens, tables, BLOCK_SIZE)
+        input_ids = torch.stack([ids[length - 1] for ids, length in zip(tokens, seq_lens, strict=True)])
+        positions = torch.tensor(seq_lens) - 1
+        logits.append(model.compute_logits(model(input_ids, positions, caches, metadata, backend)).float())
+    return torch.stack(logits), tokens
+
+
+def op_by_op(monkeypatch, *args):
+    with monkeypatch.context() as patch:
+        patch.setenv("KVLAB_FUSED_DECODE", "0")
+        return decode_logits(*args)[0]
+
+
+def assert_float32_close(got, expected):
+    """Equal up to summation order, whose error grows with the terms (tiny-model logits reach ~20)."""
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_float32_fused_steps_equal_op_by_op_and_hf(tiny_llama, fused_calls, monkeypatch, threads):
+    """Three requests of different lengths; 3 threads over 2 kv heads split each context in shares."""
+    # The kernel choice stays the one calibrated at this process' thread count (a calibration per
+    # thread count would take seconds); the thread count changes how the step splits its work.
+    table = cpu_kernels.calibration()
+    monkeypatch.setattr(cpu_kernels, "calibration", lambda: table)
+    torch.set_num_threads(threads)
+    prompt_lens, steps = [5, 70, 33], 6
+    fused, tokens = decode_logits(tiny_llama.model, torch.float32, prompt_lens, steps)
+    assert fused_calls == [3] * steps
+    assert_float32_close(fused, op_by_op(monkeypatch, tiny_llama.model, torch.float32, prompt_lens, steps))
+    with torch.no_grad():
+        for row, (ids, n) in enumerate(zip(tokens, prompt_lens, strict=True)):
+            assert_float32_close(fused[:, row], tiny_llama.model(ids[None]).logits[0, n : n + steps].float())
+
+
+def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(tiny_llama, fused_calls, monkeypatch):
+    """bf16 values are rounded at the same points; what remains is float32 summation order inside a
+    dot product, which a bf16 rounding can turn into one bf16 step of a logit."""
+    prompt_lens, steps = [9, 40], 5
+    model = tiny_llama.model
+    try:
+        fused, _ = decode_logits(model, torch.bfloat16, prompt_lens, steps)
+        reference = op_by_op(monkeypatch, model, torch.bfloat16, prompt_lens, steps)
+    finally:
+        model.float()
+    assert fused_calls == [2] * steps
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(fused, reference, atol=0.02 * scale, rtol=0.02)
+    assert torch.equal(fused.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "name, budget",
+    [("pyramidkv", Budget(compression_ratio=0.5)), ("streaming_llm", Budget(max_cache_tokens=16))],
+)
+def test_presses_run_fused_with_their_per_layer_slots(tiny_llama, fused_calls, monkeypatch, name, budget):
+    """PyramidKV gives layers different slot counts (per-layer metadata); StreamingLLM writes each new
+    token over a ring slot in the middle of the table, not after the last position."""
+    press = get_press(name, **({"window": 4} if name == "pyramidkv" else {}))
+    prompt = torch.randint(10, 49000, (1, 40), generator=torch.Generator().manual_seed(1))
+    fused = generate(tiny_llama.model, prompt, 30, press=press, budget=budget)
+    assert fused.path == "native" and len(fused_calls) == 29
+    monkeypatch.setenv("KVLAB_FUSED_DECODE", "0")
+    assert torch.equal(
+        fused.tokens, generate(tiny_llama.model, prompt, 30, press=press, budget=budget).tokens
+    )
+
+
+def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tiny_llama):
+    model = build_engine_model(tiny_llama.model)
+    caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+    metadata = AttentionMetadata.from_lists([1], [3], [[1]], BLOCK_SIZE)
+    metadata.slot_mapping = torch.tensor([8])  # 2 blocks x 4 slots: 0..7
+    with pytest.raises(
+        RuntimeError, match=r"decode_step: slot_mapping\[0\] = 8 is outside the cache's 8 slots"
+    ):
+        model(torch.tensor([5]), torch.tensor([2]), caches, metadata, get_backend("cpu_paged"))
+    assert all(not cache.any() for pair in caches for cache in pair)
