@@ -41,7 +41,9 @@ def rope_inverse_frequencies(config, rotary_dim: int) -> tuple[Tensor, float]:
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
         return 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
     if rope_type == "dynamic":
-        raise ConfigError("dynamic RoPE rescales with sequence length; engine-native models do not support it")
+        raise ConfigError(
+            "dynamic RoPE rescales with sequence length; engine-native models do not support it"
+        )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")

@@ -123,7 +123,9 @@ class LLMEngine:
             dtype=dtype,
             device=device,
         )
-        return cls(config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model))
+        return cls(
+            config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model)
+        )
 
     def make_request(
         self,
@@ -233,7 +235,9 @@ class LLMEngine:
         """Compress each running request whose prompt this step finished computing (see compression.py)."""
         requests = [item.request for item in scheduled.scheduled]
         kv, caches = self.scheduler.kv, self.runner.kv_caches
-        self._counters.num_press_evicted_tokens += run_presses(requests, kv, caches, self.runner.recorded_queries)
+        self._counters.num_press_evicted_tokens += run_presses(
+            requests, kv, caches, self.runner.recorded_queries
+        )
 
     def generate(
         self,

@@ -15,6 +15,8 @@ moved back by t - (budget - 1) instead, sinks at their true positions. Scores ar
 `tests/bench/test_banded_ring.py` checks the NLLs equal the token-by-token ring's.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -91,10 +93,16 @@ class BandedRingAttention(AttentionBackend):
 
 @torch.inference_mode()
 def banded_ring_logprobs(
-    model, ids: Tensor, budget: int, n_sink: int, rerotate: bool, chunk_tokens: int | None = None
+    model,
+    ids: Tensor,
+    budget: int,
+    n_sink: int,
+    rerotate: bool,
+    on_step: Callable[[int], None] | None = None,
+    chunk_tokens: int | None = None,
 ) -> Tensor:
     """NLL (float64) of ids[0, 1:] under the ring, scored chunk by chunk (default CHUNK_TOKENS) on the
-    engine-native twin."""
+    engine-native twin; on_step(t) after each scored token t, as streaming_ppl's token loop calls it."""
     chunk_tokens = chunk_tokens or CHUNK_TOKENS
     from kvlab.bench.eval.streaming_ppl import _nll
 
@@ -112,4 +120,6 @@ def banded_ring_logprobs(
             ids[0, start:end], torch.arange(start, end, device=ids.device), kv_caches, metadata, backend
         )
         nll[start:end] = _nll(engine_model.compute_logits(hidden)[None], ids[:, start + 1 : end + 1])
+        for t in range(start, end) if on_step is not None else ():
+            on_step(t)
     return nll

@@ -166,7 +166,7 @@ def streaming_ppl(
     if path == BANDED or (path == "auto" and banded_runs):
         budget.layers(press, model.config.num_hidden_layers, 1)  # the ring needs budget >= n_sink + 1
         n_sink, rerotate = layout
-        nll = banded_ring_logprobs(model, ids[:, :num_tokens], max_cache_tokens, n_sink, rerotate)
+        nll = banded_ring_logprobs(model, ids[:, :num_tokens], max_cache_tokens, n_sink, rerotate, on_step)
         cache_bytes = _ring_bytes(model, max_cache_tokens)
         return PPLResult(name=config, nll=nll, first_scored=1, kv_bytes=cache_bytes, path="native-banded")
     return _token_by_token(model, ids[:, :num_tokens], config, press, budget, on_step, path)

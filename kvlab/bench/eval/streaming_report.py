@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.writer import portable
+from kvlab.bench.eval.banded_ring import CHUNK_TOKENS
 from kvlab.bench.eval.perplexity import tokenize
 from kvlab.bench.eval.streaming_ppl import STREAMING_CONFIGS, streaming_ppl
 from kvlab.errors import ConfigError
@@ -84,7 +85,8 @@ def run_streaming(config: StreamingConfig, text, command: str) -> Path:
             "first_scored": result.first_scored,
             "kv_bytes": result.kv_bytes,
             "seconds": time.perf_counter() - started,
-            "forward_path": result.path,  # "native" (engine twin + kernels) or "hf" (HF modules)
+            # "native" (engine twin + kernels, token by token), "native-banded" (chunks) or "hf" (HF modules)
+            "forward_path": result.path,
             "cumulative_ppl": result.cumulative_ppl().tolist(),
         }
         print(f"{name:<14} ppl {ppl:10.3f} over {tail.numel()} tokens, KV {result.kv_bytes / 2**20:.1f} MiB")
@@ -93,7 +95,9 @@ def run_streaming(config: StreamingConfig, text, command: str) -> Path:
         f"token-by-token over the first {ids.numel()} tokens of {text.description}; KV budget {config.cache_tokens} "
         f"tokens per layer (full: no eviction, stops at the {loaded.context_length}-token context); "
         "window/streaming_llm/h2o/tova re-rotate keys inside the cache; recompute re-runs the last "
-        f"{config.cache_tokens} tokens for every token it scores{scored}"
+        f"{config.cache_tokens} tokens for every token it scores{scored}. Forward 'native-banded': a ring "
+        f"(window, streaming_llm) scored {CHUNK_TOKENS} tokens at a time with the attention band the ring "
+        "implies for each token, the token-by-token NLLs (kvlab/bench/eval/banded_ring.py)"
     )
     output.mkdir(parents=True, exist_ok=True)
     payload = {
