@@ -144,7 +144,6 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     for (int64_t m = 0; m < M; ++m) max_len = std::max<int64_t>(max_len, c.seq_lens[m]);
 
   const int threads = std::max(1, at::get_num_threads());
-  // Shared between threads (each writes a disjoint part between two barriers).
   // Attention is split into shares of each (request, kv head) context, so that every thread gets
   // the same number (e.g. 3 kv heads of one request on 2 threads: 2 shares each, 3 per thread),
   // none shorter than kMinShare positions.
