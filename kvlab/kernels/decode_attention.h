@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -58,18 +59,23 @@ inline float exp_shifted_sum(float* s, int64_t n, float max) {
   return sum;
 }
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
-  return horizontal_sum(acc);
-}
-
-template <typename T>
-inline void add_scaled(float* acc, float p, const T* v, int64_t D) {
-  const __m256 weight = _mm256_set1_ps(p);
-  for (int64_t d = 0; d < D; d += 8)
-    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(weight, load8(v + d), _mm256_loadu_ps(acc + d)));
+// Register-blocked inner loops (AVX2: 16 vector registers). Scores: NG heads at once, so each key
+// vector is loaded and widened once for all of them. Values: NG heads x NV vectors of dimensions
+// accumulate in registers over all positions (no accumulator load and store per position); a head
+// dimension wider than NV vectors, or more than NG heads, takes further passes over the share's
+// value rows, which the first pass left in L1/L2.
+template <int NG, typename T>
+inline void score_heads(const float* q, int64_t D, const T* key, float* scores, int64_t stride) {
+  __m256 acc[NG];
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g) acc[g] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 k = load8(key + d);
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), k, acc[g]);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g) scores[g * stride] = horizontal_sum(acc[g]);
 }
 
 // Where a paged cache keeps its rows: (num_blocks, block_size, KH, D), read through a block table.
@@ -85,6 +91,40 @@ struct PagedContext {
     return ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * head_dim;
   }
 };
+
+// acc[g][d .. d + 8 NV) = sum over positions p of scores[g][p] v_p[d .. d + 8 NV), for NG heads;
+// `ahead` > 0: the pass that first reads the rows requests each that many positions early.
+template <int NG, int NV, typename T>
+inline void weigh_values(const PagedContext<T>& ctx, int64_t kh, int64_t begin, int64_t end, const float* scores,
+                         int64_t n, int64_t d, float* acc, int64_t ahead) {
+  const int64_t D = ctx.head_dim;
+  __m256 sums[NG][NV];
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_setzero_ps();
+  for (int64_t p = begin; p < end; ++p) {
+    if (ahead && p + ahead < end) {
+      const T* next = ctx.values + ctx.offset(p + ahead, kh);
+      for (int64_t i = 0; i < D; i += 64 / static_cast<int64_t>(sizeof(T)))
+        _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+    }
+    const T* value = ctx.values + ctx.offset(p, kh) + d;
+    __m256 v[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) v[j] = load8(value + 8 * j);
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) {
+      const __m256 weight = _mm256_set1_ps(scores[g * n + p - begin]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_fmadd_ps(weight, v[j], sums[g][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + g * D + d + 8 * j, sums[g][j]);
+}
 
 // A share of one group's attention: positions [begin, end) only, unnormalised, so shares of one
 // context computed apart (e.g. by different threads) merge exactly (flash-decoding; Dao et al. 2023):
@@ -111,7 +151,15 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
   for (int64_t p = begin; p < end; ++p) {
     if (p + kAhead < end) prefetch_row(ctx.keys + ctx.offset(p + kAhead, kh));
     const T* key = ctx.keys + ctx.offset(p, kh);
-    for (int64_t g = 0; g < G; ++g) scores[g * n + p - begin] = dot(q + g * D, key, D);
+    for (int64_t g = 0; g < G; g += 4) {
+      float* out = scores + g * n + p - begin;
+      switch (std::min<int64_t>(4, G - g)) {
+        case 4: score_heads<4>(q + g * D, D, key, out, n); break;
+        case 3: score_heads<3>(q + g * D, D, key, out, n); break;
+        case 2: score_heads<2>(q + g * D, D, key, out, n); break;
+        default: score_heads<1>(q + g * D, D, key, out, n);
+      }
+    }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * n;
@@ -119,10 +167,31 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
     sum[g] = exp_shifted_sum(s, n, max[g]);
   }
   for (int64_t p = begin; p < std::min(end, begin + kAhead); ++p) prefetch_row(ctx.values + ctx.offset(p, kh));
-  for (int64_t p = begin; p < end; ++p) {
-    if (p + kAhead < end) prefetch_row(ctx.values + ctx.offset(p + kAhead, kh));
-    const T* value = ctx.values + ctx.offset(p, kh);
-    for (int64_t g = 0; g < G; ++g) add_scaled(acc + g * D, scores[g * n + p - begin], value, D);
+  for (int64_t g = 0; g < G; g += 3) {
+    for (int64_t d = 0; d < D; d += 32) {
+      const int64_t heads = std::min<int64_t>(3, G - g), vectors = std::min<int64_t>(4, (D - d) / 8);
+      const auto run = [&](auto ng, auto nv) {
+        weigh_values<decltype(ng)::value, decltype(nv)::value>(ctx, kh, begin, end, scores + g * n, n, d,
+                                                               acc + g * D, g == 0 && d == 0 ? kAhead : 0);
+      };
+      using I1 = std::integral_constant<int, 1>;
+      using I2 = std::integral_constant<int, 2>;
+      using I3 = std::integral_constant<int, 3>;
+      using I4 = std::integral_constant<int, 4>;
+      const auto by_vectors = [&](auto ng) {
+        switch (vectors) {
+          case 4: run(ng, I4{}); break;
+          case 3: run(ng, I3{}); break;
+          case 2: run(ng, I2{}); break;
+          default: run(ng, I1{});
+        }
+      };
+      switch (heads) {
+        case 3: by_vectors(I3{}); break;
+        case 2: by_vectors(I2{}); break;
+        default: by_vectors(I1{});
+      }
+    }
   }
 }
 
