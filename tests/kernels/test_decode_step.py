@@ -3,6 +3,7 @@ forward and of the HF model, for batches of requests over shuffled paged blocks,
 (which changes how attention is split into shares), under presses with per-layer metadata and
 rings, and refuses metadata that would write outside the cache."""
 
+import copy
 import random
 
 import pytest
@@ -45,8 +46,9 @@ def fused_calls(monkeypatch):
 
 def decode_logits(hf_model, dtype, prompt_lens, steps, seed=0):
     """Prefill requests of `prompt_lens` tokens, then `steps` batched decode steps of fixed random
-    tokens, over shuffled blocks; -> the decode steps' logits (steps, requests, vocab), float32."""
-    model = build_engine_model(hf_model.to(dtype))
+    tokens, over shuffled blocks; -> the decode steps' logits (steps, requests, vocab), float32.
+    A bf16 run converts a copy (the fixture is shared; a round trip would round its buffers too)."""
+    model = build_engine_model(hf_model if dtype == torch.float32 else copy.deepcopy(hf_model).to(dtype))
     generator = torch.Generator().manual_seed(seed)
     total = [n + steps for n in prompt_lens]
     tokens = [torch.randint(10, 1000, (n,), generator=generator) for n in total]
@@ -102,11 +104,8 @@ def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(tiny_llama
     dot product, which a bf16 rounding can turn into one bf16 step of a logit."""
     prompt_lens, steps = [9, 40], 5
     model = tiny_llama.model
-    try:
-        fused, _ = decode_logits(model, torch.bfloat16, prompt_lens, steps)
-        reference = op_by_op(monkeypatch, model, torch.bfloat16, prompt_lens, steps)
-    finally:
-        model.float()
+    fused, _ = decode_logits(model, torch.bfloat16, prompt_lens, steps)
+    reference = op_by_op(monkeypatch, model, torch.bfloat16, prompt_lens, steps)
     assert fused_calls == [2] * steps
     scale = reference.abs().max().item()
     torch.testing.assert_close(fused, reference, atol=0.02 * scale, rtol=0.02)
