@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
@@ -95,27 +96,27 @@ struct PagedContext {
 // acc[g][d .. d + 8 NV) = sum over positions p of scores[g][p] v_p[d .. d + 8 NV), for NG heads;
 // `ahead` > 0: the pass that first reads the rows requests each that many positions early.
 template <int NG, int NV, typename T>
-inline void weigh_values(const PagedContext<T>& ctx, int64_t kh, int64_t begin, int64_t end, const float* scores,
-                         int64_t n, int64_t d, float* acc, int64_t ahead) {
+inline void weigh_values(const PagedContext<T>& ctx, const int64_t* rows, int64_t n, const float* scores, int64_t d,
+                         float* acc, int64_t ahead) {
   const int64_t D = ctx.head_dim;
   __m256 sums[NG][NV];
 #pragma GCC unroll 4
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_setzero_ps();
-  for (int64_t p = begin; p < end; ++p) {
-    if (ahead && p + ahead < end) {
-      const T* next = ctx.values + ctx.offset(p + ahead, kh);
-      for (int64_t i = 0; i < D; i += 64 / static_cast<int64_t>(sizeof(T)))
-        _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (ahead && i + ahead < n) {
+      const T* next = ctx.values + rows[i + ahead];
+      for (int64_t j = 0; j < D; j += 64 / static_cast<int64_t>(sizeof(T)))
+        _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
     }
-    const T* value = ctx.values + ctx.offset(p, kh) + d;
+    const T* value = ctx.values + rows[i] + d;
     __m256 v[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) v[j] = load8(value + 8 * j);
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) {
-      const __m256 weight = _mm256_set1_ps(scores[g * n + p - begin]);
+      const __m256 weight = _mm256_set1_ps(scores[g * n + i]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_fmadd_ps(weight, v[j], sums[g][j]);
     }
@@ -140,6 +141,18 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
     sum[g] = 0.f;
   }
   if (n <= 0) return;
+  // Where each position's row sits, resolved once for keys and values alike (a block-table lookup
+  // with a division per position, done in every loop, cost more than the arithmetic).
+  thread_local std::vector<int64_t> offsets;
+  offsets.resize(n);
+  const int64_t row_stride = ctx.kv_heads * D;
+  for (int64_t p = begin; p < end;) {
+    const int64_t in_block = p % ctx.block_size, run = std::min(end - p, ctx.block_size - in_block);
+    int64_t offset = ctx.offset(p, kh);
+    for (int64_t i = 0; i < run; ++i, offset += row_stride) offsets[p - begin + i] = offset;
+    p += run;
+  }
+  const int64_t* rows = offsets.data();
   // Rows of one kv head sit KH * D apart and jump at block boundaries, which the hardware
   // prefetcher follows late; each row is requested kAhead positions before it is read.
   constexpr int64_t kAhead = 16;
@@ -147,12 +160,12 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
     for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
       _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
   };
-  for (int64_t p = begin; p < std::min(end, begin + kAhead); ++p) prefetch_row(ctx.keys + ctx.offset(p, kh));
-  for (int64_t p = begin; p < end; ++p) {
-    if (p + kAhead < end) prefetch_row(ctx.keys + ctx.offset(p + kAhead, kh));
-    const T* key = ctx.keys + ctx.offset(p, kh);
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) prefetch_row(ctx.keys + rows[i + kAhead]);
+    const T* key = ctx.keys + rows[i];
     for (int64_t g = 0; g < G; g += 4) {
-      float* out = scores + g * n + p - begin;
+      float* out = scores + g * n + i;
       switch (std::min<int64_t>(4, G - g)) {
         case 4: score_heads<4>(q + g * D, D, key, out, n); break;
         case 3: score_heads<3>(q + g * D, D, key, out, n); break;
@@ -166,13 +179,13 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
     max[g] = *std::max_element(s, s + n);
     sum[g] = exp_shifted_sum(s, n, max[g]);
   }
-  for (int64_t p = begin; p < std::min(end, begin + kAhead); ++p) prefetch_row(ctx.values + ctx.offset(p, kh));
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.values + rows[i]);
   for (int64_t g = 0; g < G; g += 3) {
     for (int64_t d = 0; d < D; d += 32) {
       const int64_t heads = std::min<int64_t>(3, G - g), vectors = std::min<int64_t>(4, (D - d) / 8);
       const auto run = [&](auto ng, auto nv) {
-        weigh_values<decltype(ng)::value, decltype(nv)::value>(ctx, kh, begin, end, scores + g * n, n, d,
-                                                               acc + g * D, g == 0 && d == 0 ? kAhead : 0);
+        weigh_values<decltype(ng)::value, decltype(nv)::value>(ctx, rows, n, scores + g * n, d, acc + g * D,
+                                                               g == 0 && d == 0 ? kAhead : 0);
       };
       using I1 = std::integral_constant<int, 1>;
       using I2 = std::integral_constant<int, 2>;
