@@ -293,18 +293,17 @@ class PerLayerMetadata(AttentionBackend):
         self.name = inner.name
         self.fused_cpu_decode = inner.fused_cpu_decode
 
-    def layer_metadata(self, key_cache: Tensor, metadata: AttentionMetadata) -> AttentionMetadata:
-        return self._metadata(key_cache)
-
-    def _metadata(self, key_cache: Tensor) -> AttentionMetadata:
+    def layer_metadata(
+        self, key_cache: Tensor, metadata: AttentionMetadata | None = None
+    ) -> AttentionMetadata:
         return self.metadata[self.group_of[self.layer_of[key_cache.data_ptr()]]]
 
     def write_kv(
         self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slot_mapping: Tensor
     ) -> None:
-        self.inner.write_kv(key, value, key_cache, value_cache, self._metadata(key_cache).slot_mapping)
+        self.inner.write_kv(key, value, key_cache, value_cache, self.layer_metadata(key_cache).slot_mapping)
 
     def forward(
         self, query: Tensor, key_cache: Tensor, value_cache: Tensor, metadata: AttentionMetadata, scale: float
     ) -> Tensor:
-        return self.inner.forward(query, key_cache, value_cache, self._metadata(key_cache), scale)
+        return self.inner.forward(query, key_cache, value_cache, self.layer_metadata(key_cache), scale)

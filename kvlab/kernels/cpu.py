@@ -32,8 +32,13 @@ SKINNY_DTYPES = (torch.float32, torch.bfloat16)
 VARIANT_ENV = "KVLAB_SKINNY_VARIANT"
 
 
+def _switched_on(name: str) -> bool:
+    """An on/off environment switch, on unless set to 0, false, no or off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled_by_env() -> bool:
-    return os.environ.get("KVLAB_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switched_on("KVLAB_CPU_KERNELS")
 
 
 @functools.cache
@@ -188,7 +193,7 @@ def fused_decode_variant(dtype: torch.dtype, rows: int) -> str | None:
         dtype not in SKINNY_DTYPES
         or not 0 < rows <= SKINNY_MAX_ROWS
         or not available()
-        or os.environ.get("KVLAB_FUSED_DECODE", "1").strip().lower() in ("0", "false", "no", "off")
+        or not _switched_on("KVLAB_FUSED_DECODE")
     ):
         return None
     decision = calibration().decision(dtype, rows)
@@ -200,9 +205,7 @@ def skinny_linear(
 ) -> Tensor:
     """x (M, K) @ weight (N, K).T + bias, accumulated in float32, returned in x's dtype, by the skinny
     GEMM: `variant` ("avx2", "avx512", "avx512bf16"), or the calibration's fastest for this shape."""
-    if variant is None:
-        variant = calibration().decision(x.dtype, min(max(x.shape[0], 1), SKINNY_MAX_ROWS)).variant
-    return _op().skinny_linear(x, weight, bias, variant)
+    return _op().skinny_linear(x, weight, bias, variant or skinny_variant(x.dtype, x.shape[0]))
 
 
 @functools.cache

@@ -27,6 +27,7 @@
 
 #include "decode_attention.h"
 #include "paged_checks.h"
+#include "rms_norm_row.h"
 #include "skinny_dispatch.h"
 
 namespace {
@@ -71,14 +72,6 @@ void gemm_share(sk::Kernel kernel, const void* x, int64_t M, int64_t K, const Pa
   }
 }
 
-// out = RMSNorm(row) * weight, rounded as kvlab/kernels/rms_norm.cpp rounds (normalised row first).
-template <typename T>
-void rms_norm_row(const float* row, const T* weight, float* out, int64_t n, float eps) {
-  float sum_squares = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum_squares += row[i] * row[i];
-  const float inverse_rms = 1.f / std::sqrt(sum_squares / n + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = round_to<T>(round_to<T>(row[i] * inverse_rms) * static_cast<float>(weight[i]));
-}
 
 void to_bf16(const float* in, c10::BFloat16* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::BFloat16>(in[i]);
@@ -180,7 +173,8 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
     const auto normalise = [&](const void* norm_weight) {
       for (int64_t m = 0; m < M; ++m)
-        rms_norm_row(res.data() + m * hidden, static_cast<const T*>(norm_weight), x.data() + m * hidden, hidden, s.eps);
+        kvlab::normalise_row(res.data() + m * hidden, static_cast<const T*>(norm_weight), x.data() + m * hidden,
+                             hidden, s.eps);
       if (bf16_inputs) to_bf16(x.data(), normed_b[tid].data(), M * hidden);
     };
     // RoPE of one head of request m, rounded as kvlab/kernels/rotary.cpp rounds.

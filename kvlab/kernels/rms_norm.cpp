@@ -10,18 +10,11 @@
 #include <algorithm>
 #include <cmath>
 
+#include "rms_norm_row.h"
+
 namespace {
 
-template <typename T>
-void normalise_row(const T* row, const T* weight, T* out, int64_t H, float eps) {
-  float sum_squares = 0.f;
-  for (int64_t i = 0; i < H; ++i) sum_squares += static_cast<float>(row[i]) * static_cast<float>(row[i]);
-  const float inverse_rms = 1.f / std::sqrt(sum_squares / H + eps);
-  for (int64_t i = 0; i < H; ++i) {
-    const T normalised = static_cast<T>(static_cast<float>(row[i]) * inverse_rms);
-    out[i] = static_cast<T>(static_cast<float>(normalised) * static_cast<float>(weight[i]));
-  }
-}
+using kvlab::normalise_row;
 
 // Rows per thread chunk: enough work that a parallel region pays for itself.
 int64_t grain(int64_t H) { return std::max<int64_t>(1, 16384 / H); }

@@ -100,9 +100,10 @@ def banded_ring_logprobs(
     rerotate: bool,
     on_step: Callable[[int], None] | None = None,
     chunk_tokens: int | None = None,
-) -> Tensor:
-    """NLL (float64) of ids[0, 1:] under the ring, scored chunk by chunk (default CHUNK_TOKENS) on the
-    engine-native twin; on_step(t) after each scored token t, as streaming_ppl's token loop calls it."""
+) -> tuple[Tensor, int]:
+    """(NLL (float64) of ids[0, 1:] under the ring, the ring's K+V bytes), scored chunk by chunk (default
+    CHUNK_TOKENS) on the engine-native twin; on_step(t) after each scored token t, as streaming_ppl's
+    token loop calls it."""
     chunk_tokens = chunk_tokens or CHUNK_TOKENS
     from kvlab.bench.eval.streaming_ppl import _nll
 
@@ -122,4 +123,4 @@ def banded_ring_logprobs(
         nll[start:end] = _nll(engine_model.compute_logits(hidden)[None], ids[:, start + 1 : end + 1])
         for t in range(start, end) if on_step is not None else ():
             on_step(t)
-    return nll
+    return nll, engine_model.kv_bytes_per_token() * budget

@@ -166,19 +166,11 @@ def streaming_ppl(
     if path == BANDED or (path == "auto" and banded_runs):
         budget.layers(press, model.config.num_hidden_layers, 1)  # the ring needs budget >= n_sink + 1
         n_sink, rerotate = layout
-        nll = banded_ring_logprobs(model, ids[:, :num_tokens], max_cache_tokens, n_sink, rerotate, on_step)
-        cache_bytes = _ring_bytes(model, max_cache_tokens)
+        nll, cache_bytes = banded_ring_logprobs(
+            model, ids[:, :num_tokens], max_cache_tokens, n_sink, rerotate, on_step
+        )
         return PPLResult(name=config, nll=nll, first_scored=1, kv_bytes=cache_bytes, path="native-banded")
     return _token_by_token(model, ids[:, :num_tokens], config, press, budget, on_step, path)
-
-
-def _ring_bytes(model, slots: int) -> int:
-    """K+V bytes of a ring of `slots` tokens in every layer, what the streaming cache holds."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * element * slots
 
 
 def _token_by_token(model, ids, name, press, budget, on_step, path) -> PPLResult:
