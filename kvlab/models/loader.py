@@ -97,6 +97,10 @@ def load_tokenizer(name: str):
     if spec is not None and spec.source == "random":
         return load_tokenizer(spec.tokenizer_from)
     if spec is not None and spec.source == "gguf":
+        # The conversion's tokenizer files suffice; the weights need not be there (nor converted).
+        converted = cache_dir() / "models" / spec.name
+        if (converted / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(converted)
         return AutoTokenizer.from_pretrained(_converted_gguf_dir(spec))
     return load_model(name).tokenizer
 

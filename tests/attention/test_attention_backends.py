@@ -1,5 +1,6 @@
 """Every registered backend equals the reference backend; the reference equals dense softmax attention."""
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -28,9 +29,21 @@ BACKENDS = [name for name in list_backends() if name not in ("auto", "reference"
 
 
 def run_backend(backend, query, new_keys, new_values, key_cache, value_cache, metadata):
-    key_cache, value_cache = key_cache.clone(), value_cache.clone()
+    """The backend's output for CPU inputs, on CPU; a GPU backend (triton on a CUDA machine) gets
+    copies of the inputs on the GPU."""
+    device = "cuda" if backend.name == "triton" and torch.cuda.is_available() else "cpu"
+    query, new_keys, new_values = (t.to(device) for t in (query, new_keys, new_values))
+    key_cache, value_cache = key_cache.to(device, copy=True), value_cache.to(device, copy=True)
+    metadata = dataclasses.replace(
+        metadata,
+        **{
+            f.name: getattr(metadata, f.name).to(device)
+            for f in dataclasses.fields(metadata)
+            if isinstance(getattr(metadata, f.name), torch.Tensor)
+        },
+    )
     backend.write_kv(new_keys, new_values, key_cache, value_cache, metadata.slot_mapping)
-    return backend.forward(query, key_cache, value_cache, metadata, 1 / math.sqrt(query.shape[-1]))
+    return backend.forward(query, key_cache, value_cache, metadata, 1 / math.sqrt(query.shape[-1])).cpu()
 
 
 def make_backend(name, monkeypatch):

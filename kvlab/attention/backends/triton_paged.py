@@ -111,9 +111,14 @@ if triton is not None:
 
 @register_backend("triton")
 class TritonPagedBackend(AttentionBackend):
-    def __init__(self, block_m: int = 0, block_n: int = 64) -> None:
+    def __init__(self, block_m: int = 0, block_n: int = 64, float32_dot: str = "tf32x3") -> None:
         """block_m = 0 picks 16 for decode batches and up to 64 for prefill. Both must be powers of
-        two, and at least 16 on a GPU (tl.dot's minimum)."""
+        two, and at least 16 on a GPU (tl.dot's minimum). float32_dot: how float32 tiles multiply on
+        the GPU: "ieee" (CUDA cores) or "tf32x3" (three TF32 tensor-core products whose error is
+        near float32's); never plain TF32."""
+        if float32_dot not in ("ieee", "tf32x3"):
+            raise ValueError(f"float32_dot must be 'ieee' or 'tf32x3', got {float32_dot!r}")
+        self.float32_dot = float32_dot
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value < 0 or (value and value & (value - 1)):
                 raise ValueError(f"{name} must be 0 (auto) or a power of two, got {value}")
@@ -151,7 +156,7 @@ class TritonPagedBackend(AttentionBackend):
             BLOCK_M=block_m,
             BLOCK_N=self.block_n,
             # fp32 must not silently become tf32 on the GPU; 16-bit inputs use the native MMA.
-            DOT_PRECISION="ieee" if query.dtype == torch.float32 or interpreting() else None,
+            DOT_PRECISION="ieee" if interpreting() else self.float32_dot if query.dtype == torch.float32 else None,
             UPCAST=interpreting(),
         )  # fmt: skip
         return output

@@ -20,7 +20,12 @@ def cpu_model() -> str:
     return match.group(1).strip() if match else (platform.processor() or platform.machine())
 
 
-def machine_info() -> dict:
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """The machine and software a result came from; `kernels` names what ran the model on `device`."""
+    if torch.device(device).type == "cuda":
+        kernels = "CUDA: Triton paged attention in the engine (float32 tiles as 3xTF32), torch for the rest"
+    else:
+        kernels = cpu_kernels.describe()
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -31,7 +36,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
-        "kernels": cpu_kernels.describe(),
+        "kernels": kernels,
     }
 
 

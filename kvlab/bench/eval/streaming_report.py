@@ -103,7 +103,7 @@ def run_streaming(config: StreamingConfig, text, command: str) -> Path:
     payload = {
         "schema_version": 1,
         "command": command,
-        "machine": machine_info(),
+        "machine": machine_info(loaded.model.device),
         "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
         "protocol": protocol,
         "results": rows,

@@ -2,7 +2,9 @@
 
 
 def format_ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
+    milliseconds = seconds * 1000
+    # Below 1 ms (a GPU's floor, a kernel) one decimal would print 0.0.
+    return f"{milliseconds:.3f}" if 0 < milliseconds < 1 else f"{milliseconds:.1f}"
 
 
 def format_mib(num_bytes: float | None) -> str:

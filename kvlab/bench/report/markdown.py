@@ -10,13 +10,14 @@ from kvlab.bench.generate.runner import BenchResult
 from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.bench.report.format import format_mib, format_ms
 from kvlab.bench.report.plots import generation_plots
+from kvlab.models.loader import resolve_device
 
 
 def write_report(result: BenchResult, path: Path, command: str) -> Path:
     payload = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
-        "machine": machine_info(),
+        "machine": machine_info(resolve_device(result.config.device)),
         "model": {
             "name": result.model_name,
             "source": result.model_source,

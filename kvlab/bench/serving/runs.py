@@ -71,7 +71,7 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
     token_ids, data_description = load_token_ids(config, loaded.tokenizer, text)
     engine = LLMEngine.from_model(loaded, config.engine_config(config.dtype))
     payload: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info(loaded.model.device),
         "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
         "data": data_description,
         "config": config.to_dict(),
@@ -222,7 +222,12 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
         }
     cache = PressCache(press, loaded.model, max_cache_tokens=workload.max_cache_tokens)
     with cache.hooks(loaded.model):
-        hf = generate(loaded.model, torch.tensor([requests[0].prompt_ids]), workload.output_len, cache=cache)
+        hf = generate(
+            loaded.model,
+            torch.tensor([requests[0].prompt_ids], device=loaded.model.device),
+            workload.output_len,
+            cache=cache,
+        )
     result["hf_press_tokens"] = hf.tokens[0].tolist()
     result["engine_matches_hf_press"] = result["compressed"]["tokens"][0] == result["hf_press_tokens"]
     return result
