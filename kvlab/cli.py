@@ -158,6 +158,16 @@ def cmd_bench(args, argv) -> int:
         path = run_paged_bench(config, out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
         return 0
+    if args.technique == "kernels":
+        from kvlab.bench.kernels import config as kernels_config
+        from kvlab.bench.kernels.runs import run_kernels_bench
+
+        config = kernels_config.resolve(args.batch_level, args.config, args.set or [], bench_flags(args))
+        out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
+        writer.claim_experiment_dir(out_dir, args.overwrite)
+        path = run_kernels_bench(config, out_dir, command)
+        print(f"kvlab: report written to {path / 'report.md'}")
+        return 0
     flags = bench_flags(args)
     from kvlab.bench.eval.perplexity import tokenize
     from kvlab.bench.generate.sweep import parse_sweep, write_sweep

@@ -172,18 +172,29 @@ def skinny_serves(dtype: torch.dtype) -> bool:
     )
 
 
+def skinny_choice(x: Tensor, weight: Tensor) -> str | None:
+    """The skinny GEMM variant that runs x @ weight.T, or None where torch runs it: few CPU rows
+    where the calibration chose kvlab's kernel. Called once per linear layer, so the cheap checks
+    come first and the calibration is one dict lookup."""
+    rows = x.shape[0]
+    if (
+        rows > SKINNY_MAX_ROWS
+        or x.dim() != 2
+        or x.dtype != weight.dtype
+        or x.dtype not in SKINNY_DTYPES
+        or x.device.type != "cpu"
+        or not weight.is_contiguous()
+        or rows == 0
+        or not available()
+    ):
+        return None
+    decision = calibration().decision(x.dtype, rows)
+    return None if decision.kernel == calibrate.TORCH else decision.variant
+
+
 def takes_skinny(x: Tensor, weight: Tensor) -> bool:
-    """Whether x @ weight.T goes to the skinny GEMM: few CPU rows where the calibration chose it."""
-    return (
-        x.dim() == 2
-        and 0 < x.shape[0] <= SKINNY_MAX_ROWS
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and x.dtype in SKINNY_DTYPES
-        and weight.is_contiguous()
-        and available()
-        and calibration().decision(x.dtype, x.shape[0]).kernel != calibrate.TORCH
-    )
+    """Whether x @ weight.T goes to the skinny GEMM (see skinny_choice)."""
+    return skinny_choice(x, weight) is not None
 
 
 def fused_decode_variant(dtype: torch.dtype, rows: int) -> str | None:

@@ -55,8 +55,9 @@ UPCAST_MIN_ROWS = 16
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the skinny GEMM for decode-sized CPU batches (kvlab.kernels.cpu) and in float32
     for many-row half inputs on CPUs without native half math."""
-    if cpu_kernels.takes_skinny(x, weight):
-        return cpu_kernels.skinny_linear(x, weight, bias)
+    variant = cpu_kernels.skinny_choice(x, weight)
+    if variant is not None:
+        return cpu_kernels.skinny_linear(x, weight, bias, variant)
     if x.shape[0] >= UPCAST_MIN_ROWS and emulated_half(x):
         bias = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), bias).to(x.dtype)

@@ -99,6 +99,7 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
     from kvlab.bench.core.config import BATCH_LEVELS, CONFIG_ROOT, merge, read_yaml
     from kvlab.bench.generate.config import BenchConfig
     from kvlab.bench.generate.registry import TECHNIQUES
+    from kvlab.bench.kernels.config import KernelsConfig
     from kvlab.bench.serving.config import ServingConfig
     from kvlab.engine.config import EngineConfig
 
@@ -110,6 +111,8 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
                 defaults = dataclasses.asdict(ServingConfig()) | {
                     "engine": dataclasses.asdict(EngineConfig())
                 }
+            elif directory.name == "kernels":
+                defaults = dataclasses.asdict(KernelsConfig())
             else:
                 technique = TECHNIQUES[directory.name]
                 defaults = merge(dataclasses.asdict(BenchConfig()), technique.presets(level))

@@ -38,7 +38,7 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _best_seconds(run: Callable[[], object], device: torch.device, iters: int) -> float:
+def best_seconds(run: Callable[[], object], device: torch.device, iters: int) -> float:
     """Fastest of `iters` timed calls after two warm-ups: the floor wants the memory's best."""
     import time
 
@@ -63,8 +63,8 @@ def stream_read_bandwidth(
     half = data.numel() // 2
     first, second = data[:half], data[half : 2 * half]
     return {
-        "stream sum": data.numel() * 4 / _best_seconds(lambda: data.sum(), device, iters),
-        "stream dot": 2 * half * 4 / _best_seconds(lambda: torch.dot(first, second), device, iters),
+        "stream sum": data.numel() * 4 / best_seconds(lambda: data.sum(), device, iters),
+        "stream dot": 2 * half * 4 / best_seconds(lambda: torch.dot(first, second), device, iters),
     }
 
 
@@ -93,7 +93,7 @@ def matvec_bandwidth(
             return matrix @ vector
     else:
         raise ValueError(f"unknown kernel {kernel!r}; choose torch or kvlab")
-    return matrix.numel() * matrix.element_size() / _best_seconds(product, device, iters)
+    return matrix.numel() * matrix.element_size() / best_seconds(product, device, iters)
 
 
 def kvlab_kernel_runs(dtype: torch.dtype, device: torch.device) -> bool:

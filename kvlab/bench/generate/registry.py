@@ -4,7 +4,9 @@ builds a `Technique` (kvlab.bench.generate.technique) and one line below."""
 from kvlab.bench.generate import press_technique, static_cache
 from kvlab.bench.generate.technique import Technique
 
-SERVING_TECHNIQUES = ("paged",)  # benches of their own (kvlab.bench.serving), not generation techniques
+# Benches of their own, not generation techniques: the serving engine (kvlab.bench.serving) and the
+# kernel micro-benchmark (kvlab.bench.kernels).
+STANDALONE_BENCHES = ("paged", "kernels")
 
 TECHNIQUES: dict[str, Technique] = {
     "static-cache": static_cache.TECHNIQUE,
@@ -13,4 +15,4 @@ TECHNIQUES: dict[str, Technique] = {
 
 
 def known_techniques() -> list[str]:
-    return sorted([*TECHNIQUES, *SERVING_TECHNIQUES])
+    return sorted([*TECHNIQUES, *STANDALONE_BENCHES])

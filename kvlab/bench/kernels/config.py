@@ -1,0 +1,69 @@
+"""Configuration of the kernel micro-benchmark (`kvlab bench --technique kernels`): which rows counts
+the skinny GEMM is timed at over the model's weights, and the paged decode-attention shape. Layered
+defaults < configs/kernels/<level>.yaml < --set < flags, validated before any model loads."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, positive
+from kvlab.errors import ConfigError
+
+TECHNIQUE = "kernels"
+
+
+@dataclass(slots=True)
+class AttentionShape:
+    """Paged decode attention of `num_requests` requests of `context_len` cached tokens each."""
+
+    num_requests: int = 16
+    context_len: int = 1024
+    block_size: int = 16
+    repeats: int = 20
+
+
+@dataclass(slots=True)
+class KernelsConfig(ExperimentConfig):
+    technique: str = TECHNIQUE
+    rows: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    repeats: int = 5  # timed passes over all the weights per (dtype, rows, kernel); the median is shown
+    attention: AttentionShape = field(default_factory=AttentionShape)
+
+    def validate(self) -> None:
+        if self.technique != TECHNIQUE:
+            raise ConfigError(f"this config is for technique {self.technique!r}, not {TECHNIQUE!r}")
+        self.validate_common()
+        if self.device != "cpu":
+            raise ConfigError(
+                f"the kernel bench times kvlab's CPU kernels: device must be cpu, got {self.device!r}"
+            )
+        if not self.rows or not all(isinstance(r, int) and r > 0 for r in self.rows):
+            raise ConfigError(f"rows must be a non-empty list of positive ints, got {self.rows!r}")
+        if 1 not in self.rows:
+            raise ConfigError("rows must include 1: the other rows counts are measured against one row")
+        positive("repeats", self.repeats)
+        for item in dataclasses.fields(self.attention):
+            positive(f"attention.{item.name}", getattr(self.attention, item.name))
+
+
+def from_dict(data: dict[str, Any]) -> KernelsConfig:
+    data = dict(data)
+    attention = data.pop("attention", None) or {}
+    if not isinstance(attention, dict):
+        raise ConfigError(f"attention must be a mapping, got {attention!r}")
+    check_keys("attention.", attention, AttentionShape)
+    check_keys("", data, KernelsConfig)
+    for key in ("rows", "dtypes"):
+        if key in data and not isinstance(data[key], list):
+            data[key] = [data[key]]
+    return KernelsConfig(**data, attention=AttentionShape(**attention))
+
+
+def resolve(
+    batch_level: str, config_file: str | Path | None, overrides: list[str], flags: dict[str, Any]
+) -> KernelsConfig:
+    """Layer defaults < configs/kernels/<level>.yaml (or `config_file`) < --set < flags, then validate."""
+    config = from_dict(layer(TECHNIQUE, batch_level, config_file, overrides, flags))
+    config.validate()
+    return config

@@ -1,0 +1,154 @@
+"""The kernel bench's report: results.json (raw samples), config.yaml and report.md in
+results/kernels/<experiment>/, with the issue's bars as measured on this machine."""
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
+from kvlab.kernels.calibrate import TIE
+
+MODEL_PATH = "kvlab.models"
+TORCH = "torch"
+
+# (rows, target): the model path's pass at `rows` rows may cost at most `target` x its pass at one row.
+ROW_BARS = ((16, 2.0), (32, 3.5))
+FLOOR_BAR = 1.15  # one row's pass / (weight bytes / best read bandwidth)
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
+    by_rows = gemm["by_rows"]
+    one = median(by_rows["1"]["seconds"][MODEL_PATH])
+    bars = []
+    for rows, target in ROW_BARS:
+        if str(rows) in by_rows:
+            ratio = median(by_rows[str(rows)]["seconds"][MODEL_PATH]) / one
+            bars.append(_bar(f"{dtype}: {rows} rows / 1 row (what the model runs)", "<=", target, ratio))
+    bandwidth = max(gemm["probes_bytes_per_s"].values())
+    bars.append(
+        _bar(
+            f"{dtype}: 1 row / read-bandwidth floor",
+            "<=",
+            FLOOR_BAR,
+            one / (gemm["weight_bytes"] / bandwidth),
+        )
+    )
+    worst = max(
+        median(entry["seconds"][MODEL_PATH]) / median(entry["seconds"][TORCH]) for entry in by_rows.values()
+    )
+    bars.append(_bar(f"{dtype}: what the model runs / torch, worst rows count", "<=", 1 + TIE, worst))
+    return bars
+
+
+def _bar(description: str, sign: str, target: float, measured: float) -> dict[str, Any]:
+    met = measured <= target if sign == "<=" else measured >= target
+    return {"description": description, "sign": sign, "target": target, "measured": measured, "met": met}
+
+
+def write_kernels_report(payload: dict[str, Any], path: Path) -> Path:
+    payload = {"schema_version": SCHEMA_VERSION, **payload}
+    payload["bars"] = [bar for dtype, gemm in payload["gemm"].items() for bar in gemm_bars(dtype, gemm)]
+    return write_experiment(path, payload, payload["config"], lambda directory: [], render_markdown)
+
+
+def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
+    del plots
+    config, machine = payload["config"], payload["machine"]
+    lines = [
+        f"# kernels / {config['experiment_name']}",
+        "",
+        "Reproduce with:",
+        "",
+        f"    {payload['command']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
+        f"{machine['ram_gib']} GiB RAM; torch {machine['torch']}. Kernels: {machine['kernels']}.",
+        "",
+        f"Weights: every `nn.Linear` of `{payload['model']['name']}` ({payload['model']['source']}), "
+        "the LM head included, as one decode step reads them. One pass multiplies `rows` input rows by "
+        f"each matrix once; each cell is the median of {config['repeats']} passes after a warm-up, "
+        "kernels interleaved pass by pass. `kvlab.models` is what the model's linear layers run: the "
+        "calibration's kernel for the rows count (kvlab's or torch's).",
+        "",
+        "## Bars",
+        "",
+        "| bar | target | measured | met |",
+        "|---|---:|---:|---|",
+    ]
+    for bar in payload["bars"]:
+        met = "yes" if bar["met"] else "**NO (missed)**"
+        lines.append(
+            f"| {bar['description']} | {bar['sign']} {bar['target']:.2f}x | {bar['measured']:.2f}x | {met} |"
+        )
+    for dtype, gemm in payload["gemm"].items():
+        lines += gemm_section(dtype, gemm)
+    lines += attention_section(payload)
+    return "\n".join(lines) + "\n"
+
+
+def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
+    probes = gemm["probes_bytes_per_s"]
+    best_probe = max(probes, key=probes.__getitem__)
+    floor_s = gemm["weight_bytes"] / probes[best_probe]
+    names = list(next(iter(gemm["by_rows"].values()))["seconds"])
+    lines = [
+        "",
+        f"## Skinny GEMM, {dtype}",
+        "",
+        f"{gemm['num_matrices']} matrices, {gemm['params'] / 1e6:.1f}M parameters, "
+        f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth (best probe of this run, "
+        f"{best_probe}): {probes[best_probe] / 1e9:.1f} GB/s "
+        f"({', '.join(f'{name} {value / 1e9:.1f}' for name, value in probes.items())}), so one pass "
+        f"cannot take less than {floor_s * 1e3:.2f} ms. Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
+        f"{gemm['matmul_peak_flops'] / 1e9:.0f} GFLOP/s.",
+        "",
+        "| rows | "
+        + " | ".join(f"{name} ms" for name in names)
+        + " | model runs | x one row | GB/s | GFLOP/s | max rel. error |",
+        "|---:|" + "---:|" * len(names) + "---|---:|---:|---:|---:|",
+    ]
+    one = median(gemm["by_rows"]["1"]["seconds"][MODEL_PATH])
+    for rows, entry in gemm["by_rows"].items():
+        ms = {name: median(samples) * 1e3 for name, samples in entry["seconds"].items()}
+        seconds = ms[MODEL_PATH] / 1e3
+        error = max(entry["relative_error"].values())
+        lines.append(
+            f"| {rows} | "
+            + " | ".join(f"{ms[name]:.2f}" for name in names)
+            + f" | {entry['model_path_kernel']} | {seconds / one:.2f}x | {gemm['weight_bytes'] / seconds / 1e9:.1f}"
+            f" | {2 * int(rows) * gemm['params'] / seconds / 1e9:.0f} | {error:.1e} |"
+        )
+    lines += [
+        "",
+        "GB/s and GFLOP/s are those of the model's path. Error: the largest |kernel - float64 product| of any "
+        "kernel over 8 of the matrices, relative to the product's largest entry.",
+    ]
+    return lines
+
+
+def attention_section(payload: dict[str, Any]) -> list[str]:
+    shape = payload["config"]["attention"]
+    lines = [
+        "",
+        "## Paged decode attention",
+        "",
+        f"{shape['num_requests']} requests x {shape['context_len']} cached tokens, one query token each, the "
+        f"model's heads; blocks of {shape['block_size']} scattered over the pool. kvlab `cpu_paged` (the C++ op) "
+        "vs `sdpa` (torch's scaled_dot_product_attention per request over the gathered blocks); both checked "
+        f"against the `reference` backend. Median of {shape['repeats']} calls after a warm-up.",
+        "",
+        "| dtype | kvlab cpu_paged ms | torch sdpa ms | speed-up | kvlab K/V GB/s | max abs error kvlab / sdpa |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for dtype, entry in payload["attention"].items():
+        kvlab, sdpa = median(entry["cpu_paged"]["seconds"]), median(entry["sdpa"]["seconds"])
+        lines.append(
+            f"| {dtype} | {kvlab * 1e3:.2f} | {sdpa * 1e3:.2f} | {sdpa / kvlab:.2f}x | "
+            f"{entry['kv_bytes'] / kvlab / 1e9:.1f} | "
+            f"{entry['cpu_paged']['max_abs_error']:.1e} / {entry['sdpa']['max_abs_error']:.1e} |"
+        )
+    return lines

@@ -1,0 +1,186 @@
+"""The kernel micro-benchmark: kvlab's skinny GEMM against torch over every weight matrix a decode step
+multiplies (the model's real weights), per rows count and dtype, and paged decode attention against
+torch's SDPA, with the machine's read bandwidth and matmul peak measured in the same run.
+
+One pass = every Linear weight of the model once (all layers and the LM head), as one decode step of
+`rows` requests reads them. Each (dtype, rows, kernel) is timed over `repeats` passes after a warm-up,
+kernels interleaved pass by pass so that a busy spell of the machine hits them alike.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.attention.backends.registry import get_backend
+from kvlab.attention.metadata import AttentionMetadata
+from kvlab.bench.core.floor import bandwidth_probes, best_seconds
+from kvlab.bench.core.machine import machine_info, prepare_kernels
+from kvlab.bench.kernels.config import KernelsConfig
+from kvlab.bench.kernels.report import write_kernels_report
+from kvlab.errors import ConfigError
+from kvlab.kernels import calibrate
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models import native
+from kvlab.models.loader import load_model, resolve_dtype
+
+TORCH = "torch"
+MODEL_PATH = "kvlab.models"  # what the model's linear layers run: the calibration's kernel for the shape
+PEAK_SIDE = 2048  # the square matmul that stands for the machine's arithmetic peak
+
+
+def linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight of every nn.Linear (the LM head included; a tied one is the embedding, read once)."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def candidates(dtype: torch.dtype) -> dict[str, Any]:
+    """name -> f(x, weight): each kvlab variant this CPU runs, torch, and the model's calibrated path."""
+    kernels: dict[str, Any] = {}
+    for variant in cpu_kernels.variants():
+        if dtype == torch.float32 and variant == "avx512bf16" and "avx512" in cpu_kernels.variants():
+            continue  # float32 runs the same kernel in both
+        kernels[f"kvlab {variant}"] = lambda x, w, v=variant: cpu_kernels.skinny_linear(x, w, variant=v)
+    kernels[TORCH] = F.linear
+    kernels[MODEL_PATH] = native.linear
+    return kernels
+
+
+def time_passes(kernels: dict[str, Any], weights: list[torch.Tensor], inputs: dict, repeats: int) -> dict:
+    """Seconds per full pass over `weights`, per kernel: `repeats` samples after one warm-up pass."""
+    samples: dict[str, list[float]] = {name: [] for name in kernels}
+    for index in range(repeats + 1):
+        for name, run in kernels.items():
+            start = time.perf_counter()
+            for w in weights:
+                run(inputs[w.shape[1]], w)
+            if index:
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def max_error(kernels: dict[str, Any], weights: list[torch.Tensor], inputs: dict) -> dict[str, float]:
+    """Largest |kernel - float64 reference| relative to the reference's largest entry, over a few matrices."""
+    errors = {name: 0.0 for name in kernels}
+    for w in weights[:: max(1, len(weights) // 8)]:
+        x = inputs[w.shape[1]]
+        reference = x.double() @ w.double().T
+        scale = reference.abs().max().item() or 1.0
+        for name, run in kernels.items():
+            error = (run(x, w).double() - reference).abs().max().item() / scale
+            errors[name] = max(errors[name], error)
+    return errors
+
+
+def matmul_peak_flops(dtype: torch.dtype) -> float:
+    """FLOP/s of torch's square matmul at PEAK_SIDE: the arithmetic a GEMM can reach on these cores."""
+    a = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
+    b = torch.randn(PEAK_SIDE, PEAK_SIDE).to(dtype)
+    return 2 * PEAK_SIDE**3 / best_seconds(lambda: a @ b, torch.device("cpu"), iters=3)
+
+
+def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str) -> dict[str, Any]:
+    dtype = resolve_dtype(dtype_name)
+    weights = [w.to(dtype).contiguous() for w in linear_weights(model)]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    params = sum(w.numel() for w in weights)
+    generator = torch.Generator().manual_seed(config.seed)
+    by_rows = {}
+    for rows in config.rows:
+        inputs = {
+            k: torch.randn(rows, k, generator=generator).to(dtype) for k in {w.shape[1] for w in weights}
+        }
+        kernels = candidates(dtype)
+        samples = time_passes(kernels, weights, inputs, config.repeats)
+        decision = cpu_kernels.calibration().decision(dtype, min(rows, cpu_kernels.SKINNY_MAX_ROWS))
+        by_rows[str(rows)] = {
+            "seconds": samples,
+            "relative_error": max_error(kernels, weights, inputs),
+            "model_path_kernel": decision.kernel if rows <= cpu_kernels.SKINNY_MAX_ROWS else TORCH,
+        }
+    return {
+        "num_matrices": len(weights),
+        "weight_bytes": weight_bytes,
+        "params": params,
+        "probes_bytes_per_s": bandwidth_probes(dtype, torch.device("cpu")),
+        "matmul_peak_flops": matmul_peak_flops(dtype),
+        "by_rows": by_rows,
+    }
+
+
+def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype):
+    """Decode inputs of the model's attention shape: every request `context_len` tokens deep, its blocks
+    scattered over the pool (a shuffled block order, as a long-running engine leaves them)."""
+    shape = config.attention
+    text_config = model.config
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    per_request = -(-shape.context_len // shape.block_size)
+    num_blocks = shape.num_requests * per_request + 1
+    generator = torch.Generator().manual_seed(config.seed)
+    order = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()  # block 0: table padding
+    tables = [order[i * per_request : (i + 1) * per_request] for i in range(shape.num_requests)]
+    cache_shape = (num_blocks, shape.block_size, kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, generator=generator).to(dtype)
+    value_cache = torch.randn(cache_shape, generator=generator).to(dtype)
+    metadata = AttentionMetadata.from_lists(
+        [1] * shape.num_requests, [shape.context_len] * shape.num_requests, tables, shape.block_size
+    )
+    query = torch.randn(shape.num_requests, heads, head_dim, generator=generator).to(dtype)
+    return query, key_cache, value_cache, metadata
+
+
+def measure_attention(config: KernelsConfig, model: torch.nn.Module, dtype_name: str) -> dict[str, Any]:
+    dtype = resolve_dtype(dtype_name)
+    query, key_cache, value_cache, metadata = paged_case(config, model, dtype)
+    scale = query.shape[-1] ** -0.5
+    reference = get_backend("reference").forward(query, key_cache, value_cache, metadata, scale).float()
+    result: dict[str, Any] = {
+        "kv_bytes": 2
+        * query.shape[0]
+        * config.attention.context_len
+        * key_cache[0, 0].numel()
+        * key_cache.element_size()
+    }
+    for name in ("cpu_paged", "sdpa"):
+        backend = get_backend(name)
+        out = backend.forward(query, key_cache, value_cache, metadata, scale).float()
+        samples = []
+        for index in range(config.attention.repeats + 1):
+            start = time.perf_counter()
+            backend.forward(query, key_cache, value_cache, metadata, scale)
+            if index:
+                samples.append(time.perf_counter() - start)
+        result[name] = {"seconds": samples, "max_abs_error": (out - reference).abs().max().item()}
+    return result
+
+
+def run_kernels_bench(config: KernelsConfig, out_dir: Path, command: str) -> Path:
+    if not cpu_kernels.available():
+        raise ConfigError(f"the kernel bench needs kvlab's CPU kernels: {cpu_kernels.build_failure()}")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    prepare_kernels()
+    loaded = load_model(config.model, dtype="float32", seed=config.seed)
+    payload: dict[str, Any] = {
+        "command": command,
+        "machine": machine_info(),
+        "model": {"name": loaded.name, "source": loaded.source},
+        "config": config.to_dict(),
+        "calibration": {
+            "threads": cpu_kernels.calibration().key["threads"],
+            "row_buckets": list(calibrate.ROW_BUCKETS),
+        },
+        "gemm": {},
+        "attention": {},
+    }
+    with torch.inference_mode():
+        for dtype in config.dtypes:
+            print(f"kvlab: kernel bench: skinny GEMM in {dtype}, rows {config.rows}", flush=True)
+            payload["gemm"][dtype] = measure_gemm(config, loaded.model, dtype)
+            print(f"kvlab: kernel bench: paged decode attention in {dtype}", flush=True)
+            payload["attention"][dtype] = measure_attention(config, loaded.model, dtype)
+    return write_kernels_report(payload, out_dir)
