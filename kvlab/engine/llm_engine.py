@@ -17,6 +17,7 @@ from kvlab.engine.compression import RequestPress, run_presses
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
+from kvlab.engine.phases import PHASE_COMMIT, PHASE_SCHEDULE, phase
 from kvlab.engine.request import Request, RequestStatus, SamplingParams
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import PromptTooLongError
@@ -193,14 +194,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run and commit one step; one output per request that got a token (or finished)."""
         started = time.perf_counter()
-        scheduled = self.scheduler.schedule()
+        with phase(PHASE_SCHEDULE):
+            scheduled = self.scheduler.schedule()
         for request_id in scheduled.preempted_request_ids:
             # Recomputed from its first token: its recorded query chunks restart, even when this step
             # runs nothing (the runner skips empty steps).
             self.runner.recorded_queries.pop(request_id, None)
         sampled = self.runner.execute(scheduled)
-        finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
-        self._run_presses(scheduled)
+        with phase(PHASE_COMMIT):
+            finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
+            self._run_presses(scheduled)
         self._counters.num_press_evicted_tokens += sum(s.overwrites_slot for s in scheduled.scheduled)
         self._counters.step_seconds += time.perf_counter() - started
         self._counters.num_prompt_tokens += scheduled.num_prefill_tokens

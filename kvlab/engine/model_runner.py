@@ -11,6 +11,7 @@ import torch
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.engine.compression import QueryRecorder
+from kvlab.engine.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
 from kvlab.engine.request import Request
 from kvlab.engine.scheduler import SchedulerOutput
 from kvlab.models.native import EngineModel
@@ -97,16 +98,21 @@ class ModelRunner:
             return {}
         for request_id in output.preempted_request_ids:  # recomputed from scratch: its chunks restart
             self.recorded_queries.pop(request_id, None)
-        input_ids, positions, metadata = self.prepare_inputs(output)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self._backend_for(output))
+        with phase(PHASE_PREPARE):
+            input_ids, positions, metadata = self.prepare_inputs(output)
+            backend = self._backend_for(output)
+        with phase(PHASE_FORWARD):
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata, backend)
         ends = metadata.query_start_loc[1:] - 1
         rows = [i for i, s in enumerate(output.scheduled) if s.samples]
         if not rows:
             return {}
-        logits = self.model.compute_logits(hidden[ends[rows]])
-        requests = [output.scheduled[i].request for i in rows]
-        tokens = self.sample(logits, requests)
-        return {r.request_id: t for r, t in zip(requests, tokens.tolist(), strict=True)}
+        with phase(PHASE_LOGITS):
+            logits = self.model.compute_logits(hidden[ends[rows]])
+        with phase(PHASE_SAMPLE):
+            requests = [output.scheduled[i].request for i in rows]
+            tokens = self.sample(logits, requests)
+            return {r.request_id: t for r, t in zip(requests, tokens.tolist(), strict=True)}
 
     def _backend_for(self, output: SchedulerOutput) -> AttentionBackend:
         """The backend, wrapped to record queries when a prefill in this step belongs to a request whose

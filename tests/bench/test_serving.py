@@ -184,3 +184,17 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, capsys, override, mes
 def test_from_dict_rejects_a_section_that_is_not_a_mapping():
     with pytest.raises(ConfigError, match="mixed must be a mapping"):
         from_dict({"mixed": 3})
+
+
+def test_step_profile_attributes_every_step_at_batch_1_and_at_the_engine_concurrency(experiment):
+    path, _, payload = experiment
+    profiles = payload["step_profile"]
+    assert list(profiles) == ["1", "4"]  # engine.max_num_seqs=4
+    for run in profiles.values():
+        shares = run["ms_per_step"]
+        assert abs(sum(shares.values()) - run["step_ms"]) < 1e-6
+        # decode=4 new tokens: one prefill step and three decode steps per request, batched together
+        assert run["steps"] == 4
+        model_work = shares["GEMMs"] + shares["fused decode step (GEMMs + attention + norms in one op)"]
+        assert model_work > 0 and shares["sampling"] > 0 and shares["scheduling and committing"] > 0
+    assert "## Engine step profile" in (path / "report.md").read_text()

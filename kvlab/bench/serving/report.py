@@ -149,6 +149,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
             f"| {_ms(min(rest))}–{_ms(max(rest))} | {run['hit_rate']:.0%} |"
         )
     lines += _compression_lines(payload.get("compression"), config)
+    lines += _step_profile_lines(payload.get("step_profile"))
     lines += [
         "",
         "## Batch-1 decode vs the bandwidth floor",
@@ -258,3 +259,31 @@ def _memory_lines(engine: dict[str, Any], hf: dict[str, Any]) -> list[str]:
         "memory right after the model loaded (the engine's preallocated pool included); rise over start: "
         "minus the live memory when the run began (weights and the pool excluded).",
     ]
+
+
+def _step_profile_lines(profiles: dict[str, Any] | None) -> list[str]:
+    if not profiles:
+        return []
+    runs = list(profiles.values())
+    first = runs[0]
+    lines = [
+        "",
+        "## Engine step profile",
+        "",
+        f"Requests of {first['prompt_len']} prompt tokens and {first['new_tokens']} output tokens, all at t=0, "
+        "served under torch's profiler (prefill steps included); ms per step by where the time went "
+        "(kvlab/bench/serving/step_profile.py). The profiler adds microseconds per op, so the "
+        "milliseconds are above the unprofiled TPOT; the shares are the point.",
+        "",
+        "| where | " + " | ".join(f"{run['num_requests']} req: ms/step | share" for run in runs) + " |",
+        "|---|" + "---:|---:|" * len(runs),
+    ]
+    for name in first["ms_per_step"]:
+        cells = " | ".join(
+            f"{run['ms_per_step'][name]:.2f} | {run['ms_per_step'][name] / run['step_ms']:.0%}"
+            for run in runs
+        )
+        lines.append(f"| {name} | {cells} |")
+    total = " | ".join(f"{run['step_ms']:.2f} | {run['steps']} steps" for run in runs)
+    lines.append(f"| whole step | {total} |")
+    return lines

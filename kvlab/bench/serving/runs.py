@@ -88,9 +88,29 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
         _progress(f"compression: {workload.num_requests} requests, without then with {workload.press}")
         requests = compression_requests(token_ids, workload, config.seed)
         payload["compression"] = measure_compression(loaded, engine, requests, workload)
+    _progress(f"step profile: 1 and {engine.config.max_num_seqs} concurrent requests under torch's profiler")
+    payload["step_profile"] = measure_step_profile(engine, token_ids, config)
     _progress(f"batch-1 decode in {', '.join(config.dtypes)}: engine, kvlab.generate, model.generate")
     payload["decode"] = measure_decode(config, token_ids, {config.dtype: (loaded, engine)})
     return payload
+
+
+def measure_step_profile(engine, token_ids: list[int], config: ServingConfig) -> dict[str, Any]:
+    """Where the engine's step time goes at batch 1 and at the engine's concurrency (max_num_seqs
+    requests of the decode workload's prompt length, all at t=0)."""
+    from kvlab.bench.serving.step_profile import profile_steps
+
+    workload = config.decode
+    width = workload.prompt_len
+    concurrency = engine.config.max_num_seqs
+    prompts = [token_ids[i * width : (i + 1) * width] for i in range(concurrency)]
+    serve(with_changes(engine), [BenchRequest(prompts[0][:16], 4)])  # warm-up, outside the profile
+    return {
+        str(n): profile_steps(
+            with_changes(engine, enable_prefix_caching=False), prompts[:n], workload.new_tokens
+        )
+        for n in sorted({1, concurrency})
+    }
 
 
 def measure_mixed(loaded, engine, requests: list[BenchRequest], config: ServingConfig) -> dict[str, Any]:
