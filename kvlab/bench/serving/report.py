@@ -273,7 +273,9 @@ def _step_profile_lines(profiles: dict[str, Any] | None) -> list[str]:
         f"Requests of {first['prompt_len']} prompt tokens and {first['new_tokens']} output tokens, all at t=0, "
         "served under torch's profiler (prefill steps included); ms per step by where the time went "
         "(kvlab/bench/serving/step_profile.py). The profiler adds microseconds per op, so the "
-        "milliseconds are above the unprofiled TPOT; the shares are the point.",
+        "milliseconds are above the unprofiled TPOT; the shares are the point. On a GPU they are host "
+        "times (what issuing the step costs the CPU; Triton kernels are launched from Python and count "
+        "there).",
         "",
         "| where | " + " | ".join(f"{run['num_requests']} req: ms/step | share" for run in runs) + " |",
         "|---|" + "---:|---:|" * len(runs),
