@@ -25,6 +25,7 @@ VARIANT_SOURCES = {
     "skinny_avx2.cpp": ("-mavx2", "-mfma"),
     "skinny_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
     "skinny_avx512bf16.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
+    "skinny_amx.cpp": ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
 }
 VARIANT_FLAGS = ("-O3", "-std=c++17", "-fPIC")
 

@@ -154,9 +154,11 @@ def measure(
     decisions = {}
     for dtype_name, dtype in DTYPES.items():
         weights = _weight_set(shapes, dtype, working_set)
-        # float32 weights take the same kernel in avx512bf16 as in avx512: time it once.
+        # float32 weights take the same kernel in amx and avx512bf16 as in avx512: time it once.
         kernels = [
-            v for v in variants if not (dtype == torch.float32 and v == "avx512bf16" and "avx512" in variants)
+            v
+            for v in variants
+            if not (dtype == torch.float32 and v in ("amx", "avx512bf16") and "avx512" in variants)
         ]
         for rows in ROW_BUCKETS:
             inputs = {inp: torch.randn(rows, inp).to(dtype) for _, inp in shapes}

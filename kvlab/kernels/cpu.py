@@ -5,13 +5,13 @@ weight matrix, so its cost should be the weight bytes over the memory bandwidth.
 often stay far from that: on a 2-core AVX2 AMD EPYC (torch 2.13.0, MKL) float32 1-row products over
 SmolLM2-135M's matrices streamed ~4 GB/s against 17 GB/s for a plain read, and on an AVX512-BF16
 EPYC oneDNN's bf16 matrix-vector product streamed 9 GB/s against 30. The skinny GEMM
-(skinny_gemm.cpp) streams each weight row once; its AVX2 / AVX-512 / AVX512-BF16 variants are picked
+(skinny_gemm.cpp) streams each weight row once; its AVX2 / AVX-512 / AVX512-BF16 / AMX variants are picked
 at run time by what the CPU reports, and whether it or torch serves a (dtype, rows) is decided by a
 calibration run once per build, CPU, torch version and thread count (calibrate.py).
 
 `prepare()` builds and calibrates up front; benches call it before timing anything.
 `KVLAB_CPU_KERNELS=0` turns the kernels off (torch's everywhere), e.g. to measure what they bring;
-`KVLAB_SKINNY_VARIANT=avx2|avx512|avx512bf16` limits the skinny GEMM to one variant;
+`KVLAB_SKINNY_VARIANT=avx2|avx512|avx512bf16|amx` limits the skinny GEMM to one variant;
 `KVLAB_FUSED_DECODE=0` runs Llama decode steps op by op instead of as one op (decode_step.cpp).
 """
 
@@ -215,7 +215,7 @@ def skinny_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, variant: str | None = None
 ) -> Tensor:
     """x (M, K) @ weight (N, K).T + bias, accumulated in float32, returned in x's dtype, by the skinny
-    GEMM: `variant` ("avx2", "avx512", "avx512bf16"), or the calibration's fastest for this shape."""
+    GEMM: `variant` ("avx2", "avx512", "avx512bf16", "amx"), or the calibration's fastest for this shape."""
     return _op().skinny_linear(x, weight, bias, variant or skinny_variant(x.dtype, x.shape[0]))
 
 

@@ -3,11 +3,14 @@
 // streaming w from memory, so each weight row is read once and applied to every row of x while it
 // sits in registers or L1 (skinny_tile.h). This file is the torch op and the run-time dispatch; the
 // arithmetic lives in one translation unit per ISA (skinny_avx2.cpp, skinny_avx512.cpp,
-// skinny_avx512bf16.cpp), each compiled with its own flags and called only where the CPU has them.
+// skinny_avx512bf16.cpp, skinny_amx.cpp), each compiled with its own flags and called only where the
+// CPU has them.
 // Which variant (or torch) serves a (dtype, rows) is measured, not assumed: kvlab/kernels/calibrate.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <optional>
 #include <string>
@@ -24,8 +27,29 @@ bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_support
 bool has_avx512() { return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"); }
 bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
+// AMX's tile data is an XSAVE state component that Linux hands out per process on request (the
+// kernel's Documentation/arch/x86/xstate.rst, "Using dynamically enabled XSTATE features in user
+// space applications"): until ARCH_REQ_XCOMP_PERM grants XFEATURE_XTILEDATA, the first tile
+// instruction faults. Asked once per process, here, before any AMX kernel can run; the grant holds
+// for every thread of the process. The AMX kernel falls back to AVX512-BF16 for what tiles cannot
+// take, so it needs that too.
+bool has_amx() {
+  static const bool ready = [] {
+    if (!has_avx512bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+      return false;
+#ifdef __linux__
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ready;
+}
+
 // Best first: the order in which variants are offered to the calibration.
 const Variant kVariants[] = {
+    {"amx", has_amx, avx512_f32, amx_bf16, true},  // float32 has no AMX math: the AVX-512 kernel
     {"avx512bf16", has_avx512bf16, avx512_f32, avx512bf16_bf16, true},
     {"avx512", has_avx512, avx512_f32, avx512_bf16, false},
     {"avx2", has_avx2, avx2_f32, avx2_bf16, false},
@@ -39,7 +63,7 @@ const Variant& find_variant(const std::string& name) {
       TORCH_CHECK(v.supported(), "skinny_linear: variant '", name, "' needs instructions this CPU lacks");
       return v;
     }
-  TORCH_CHECK(false, "skinny_linear: unknown variant '", name, "' (avx512bf16, avx512 or avx2)");
+  TORCH_CHECK(false, "skinny_linear: unknown variant '", name, "' (amx, avx512bf16, avx512 or avx2)");
 }
 
 std::vector<std::string> skinny_variants() {

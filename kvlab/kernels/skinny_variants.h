@@ -28,5 +28,6 @@ void avx2_bf16(const Problem&, int64_t, int64_t);
 void avx512_f32(const Problem&, int64_t, int64_t);
 void avx512_bf16(const Problem&, int64_t, int64_t);
 void avx512bf16_bf16(const Problem&, int64_t, int64_t);  // vdpbf16ps: x in bfloat16
+void amx_bf16(const Problem&, int64_t, int64_t);         // TDPBF16PS tiles: x in bfloat16
 
 }  // namespace kvlab::skinny

@@ -99,9 +99,21 @@ def test_float32_fused_steps_equal_op_by_op_and_hf(tiny_llama, fused_calls, monk
             assert_float32_close(fused[:, row], tiny_llama.model(ids[None]).logits[0, n : n + steps].float())
 
 
-def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(tiny_llama, fused_calls, monkeypatch):
+@pytest.mark.parametrize("variant", [None, "amx"])
+def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(
+    tiny_llama, fused_calls, monkeypatch, variant
+):
     """bf16 values are rounded at the same points; what remains is float32 summation order inside a
-    dot product, which a bf16 rounding can turn into one bf16 step of a logit."""
+    dot product, which a bf16 rounding can turn into one bf16 step of a logit. `variant`: the
+    calibration's choice, or the AMX kernels forced (they configure and release their tiles per call,
+    inside the step's OpenMP region)."""
+    if variant is not None:
+        if variant not in cpu_kernels.supported_variants():
+            pytest.skip(f"this CPU lacks the instructions of the {variant} variant")
+        chosen = cpu_kernels.fused_decode_variant
+        monkeypatch.setattr(
+            cpu_kernels, "fused_decode_variant", lambda *args: variant if chosen(*args) is not None else None
+        )
     prompt_lens, steps = [9, 40], 5
     model = tiny_llama.model
     fused, _ = decode_logits(model, torch.bfloat16, prompt_lens, steps)

@@ -18,7 +18,7 @@ from kvlab.kernels import cpu as cpu_kernels
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
 )
-ALL_VARIANTS = ("avx2", "avx512", "avx512bf16")
+ALL_VARIANTS = ("avx2", "avx512", "avx512bf16", "amx")
 
 
 def _supported(variant: str) -> None:
@@ -45,6 +45,34 @@ def test_variant_equals_float64_reference(variant, dtype, rows, out_features, in
     assert out.dtype == dtype and out.shape == (rows, out_features)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the result
     torch.testing.assert_close(out.double(), expected, atol=tolerance * 10, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("out_features", [16, 40, 200])
+@pytest.mark.parametrize("in_features", [576, 100, 32])
+def test_amx_equals_float32_reference(rows, out_features, in_features):
+    """The AMX tiles: one or two B tiles (rows <= 16, 17-32), passes of 32 rows beyond, weight rows
+    left over after whole 16-row tiles (40, 200) and a K that tiles cannot take (100), which go to
+    the AVX512-BF16 kernel."""
+    _supported("amx")
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    expected = F.linear(x.float(), weight.float())
+    out = cpu_kernels.skinny_linear(x, weight, variant="amx")
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+    # Products of bf16 values are exact in float32; what differs is summation order, then one
+    # bf16 rounding of the result.
+    torch.testing.assert_close(out.float(), expected, atol=1e-3 * in_features**0.5, rtol=1e-2)
+
+
+def test_amx_float32_runs_the_avx512_kernel():
+    _supported("amx")
+    x, weight = torch.randn(5, 576), torch.randn(40, 576)
+    assert torch.equal(
+        cpu_kernels.skinny_linear(x, weight, variant="amx"),
+        cpu_kernels.skinny_linear(x, weight, variant="avx512"),
+    )
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
@@ -76,6 +104,9 @@ def test_supported_variants_follow_what_the_cpu_reports():
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     if flags:
         assert ("avx512bf16" in supported) == (has_avx512 and "avx512_bf16" in flags)
+        # AMX also needs Linux to grant the tile state (arch_prctl), so the flags are necessary only.
+        if "amx" in supported:
+            assert "amx_tile" in flags and "amx_bf16" in flags and "avx512bf16" in supported
 
 
 def test_unknown_forced_variant_is_a_config_error(monkeypatch):
