@@ -79,6 +79,38 @@ inline void score_heads(const float* q, int64_t D, const T* key, float* scores, 
   for (int g = 0; g < NG; ++g) scores[g * stride] = horizontal_sum(acc[g]);
 }
 
+// Scores of four positions at once for NG <= 3 heads: the 4 x NG accumulators fill 12 of AVX2's 16
+// registers (the NG query vectors and one key vector the rest), and one transposing reduction per
+// head (three horizontal adds) yields its four scores together; reducing every score on its own
+// cost about as much as its products (head_dim 64 is only 8 vectors).
+template <int NG, typename T>
+inline void score_heads_x4(const float* q, int64_t D, const T* const* keys, float* scores, int64_t stride) {
+  __m256 acc[NG][4];
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 qv[NG];
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) qv[g] = _mm256_loadu_ps(q + g * D + d);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = load8(keys[j] + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) acc[g][j] = _mm256_fmadd_ps(qv[g], k, acc[g][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NG; ++g) {
+    // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]; twice over the four
+    // accumulators leaves each one's two half-sums in lanes j and j + 4.
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]), _mm256_hadd_ps(acc[g][2], acc[g][3]));
+    _mm_storeu_ps(scores + g * stride,
+                  _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+  }
+}
+
 // Where a paged cache keeps its rows: (num_blocks, block_size, KH, D), read through a block table.
 template <typename T>
 struct PagedContext {
@@ -161,7 +193,20 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
       _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
   };
   for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int64_t j = i + kAhead; j < std::min(n, i + kAhead + 4); ++j) prefetch_row(ctx.keys + rows[j]);
+    const T* keys[4] = {ctx.keys + rows[i], ctx.keys + rows[i + 1], ctx.keys + rows[i + 2], ctx.keys + rows[i + 3]};
+    for (int64_t g = 0; g < G; g += 3) {
+      float* out = scores + g * n + i;
+      switch (std::min<int64_t>(3, G - g)) {
+        case 3: score_heads_x4<3>(q + g * D, D, keys, out, n); break;
+        case 2: score_heads_x4<2>(q + g * D, D, keys, out, n); break;
+        default: score_heads_x4<1>(q + g * D, D, keys, out, n);
+      }
+    }
+  }
+  for (; i < n; ++i) {
     if (i + kAhead < n) prefetch_row(ctx.keys + rows[i + kAhead]);
     const T* key = ctx.keys + rows[i];
     for (int64_t g = 0; g < G; g += 4) {

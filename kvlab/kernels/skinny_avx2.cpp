@@ -39,6 +39,7 @@ struct Avx2Base {
   static XV load_x_tail(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm256_fmadd_ps(w, x, acc); }
   static float reduce(Acc acc) { return reduce8(acc); }
+  static void reduce4(const Acc* acc, float* out) { reduce4_store(acc[0], acc[1], acc[2], acc[3], out); }
 };
 
 struct Avx2F32 : Avx2Base {
