@@ -17,12 +17,12 @@ from kvlab.engine.compression import RequestPress, run_presses
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
-from kvlab.engine.phases import PHASE_COMMIT, PHASE_SCHEDULE, phase
 from kvlab.engine.request import Request, RequestStatus, SamplingParams
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvlab.models.native import build_engine_model
+from kvlab.phases import PHASE_COMMIT, PHASE_SCHEDULE, phase
 from kvlab.stopping import eos_ids, model_eos_ids
 
 
@@ -55,6 +55,7 @@ class EngineStats:
     prompt_tokens_per_s: float  # prefill tokens computed per second of step time (recompute included)
     generation_tokens_per_s: float
     num_press_evicted_tokens: int = 0  # cached tokens dropped by requests' presses (blocks freed)
+    num_prompt_tokens: int = 0  # prefill tokens computed so far (recompute included)
 
     @property
     def block_usage(self) -> float:
@@ -271,6 +272,7 @@ class LLMEngine:
             prompt_tokens_per_s=counters.num_prompt_tokens / seconds,
             generation_tokens_per_s=counters.num_generated_tokens / seconds,
             num_press_evicted_tokens=counters.num_press_evicted_tokens,
+            num_prompt_tokens=counters.num_prompt_tokens,
         )
 
 

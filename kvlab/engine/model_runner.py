@@ -11,10 +11,10 @@ import torch
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.engine.compression import QueryRecorder
-from kvlab.engine.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
 from kvlab.engine.request import Request
 from kvlab.engine.scheduler import SchedulerOutput
 from kvlab.models.native import EngineModel
+from kvlab.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
 from kvlab.sampling import sample
 
 

@@ -143,6 +143,16 @@ def _fastest(names: Sequence[str], ms: dict[str, float]) -> str:
     return next(name for name in names if ms[name] <= best * (1 + TIE))
 
 
+def distinct_variants(dtype: torch.dtype, variants: Sequence[str]) -> list[str]:
+    """The variants that run distinct kernels at `dtype`: float32 weights take the same AVX-512 kernel
+    in amx and avx512bf16 as in avx512, so only avx512 is timed."""
+    return [
+        v
+        for v in variants
+        if not (dtype == torch.float32 and v in ("amx", "avx512bf16") and "avx512" in variants)
+    ]
+
+
 def measure(
     skinny: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
     variants: Sequence[str],
@@ -154,12 +164,7 @@ def measure(
     decisions = {}
     for dtype_name, dtype in DTYPES.items():
         weights = _weight_set(shapes, dtype, working_set)
-        # float32 weights take the same kernel in amx and avx512bf16 as in avx512: time it once.
-        kernels = [
-            v
-            for v in variants
-            if not (dtype == torch.float32 and v in ("amx", "avx512bf16") and "avx512" in variants)
-        ]
+        kernels = distinct_variants(dtype, variants)
         for rows in ROW_BUCKETS:
             inputs = {inp: torch.randn(rows, inp).to(dtype) for _, inp in shapes}
             candidates: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

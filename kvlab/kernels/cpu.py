@@ -176,10 +176,11 @@ def skinny_choice(x: Tensor, weight: Tensor) -> str | None:
     """The skinny GEMM variant that runs x @ weight.T, or None where torch runs it: few CPU rows
     where the calibration chose kvlab's kernel. Called once per linear layer, so the cheap checks
     come first and the calibration is one dict lookup."""
+    if x.dim() != 2:
+        return None
     rows = x.shape[0]
     if (
         rows > SKINNY_MAX_ROWS
-        or x.dim() != 2
         or x.dtype != weight.dtype
         or x.dtype not in SKINNY_DTYPES
         or x.device.type != "cpu"

@@ -194,7 +194,10 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
   };
   for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
+  // Four positions at a time where the heads split into groups of at most three without a remainder
+  // group (G = 1, 2, 3, 6, 9, ...); other group sizes (4, 8) load each key once per four heads below.
+  const bool by_four_positions = G <= 3 || G % 3 == 0;
+  for (; by_four_positions && i + 4 <= n; i += 4) {
     for (int64_t j = i + kAhead; j < std::min(n, i + kAhead + 4); ++j) prefetch_row(ctx.keys + rows[j]);
     const T* keys[4] = {ctx.keys + rows[i], ctx.keys + rows[i + 1], ctx.keys + rows[i + 2], ctx.keys + rows[i + 3]};
     for (int64_t g = 0; g < G; g += 3) {

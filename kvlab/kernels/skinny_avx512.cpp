@@ -7,17 +7,13 @@
 #include <cstdint>
 
 #include "skinny_tile.h"
+#include "skinny_avx512_reduce.h"
 
 namespace {
 
 inline __mmask16 tail_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
 inline __m512 widen_bf16(__m256i half) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)); }
-
-// A 16-lane accumulator folded to 8 lanes (AVX512F's 256-bit extract; the float form needs DQ).
-inline __m256 fold(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 
 struct Avx512Base {
   using X = float;
@@ -33,9 +29,7 @@ struct Avx512Base {
   static XV load_x_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm512_fmadd_ps(w, x, acc); }
   static float reduce(Acc acc) { return _mm512_reduce_add_ps(acc); }
-  static void reduce4(const Acc* acc, float* out) {
-    reduce4_store(fold(acc[0]), fold(acc[1]), fold(acc[2]), fold(acc[3]), out);
-  }
+  static void reduce4(const Acc* acc, float* out) { reduce4_zmm(acc, out); }
 };
 
 struct Avx512F32 : Avx512Base {

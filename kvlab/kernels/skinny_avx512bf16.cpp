@@ -9,17 +9,13 @@
 #include <cstdint>
 
 #include "skinny_tile.h"
+#include "skinny_avx512_reduce.h"
 
 namespace {
 
 inline __mmask32 tail_mask(int n) { return static_cast<__mmask32>((uint64_t{1} << n) - 1u); }
 
 inline __m512bh as_pairs(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
-
-// A 16-lane accumulator folded to 8 lanes (AVX512F's 256-bit extract; the float form needs DQ).
-inline __m256 fold(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 
 struct Avx512Bf16Dot {
   using X = uint16_t;
@@ -38,9 +34,7 @@ struct Avx512Bf16Dot {
   static XV load_x_tail(const uint16_t* p, int n) { return load_w_tail(p, n); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm512_dpbf16_ps(acc, w, x); }
   static float reduce(Acc acc) { return _mm512_reduce_add_ps(acc); }
-  static void reduce4(const Acc* acc, float* out) {
-    reduce4_store(fold(acc[0]), fold(acc[1]), fold(acc[2]), fold(acc[3]), out);
-  }
+  static void reduce4(const Acc* acc, float* out) { reduce4_zmm(acc, out); }
 };
 
 }  // namespace

@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.models.native import EngineModel, linear
+from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.rope import RotaryEmbedding
 
 
@@ -33,6 +34,8 @@ class GPTNeoXLayer:
 
 
 class GPTNeoXEngineModel(EngineModel):
+    layer_matmuls = ("qkv", "dense", "up", "down")
+
     def __init__(self, hf_model, fuse_projections: bool = True) -> None:
         config = hf_model.config
         self.num_heads = self.num_kv_heads = config.num_attention_heads
@@ -97,7 +100,8 @@ class GPTNeoXEngineModel(EngineModel):
             key = qkv[:, size : 2 * size].view(num_tokens, num_heads, head_dim)
             value = qkv[:, 2 * size :].view(num_tokens, num_heads, head_dim)
             backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
-            attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
+            with phase(PHASE_ATTENTION):
+                attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
             attn = linear(attn.reshape(num_tokens, size), layer.dense, layer.dense_bias)
             if self.parallel_residual:
                 mlp_in = F.layer_norm(hidden, shape, *layer.ln2, self.eps)

@@ -21,6 +21,7 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models.native import EngineModel, add_rms_norm_, linear, rms_norm
+from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.rope import RotaryEmbedding
 
 
@@ -53,6 +54,8 @@ def project(x: Tensor, weight: Tensor | tuple[Tensor, ...], bias) -> Tensor:
 
 
 class LlamaEngineModel(EngineModel):
+    layer_matmuls = ("qkv", "o_proj", "gate_up", "down")
+
     def __init__(self, hf_model, fuse_projections: bool = True) -> None:
         config = hf_model.config
         if config.hidden_act != "silu":
@@ -124,7 +127,8 @@ class LlamaEngineModel(EngineModel):
             key = qkv[:, q_size : q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
             value = qkv[:, q_size + kv_size :].view(num_tokens, num_kv_heads, head_dim)
             backend.write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
-            attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
+            with phase(PHASE_ATTENTION):
+                attn = backend.forward(query, key_cache, value_cache, metadata, self.scale)
             attn = linear(attn.reshape(num_tokens, q_size), layer.o_proj, layer.o_bias)
             x = add_rms_norm_(residual, attn, layer.post_norm, self.eps)
             x = add_rms_norm_(residual, _mlp(layer, x), next_norm, self.eps)

@@ -98,7 +98,7 @@ def load_tokenizer(name: str):
         return load_tokenizer(spec.tokenizer_from)
     if spec is not None and spec.source == "gguf":
         # The conversion's tokenizer files suffice; the weights need not be there (nor converted).
-        converted = cache_dir() / "models" / spec.name
+        converted = _converted_path(spec)
         if (converted / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(converted)
         return AutoTokenizer.from_pretrained(_converted_gguf_dir(spec))
@@ -166,11 +166,15 @@ def _gguf_path(spec: ModelSpec) -> Path:
 
 def _converted_gguf_dir(spec: ModelSpec) -> Path:
     """Dequantize the GGUF once into a safetensors directory; later loads take well under a second."""
-    target = cache_dir() / "models" / spec.name
+    target = _converted_path(spec)
     if (target / "model.safetensors").is_file():
         return target
     _convert_gguf(_gguf_path(spec), target)
     return target
+
+
+def _converted_path(spec: ModelSpec) -> Path:
+    return cache_dir() / "models" / spec.name
 
 
 def _load_gguf_file(path: Path) -> LoadedModel:

@@ -94,6 +94,17 @@ class EngineModel:
     lm_head: Tensor
     final_norm: Tensor | tuple[Tensor, Tensor]
     layers: list
+    layer_matmuls: tuple[str, ...] = ()  # each layer's weight matrices, in the order a step applies them
+
+    def matmul_weights(self) -> list[Tensor]:
+        """Every weight matrix one decode step multiplies: each layer's as the forward holds them (a
+        fused projection is one matrix), then the LM head."""
+        weights: list[Tensor] = []
+        for layer in self.layers:
+            for name in self.layer_matmuls:
+                weight = getattr(layer, name)
+                weights.extend([weight] if isinstance(weight, Tensor) else weight)
+        return [*weights, self.lm_head]
 
     def forward(
         self,

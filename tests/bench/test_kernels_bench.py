@@ -42,7 +42,7 @@ def test_report_has_a_row_per_rows_count_and_the_bars(experiment):
     for dtype in ("float32", "bfloat16"):
         gemm = payload["gemm"][dtype]
         assert list(gemm["by_rows"]) == ["1", "3", "16"]
-        assert gemm["num_matrices"] == 2 * 7 + 1  # two layers of q, k, v, o, gate, up, down; the LM head
+        assert gemm["num_matrices"] == 2 * 4 + 1  # two layers of qkv, o, gate_up, down (fused); the LM head
         assert f"## Skinny GEMM, {dtype}" in report and max(gemm["probes_bytes_per_s"].values()) > 0
         for entry in gemm["by_rows"].values():
             assert {"torch", "kvlab.models"} <= set(entry["seconds"])

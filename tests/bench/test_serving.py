@@ -191,10 +191,18 @@ def test_step_profile_attributes_every_step_at_batch_1_and_at_the_engine_concurr
     profiles = payload["step_profile"]
     assert list(profiles) == ["1", "4"]  # engine.max_num_seqs=4
     for run in profiles.values():
-        shares = run["ms_per_step"]
-        assert abs(sum(shares.values()) - run["step_ms"]) < 1e-6
-        # decode=4 new tokens: one prefill step and three decode steps per request, batched together
-        assert run["steps"] == 4
-        model_work = shares["GEMMs"] + shares["fused decode step (GEMMs + attention + norms in one op)"]
-        assert model_work > 0 and shares["sampling"] > 0 and shares["scheduling and committing"] > 0
+        decode, prefill = run["by_kind"]["decode"], run["by_kind"]["prefill"]
+        # decode.new_tokens=4: all requests prefill together (one step), then three decode steps
+        assert (prefill["steps"], decode["steps"]) == (1, 3)
+        for kind in (decode, prefill):
+            # every microsecond of a step in exactly one category
+            assert abs(sum(kind["ms_per_step"].values()) - kind["step_ms"]) < 1e-6
+        total_ms = decode["step_ms"] * decode["steps"] + prefill["step_ms"] * prefill["steps"]
+        assert 0 < total_ms <= run["wall_s"] * 1e3
+        assert prefill["ms_per_step"]["attention (backend calls)"] > 0  # a prefill calls the backend
+        model_work = (
+            decode["ms_per_step"]["GEMMs"]
+            + decode["ms_per_step"]["fused decode step (GEMMs + attention + norms in one op)"]
+        )
+        assert model_work > 0 and decode["ms_per_step"]["sampling"] > 0
     assert "## Engine step profile" in (path / "report.md").read_text()

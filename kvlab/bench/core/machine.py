@@ -23,7 +23,10 @@ def cpu_model() -> str:
 def machine_info(device: torch.device | str = "cpu") -> dict:
     """The machine and software a result came from; `kernels` names what ran the model on `device`."""
     if torch.device(device).type == "cuda":
-        kernels = "CUDA: Triton paged attention in the engine (float32 tiles as 3xTF32), torch for the rest"
+        kernels = (
+            "CUDA: the engine's attention backend (auto: Triton paged attention, float32 tiles as 3xTF32, "
+            "where triton imports), torch for the rest"
+        )
     else:
         kernels = cpu_kernels.describe()
     return {

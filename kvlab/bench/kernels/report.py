@@ -8,8 +8,8 @@ from typing import Any
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.kernels.calibrate import TIE
 
-MODEL_PATH = "kvlab.models"
 TORCH = "torch"
+MODEL_PATH = "kvlab.models"  # what the model's linear layers run: the calibration's kernel for the shape
 
 # (rows, target): the model path's pass at `rows` rows may cost at most `target` x its pass at one row.
 ROW_BARS = ((16, 2.0), (32, 3.5))
@@ -68,8 +68,9 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
         f"{machine['ram_gib']} GiB RAM; torch {machine['torch']}. Kernels: {machine['kernels']}.",
         "",
-        f"Weights: every `nn.Linear` of `{payload['model']['name']}` ({payload['model']['source']}), "
-        "the LM head included, as one decode step reads them. One pass multiplies `rows` input rows by "
+        f"Weights: every matrix a decode step of `{payload['model']['name']}` ({payload['model']['source']}) "
+        "multiplies, as kvlab's engine-native model holds them (q/k/v and gate/up fused) and the LM head. "
+        "One pass multiplies `rows` input rows by "
         f"each matrix once; each cell is the median of {config['repeats']} passes after a warm-up, "
         "kernels interleaved pass by pass. `kvlab.models` is what the model's linear layers run: the "
         "calibration's kernel for the rows count (kvlab's or torch's).",
@@ -125,7 +126,7 @@ def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "GB/s and GFLOP/s are those of the model's path. Error: the largest |kernel - float64 product| of any "
-        "kernel over 8 of the matrices, relative to the product's largest entry.",
+        "kernel over every n-th matrix (8 to 15 of them), relative to the product's largest entry.",
     ]
     return lines
 
@@ -138,7 +139,8 @@ def attention_section(payload: dict[str, Any]) -> list[str]:
         "",
         f"{shape['num_requests']} requests x {shape['context_len']} cached tokens, one query token each, the "
         f"model's heads; blocks of {shape['block_size']} scattered over the pool. kvlab `cpu_paged` (the C++ op) "
-        "vs `sdpa` (torch's scaled_dot_product_attention per request over the gathered blocks); both checked "
+        "vs `sdpa` (kvlab's backend on torch's scaled_dot_product_attention over the blocks gathered into a "
+        "padded batch); both checked "
         f"against the `reference` backend. Median of {shape['repeats']} calls after a warm-up.",
         "",
         "| dtype | kvlab cpu_paged ms | torch sdpa ms | speed-up | kvlab K/V GB/s | max abs error kvlab / sdpa |",

@@ -19,33 +19,42 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.bench.core.floor import bandwidth_probes, best_seconds
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
-from kvlab.bench.kernels.report import write_kernels_report
+from kvlab.bench.kernels.report import MODEL_PATH, TORCH, write_kernels_report
 from kvlab.errors import ConfigError
+from kvlab.hardware import emulated_half
 from kvlab.kernels import calibrate
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models import native
 from kvlab.models.loader import load_model, resolve_dtype
+from kvlab.models.native import build_engine_model
 
-TORCH = "torch"
-MODEL_PATH = "kvlab.models"  # what the model's linear layers run: the calibration's kernel for the shape
 PEAK_SIDE = 2048  # the square matmul that stands for the machine's arithmetic peak
-
-
-def linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The weight of every nn.Linear (the LM head included; a tied one is the embedding, read once)."""
-    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def candidates(dtype: torch.dtype) -> dict[str, Any]:
     """name -> f(x, weight): each kvlab variant this CPU runs, torch, and the model's calibrated path."""
     kernels: dict[str, Any] = {}
-    for variant in cpu_kernels.variants():
-        if dtype == torch.float32 and variant == "avx512bf16" and "avx512" in cpu_kernels.variants():
-            continue  # float32 runs the same kernel in both
+    for variant in calibrate.distinct_variants(dtype, cpu_kernels.variants()):
         kernels[f"kvlab {variant}"] = lambda x, w, v=variant: cpu_kernels.skinny_linear(x, w, variant=v)
     kernels[TORCH] = F.linear
     kernels[MODEL_PATH] = native.linear
     return kernels
+
+
+def model_path_kernel(dtype: torch.dtype, rows: int) -> str:
+    """What `native.linear` runs for `rows` rows: the calibration's kernel, torch above the skinny GEMM's
+    rows, torch in float32 for many half-precision rows where the CPU emulates half math."""
+    if rows <= cpu_kernels.SKINNY_MAX_ROWS:
+        kernel = cpu_kernels.calibration().decision(dtype, rows).kernel
+        if kernel != TORCH:
+            return kernel
+    if (
+        rows >= native.UPCAST_MIN_ROWS
+        and dtype != torch.float32
+        and emulated_half(torch.empty(0, dtype=dtype))
+    ):
+        return "torch (float32)"
+    return TORCH
 
 
 def time_passes(kernels: dict[str, Any], weights: list[torch.Tensor], inputs: dict, repeats: int) -> dict:
@@ -83,7 +92,7 @@ def matmul_peak_flops(dtype: torch.dtype) -> float:
 
 def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str) -> dict[str, Any]:
     dtype = resolve_dtype(dtype_name)
-    weights = [w.to(dtype).contiguous() for w in linear_weights(model)]
+    weights = [w.to(dtype).contiguous() for w in build_engine_model(model).matmul_weights()]
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     params = sum(w.numel() for w in weights)
     generator = torch.Generator().manual_seed(config.seed)
@@ -94,11 +103,10 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
         }
         kernels = candidates(dtype)
         samples = time_passes(kernels, weights, inputs, config.repeats)
-        decision = cpu_kernels.calibration().decision(dtype, min(rows, cpu_kernels.SKINNY_MAX_ROWS))
         by_rows[str(rows)] = {
             "seconds": samples,
             "relative_error": max_error(kernels, weights, inputs),
-            "model_path_kernel": decision.kernel if rows <= cpu_kernels.SKINNY_MAX_ROWS else TORCH,
+            "model_path_kernel": model_path_kernel(dtype, rows),
         }
     return {
         "num_matrices": len(weights),

@@ -271,21 +271,36 @@ def _step_profile_lines(profiles: dict[str, Any] | None) -> list[str]:
         "## Engine step profile",
         "",
         f"Requests of {first['prompt_len']} prompt tokens and {first['new_tokens']} output tokens, all at t=0, "
-        "served under torch's profiler (prefill steps included); ms per step by where the time went "
-        "(kvlab/bench/serving/step_profile.py). The profiler adds microseconds per op, so the "
-        "milliseconds are above the unprofiled TPOT; the shares are the point. On a GPU they are host "
-        "times (what issuing the step costs the CPU; Triton kernels are launched from Python and count "
-        "there).",
+        "served under torch's profiler; ms per decode-only step by where the time went "
+        "(kvlab/bench/serving/step_profile.py), steps with prompt tokens in the last row. The profiler "
+        "adds microseconds per op, so the milliseconds are above the unprofiled TPOT; the shares are the "
+        "point. On a GPU they are host times (what issuing the step costs the CPU), and sampling includes "
+        "waiting for the step's GPU work.",
         "",
-        "| where | " + " | ".join(f"{run['num_requests']} req: ms/step | share" for run in runs) + " |",
+        "| where (decode steps) | "
+        + " | ".join(f"{run['num_requests']} req: ms/step | share" for run in runs)
+        + " |",
         "|---|" + "---:|---:|" * len(runs),
     ]
-    for name in first["ms_per_step"]:
+    decode = [run["by_kind"]["decode"] for run in runs]
+    for name in decode[0]["ms_per_step"]:
         cells = " | ".join(
-            f"{run['ms_per_step'][name]:.2f} | {run['ms_per_step'][name] / run['step_ms']:.0%}"
-            for run in runs
+            f"{kind['ms_per_step'][name]:.2f} | {kind['ms_per_step'][name] / (kind['step_ms'] or 1):.0%}"
+            for kind in decode
         )
         lines.append(f"| {name} | {cells} |")
-    total = " | ".join(f"{run['step_ms']:.2f} | {run['steps']} steps" for run in runs)
-    lines.append(f"| whole step | {total} |")
+    lines.append(
+        "| whole decode step | "
+        + " | ".join(f"{kind['step_ms']:.2f} | {kind['steps']} steps" for kind in decode)
+        + " |"
+    )
+    lines.append(
+        "| step with prompt tokens | "
+        + " | ".join(
+            f"{run['by_kind']['prefill']['step_ms']:.2f} | {run['by_kind']['prefill']['steps']} steps, "
+            f"{run['num_preemptions']} preemptions"
+            for run in runs
+        )
+        + " |"
+    )
     return lines

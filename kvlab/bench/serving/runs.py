@@ -103,6 +103,11 @@ def measure_step_profile(engine, token_ids: list[int], config: ServingConfig) ->
     workload = config.decode
     width = workload.prompt_len
     concurrency = engine.config.max_num_seqs
+    if len(token_ids) < width * concurrency:
+        raise ConfigError(
+            f"the step profile needs {width * concurrency} tokens of text ({concurrency} prompts of "
+            f"{width}); the dataset gave {len(token_ids)}"
+        )
     prompts = [token_ids[i * width : (i + 1) * width] for i in range(concurrency)]
     serve(with_changes(engine), [BenchRequest(prompts[0][:16], 4)])  # warm-up, outside the profile
     return {

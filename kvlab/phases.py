@@ -1,6 +1,6 @@
 """The phases of an engine step, marked as torch profiler ranges so that a profile of the engine
 (kvlab.bench.serving.step_profile) can attribute each step's time to scheduling, input preparation,
-the forward pass, the LM head, sampling and committing the results."""
+the forward pass (and the attention inside it), the LM head, sampling and committing the results."""
 
 import contextlib
 
@@ -10,6 +10,7 @@ from torch.profiler import record_function
 PHASE_SCHEDULE = "kvlab::schedule"
 PHASE_PREPARE = "kvlab::prepare_inputs"
 PHASE_FORWARD = "kvlab::forward"
+PHASE_ATTENTION = "kvlab::attention"  # inside the forward: one attention backend call
 PHASE_LOGITS = "kvlab::compute_logits"
 PHASE_SAMPLE = "kvlab::sample"
 PHASE_COMMIT = "kvlab::commit"
@@ -21,4 +22,4 @@ _UNPROFILED = contextlib.nullcontext()
 def phase(name: str):
     """A profiler range named `name` while a torch profiler records, else nothing: an idle
     `record_function` still costs ~9 us, a step has six phases and a decode step lasts milliseconds."""
-    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else _UNPROFILED
+    return record_function(name) if torch.autograd._profiler_enabled() else _UNPROFILED
