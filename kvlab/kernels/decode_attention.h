@@ -196,18 +196,34 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
   int64_t i = 0;
   // Four positions at a time where the heads split into groups of at most three without a remainder
   // group (G = 1, 2, 3, 6, 9, ...); other group sizes (4, 8) load each key once per four heads below.
+  // The last 1-3 positions of a share go through the same kernel with the last key repeated, so a
+  // position's score is the same float whatever share boundaries put it at (the fused decode step and
+  // the paged-attention op split a context differently, and must agree).
   const bool by_four_positions = G <= 3 || G % 3 == 0;
+  const auto score_four = [&](const T* const* keys, float* out, int64_t stride) {
+    for (int64_t g = 0; g < G; g += 3) {
+      float* at = out + g * stride;
+      switch (std::min<int64_t>(3, G - g)) {
+        case 3: score_heads_x4<3>(q + g * D, D, keys, at, stride); break;
+        case 2: score_heads_x4<2>(q + g * D, D, keys, at, stride); break;
+        default: score_heads_x4<1>(q + g * D, D, keys, at, stride);
+      }
+    }
+  };
   for (; by_four_positions && i + 4 <= n; i += 4) {
     for (int64_t j = i + kAhead; j < std::min(n, i + kAhead + 4); ++j) prefetch_row(ctx.keys + rows[j]);
     const T* keys[4] = {ctx.keys + rows[i], ctx.keys + rows[i + 1], ctx.keys + rows[i + 2], ctx.keys + rows[i + 3]};
-    for (int64_t g = 0; g < G; g += 3) {
-      float* out = scores + g * n + i;
-      switch (std::min<int64_t>(3, G - g)) {
-        case 3: score_heads_x4<3>(q + g * D, D, keys, out, n); break;
-        case 2: score_heads_x4<2>(q + g * D, D, keys, out, n); break;
-        default: score_heads_x4<1>(q + g * D, D, keys, out, n);
-      }
-    }
+    score_four(keys, scores + i, n);
+  }
+  if (by_four_positions && i < n) {
+    const T* keys[4];
+    for (int64_t j = 0; j < 4; ++j) keys[j] = ctx.keys + rows[std::min(i + j, n - 1)];
+    thread_local std::vector<float> tail;
+    tail.resize(4 * G);  // G heads x 4 scores
+    score_four(keys, tail.data(), 4);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = i; j < n; ++j) scores[g * n + j] = tail[g * 4 + (j - i)];
+    i = n;
   }
   for (; i < n; ++i) {
     if (i + kAhead < n) prefetch_row(ctx.keys + rows[i + kAhead]);
