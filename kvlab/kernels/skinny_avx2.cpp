@@ -10,13 +10,6 @@
 
 namespace {
 
-inline float reduce8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Lanes [0, n) set: the mask _mm256_maskload_ps reads a K tail of n < 8 floats with.
 inline __m256i tail_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -38,7 +31,6 @@ struct Avx2Base {
   static XV load_x(const float* p) { return _mm256_loadu_ps(p); }
   static XV load_x_tail(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm256_fmadd_ps(w, x, acc); }
-  static float reduce(Acc acc) { return reduce8(acc); }
   static void reduce4(const Acc* acc, float* out) { reduce4_store(acc[0], acc[1], acc[2], acc[3], out); }
 };
 

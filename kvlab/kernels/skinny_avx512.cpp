@@ -28,7 +28,6 @@ struct Avx512Base {
   static XV load_x(const float* p) { return _mm512_loadu_ps(p); }
   static XV load_x_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm512_fmadd_ps(w, x, acc); }
-  static float reduce(Acc acc) { return _mm512_reduce_add_ps(acc); }
   static void reduce4(const Acc* acc, float* out) { reduce4_zmm(acc, out); }
 };
 

@@ -33,7 +33,6 @@ struct Avx512Bf16Dot {
   static XV load_x(const uint16_t* p) { return load_w(p); }
   static XV load_x_tail(const uint16_t* p, int n) { return load_w_tail(p, n); }
   static Acc fma(Acc acc, WV w, XV x) { return _mm512_dpbf16_ps(acc, w, x); }
-  static float reduce(Acc acc) { return _mm512_reduce_add_ps(acc); }
   static void reduce4(const Acc* acc, float* out) { reduce4_zmm(acc, out); }
 };
 

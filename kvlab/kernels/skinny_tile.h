@@ -73,8 +73,18 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
     int r = 0;
 #pragma GCC unroll 4
     for (; r + 4 <= NR; r += 4) T::reduce4(&acc[m][r], y + m * N + r);
+    if (r < NR) {
+      // The last 1-3 sums through the same reduction (padded with repeats), so an output's value does
+      // not depend on the tile that computed it: threads split the rows differently per call site
+      // (the op's parallel_for, the fused decode step), and a sum must not change with the split.
+      typename T::Acc rest[4];
+      float sums[4];
 #pragma GCC unroll 4
-    for (; r < NR; ++r) y[m * N + r] = T::reduce(acc[m][r]);
+      for (int j = 0; j < 4; ++j) rest[j] = acc[m][r + (j < NR - r ? j : 0)];
+      T::reduce4(rest, sums);
+#pragma GCC unroll 4
+      for (int j = 0; r + j < NR; ++j) y[m * N + r + j] = sums[j];
+    }
   }
 }
 
