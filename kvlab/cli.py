@@ -148,24 +148,13 @@ def cmd_bench(args, argv) -> int:
     from kvlab.bench.report.markdown import write_report
 
     command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
-    if args.technique == "paged":
-        from kvlab.bench.serving import config as serving_config
-        from kvlab.bench.serving.runs import run_paged_bench
-
-        config = serving_config.resolve(args.batch_level, args.config, args.set or [], bench_flags(args))
+    standalone = _standalone_bench(args.technique)
+    if standalone is not None:
+        resolve_config, run_bench = standalone
+        config = resolve_config(args.batch_level, args.config, args.set or [], bench_flags(args))
         out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
         writer.claim_experiment_dir(out_dir, args.overwrite)
-        path = run_paged_bench(config, out_dir, command)
-        print(f"kvlab: report written to {path / 'report.md'}")
-        return 0
-    if args.technique == "kernels":
-        from kvlab.bench.kernels import config as kernels_config
-        from kvlab.bench.kernels.runs import run_kernels_bench
-
-        config = kernels_config.resolve(args.batch_level, args.config, args.set or [], bench_flags(args))
-        out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
-        writer.claim_experiment_dir(out_dir, args.overwrite)
-        path = run_kernels_bench(config, out_dir, command)
+        path = run_bench(config, out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
         return 0
     flags = bench_flags(args)
@@ -196,6 +185,22 @@ def cmd_bench(args, argv) -> int:
         write_sweep(sweep_key, sweep_values, [d for _, d in configs], sweep_dir)
         print(f"kvlab: sweep written to {sweep_dir / 'sweep.md'}")
     return 0
+
+
+def _standalone_bench(technique: str):
+    """(resolve the config, run and report) of a bench of its own (the paged serving bench, the kernel
+    micro-benchmark), or None for a generation technique."""
+    if technique == "paged":
+        from kvlab.bench.serving.config import resolve
+        from kvlab.bench.serving.runs import run_paged_bench
+
+        return resolve, run_paged_bench
+    if technique == "kernels":
+        from kvlab.bench.kernels.config import resolve
+        from kvlab.bench.kernels.runs import run_kernels_bench
+
+        return resolve, run_kernels_bench
+    return None
 
 
 def _bench_ppl(config, text, tokens):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
+from kvlab.bench.report.format import title_lines
 from kvlab.kernels.calibrate import TIE
 
 TORCH = "torch"
@@ -59,12 +60,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     del plots
     config, machine = payload["config"], payload["machine"]
     lines = [
-        f"# kernels / {config['experiment_name']}",
-        "",
-        "Reproduce with:",
-        "",
-        f"    {payload['command']}",
-        "",
+        *title_lines(config, payload["command"]),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
         f"{machine['ram_gib']} GiB RAM; torch {machine['torch']}. Kernels: {machine['kernels']}.",
         "",

@@ -1,4 +1,4 @@
-"""Number formats shared by every report table."""
+"""Formats shared by every report: numbers in tables, and the title every report.md opens with."""
 
 
 def format_ms(seconds: float) -> str:
@@ -9,3 +9,15 @@ def format_ms(seconds: float) -> str:
 
 def format_mib(num_bytes: float | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
+def title_lines(config: dict, command: str) -> list[str]:
+    """A report's title (technique / experiment) and the command that reproduces it."""
+    return [
+        f"# {config['technique']} / {config['experiment_name']}",
+        "",
+        "Reproduce with:",
+        "",
+        f"    {command}",
+        "",
+    ]

@@ -8,7 +8,7 @@ from kvlab.bench.core.machine import machine_info
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.generate.runner import BenchResult
 from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
-from kvlab.bench.report.format import format_mib, format_ms
+from kvlab.bench.report.format import format_mib, format_ms, title_lines
 from kvlab.bench.report.plots import generation_plots
 from kvlab.models.loader import resolve_device
 
@@ -91,12 +91,7 @@ def _forward_path(runs: list[dict]) -> str:
 def render_markdown(payload: dict, plots: list[str]) -> str:
     config, machine, model = payload["config"], payload["machine"], payload["model"]
     lines = [
-        f"# {config['technique']} / {config['experiment_name']}",
-        "",
-        "Reproduce with:",
-        "",
-        f"    {payload['command']}",
-        "",
+        *title_lines(config, payload["command"]),
         "## Machine",
         "",
         f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, {machine['ram_gib']} GiB RAM, "

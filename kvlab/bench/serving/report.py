@@ -13,6 +13,7 @@ from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.bench.report.format import format_mib as _mib
 from kvlab.bench.report.format import format_ms as _ms
+from kvlab.bench.report.format import title_lines
 from kvlab.bench.serving.plots import serving_plots
 
 DECODE_PATHS = ("engine", "kvlab.generate", "model.generate")
@@ -74,12 +75,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]
     engine, hf = mixed["engine"], mixed["hf_static"]
     lines = [
-        f"# paged / {config['experiment_name']}",
-        "",
-        "Reproduce with:",
-        "",
-        f"    {payload['command']}",
-        "",
+        *title_lines(config, payload["command"]),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
         f"{machine['ram_gib']} GiB RAM, GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, "
         f"transformers {machine['transformers']}. Model: `{model['name']}` ({model['source']}). "
