@@ -1,7 +1,7 @@
 """Compiling the C++ CPU kernels: once per source digest, into kvlab's cache, announced on stderr.
 
-The torch ops (skinny_gemm.cpp, paged_attention.cpp, rms_norm.cpp, rotary.cpp, decode_step.cpp) build with AVX2 flags
-through torch.utils.cpp_extension. The skinny GEMM's ISA variants are separate translation units,
+The torch ops (OP_SOURCES) build with AVX2 flags through torch.utils.cpp_extension. The ISA variants
+of the skinny GEMMs (float: skinny_*.cpp; quantized: quant_*.cpp) are separate translation units,
 each compiled here with its own -m flags and linked in; skinny_gemm.cpp calls one only where the CPU
 reports its instructions, so the library loads on any AVX2 CPU (why they include no torch header:
 skinny_variants.h). `make install` builds ahead (`python -m kvlab.kernels build`); otherwise the
@@ -18,14 +18,23 @@ from pathlib import Path
 import torch
 
 KERNEL_DIR = Path(__file__).parent
-OP_SOURCES = ("skinny_gemm.cpp", "paged_attention.cpp", "rms_norm.cpp", "rotary.cpp", "decode_step.cpp")
-OP_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # -fopenmp: at::parallel_for uses OpenMP
+OP_SOURCES = (
+    "skinny_gemm.cpp",
+    "quant_gemm.cpp",
+    "paged_attention.cpp",
+    "rms_norm.cpp",
+    "rotary.cpp",
+    "decode_step.cpp",
+)
+OP_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")  # -fopenmp: at::parallel_for uses OpenMP
 # source -> its own ISA flags; the CPU check before each call lives in skinny_gemm.cpp.
 VARIANT_SOURCES = {
     "skinny_avx2.cpp": ("-mavx2", "-mfma"),
     "skinny_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
     "skinny_avx512bf16.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
     "skinny_amx.cpp": ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+    "quant_avx2.cpp": ("-mavx2", "-mfma", "-mf16c"),
+    "quant_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
 }
 VARIANT_FLAGS = ("-O3", "-std=c++17", "-fPIC")
 

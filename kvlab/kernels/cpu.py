@@ -304,3 +304,49 @@ def add_rms_norm_(residual: Tensor, x: Tensor, weight: Tensor, eps: float) -> Te
 def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotate x (T, heads, head_dim), a view with unit last stride, in place; cos/sin (T, rotary_dim // 2)."""
     ops().rotary_(x, cos, sin)
+
+
+@functools.cache
+def quant_variants() -> tuple[str, ...]:
+    """The quantized GEMM variants this CPU runs, best first (quant_gemm.cpp)."""
+    return tuple(ops().quant_variants())
+
+
+def quant_variant() -> str:
+    """The quantized GEMM variant that runs: KVLAB_QUANT_VARIANT if set, else the widest this CPU has.
+    (The kvlab-or-library choice is the quantization bench's measurement against torch's int8 / int4
+    kernels, in its report.)"""
+    forced = os.environ.get("KVLAB_QUANT_VARIANT", "").strip().lower()
+    if forced and forced not in quant_variants():
+        raise ConfigError(
+            f"KVLAB_QUANT_VARIANT={forced!r} is not a quantized GEMM variant this CPU runs; choose one of "
+            f"{', '.join(quant_variants())}"
+        )
+    return forced or quant_variants()[0]
+
+
+def quant_serves(x: Tensor, weight) -> bool:
+    """Whether quant_linear takes x @ weight.T: a CPU float input and the kernels built."""
+    return x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype.is_floating_point and available()
+
+
+def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | None = None) -> Tensor:
+    """x (M, K) @ dequantize(weight).T + bias for a kvlab.quant QuantizedWeight, in x's dtype."""
+    return _op().quant_linear(
+        x,
+        weight.data,
+        weight.scales,
+        weight.offsets,
+        weight.bits,
+        weight.group_size,
+        weight.in_features,
+        bias,
+        variant or quant_variant(),
+    )
+
+
+def quant_dequantize(weight, rows: Tensor | None = None) -> Tensor:
+    """float32 rows of a QuantizedWeight (all, or those `rows` indexes)."""
+    return _op().quant_dequantize(
+        weight.data, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.in_features, rows
+    )

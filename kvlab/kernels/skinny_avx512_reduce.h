@@ -1,10 +1,12 @@
 // The AVX-512 skinny GEMM variants' four-at-a-time output reduction: each 16-lane accumulator is
 // folded to 8 lanes, then skinny_tile.h's transposing reduction sums four of them at once. Included
 // only by translation units compiled with AVX-512 flags (skinny_avx512.cpp, skinny_avx512bf16.cpp),
-// after skinny_tile.h.
+// after reduce4.h (skinny_tile.h includes it).
 #pragma once
 
 #include <immintrin.h>
+
+#include "reduce4.h"
 
 namespace {
 

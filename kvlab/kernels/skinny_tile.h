@@ -13,21 +13,13 @@
 
 #include <cstdint>
 
+#include "reduce4.h"
 #include "skinny_variants.h"
 
 namespace {
 
 using kvlab::skinny::kBlockRows;
 using kvlab::skinny::Problem;
-
-// out[0..3] = the lane sums of a, b, c, d: a transposing reduction (hadd(u, v) = [u0+u1, u2+u3, v0+v1,
-// v2+v3 | the same for lanes 4-7], twice, leaves each vector's two half-sums in lanes j and j + 4),
-// 5 instructions for four sums where one reduction per sum takes 5 each. With K only 18-48 vectors
-// long, per-output reductions were a tenth of a tile's instructions.
-inline void reduce4_store(__m256 a, __m256 b, __m256 c, __m256 d, float* out) {
-  const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
-}
 
 template <class T, int MR, int NR>
 inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t N) {

@@ -1,0 +1,173 @@
+// Quantized weights on the CPU (kvlab/quant/formats.py's layout, quant_variants.h):
+//   quant_linear      y = x @ dequantize(w)^T (+ bias) for decode-sized x, streaming the packed codes
+//                     once and dequantizing in registers (quant_tile.h, one translation unit per ISA);
+//   quant_dequantize  the float32 rows of w (all, or the selected ones): an embedding lookup, and the
+//                     tile-at-a-time dequantization a prefill's float GEMM takes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "quant_variants.h"
+#include "skinny_dispatch.h"
+
+namespace {
+
+namespace qt = kvlab::quant;
+
+struct Format {
+  int64_t N, K, Kp, G, group_size;
+  int bits;
+};
+
+Format check_format(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+                    int64_t bits, int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(data.device().is_cpu() && scales.device().is_cpu(), "quantized weights: CPU tensors only");
+  TORCH_CHECK(bits == 4 || bits == 8, "quantized weights: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(in_features > 0 && group_size > 0, "quantized weights: K and group_size must be positive");
+  TORCH_CHECK(group_size == in_features || group_size % qt::kBlockColumns == 0,
+              "quantized weights: group_size must be K or a multiple of 32, got ", group_size);
+  const int64_t Kp = (in_features + qt::kBlockColumns - 1) / qt::kBlockColumns * qt::kBlockColumns;
+  const int64_t G = (in_features + group_size - 1) / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kHalf && scales.is_contiguous(),
+              "quantized weights: scales must be contiguous float16 (N, G)");
+  const int64_t N = scales.size(0);
+  TORCH_CHECK(scales.size(1) == G, "quantized weights: ", scales.size(1), " scale groups, expected ", G);
+  TORCH_CHECK(data.dim() == 2 && data.size(0) == N && data.is_contiguous(), "quantized weights: data must be contiguous (N, ...)");
+  if (bits == 8) {
+    TORCH_CHECK(data.scalar_type() == at::kChar && data.size(1) == in_features, "int8 weights: data must be int8 (N, K)");
+    TORCH_CHECK(!offsets.has_value(), "int8 weights are symmetric: no offsets");
+  } else {
+    TORCH_CHECK(data.scalar_type() == at::kByte && data.size(1) == Kp / 2, "int4 weights: data must be uint8 (N, ", Kp / 2, ")");
+  }
+  if (offsets.has_value())
+    TORCH_CHECK(offsets->sizes() == scales.sizes() && offsets->scalar_type() == at::kHalf && offsets->is_contiguous(),
+                "quantized weights: offsets must be contiguous float16 shaped like scales");
+  return {N, in_features, Kp, G, group_size, static_cast<int>(bits)};
+}
+
+bool cpu_runs(const char* name) {
+  const std::vector<std::string> names = kvlab::skinny::skinny_variants();
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+qt::Kernel find_kernel(const std::string& name) {
+  if (name == "avx512") {
+    TORCH_CHECK(cpu_runs("avx512"), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
+    return qt::avx512;
+  }
+  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512 or avx2)");
+  return qt::avx2;
+}
+
+std::vector<std::string> quant_variants() {
+  std::vector<std::string> names;
+  if (cpu_runs("avx512")) names.emplace_back("avx512");
+  names.emplace_back("avx2");
+  return names;
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& offsets, int64_t bits, int64_t group_size,
+                        int64_t in_features, const std::optional<at::Tensor>& bias, c10::string_view variant) {
+  const Format f = check_format(data, scales, offsets, bits, group_size, in_features);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == f.K, "quant_linear: x must be a CPU (M, ", f.K, ") tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "quant_linear: x must be float32, bfloat16 or float16");
+  if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f.N, "quant_linear: bias must be (N,)");
+  const qt::Kernel kernel = find_kernel(std::string(variant));
+  const int64_t M = x.size(0);
+  // The few input rows once, as float32 padded with zeros to whole blocks: the kernels then read
+  // whole vectors of x everywhere, and a padded weight column meets a zero.
+  at::Tensor xin = at::zeros({M, f.Kp}, x.options().dtype(at::kFloat));
+  xin.narrow(1, 0, f.K).copy_(x);
+  at::Tensor y = at::empty({M, f.N}, x.options().dtype(at::kFloat));
+  const qt::Problem problem{
+      xin.const_data_ptr<float>(),
+      data.const_data_ptr(),
+      reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>()),
+      offsets.has_value() ? reinterpret_cast<const uint16_t*>(offsets->const_data_ptr<at::Half>()) : nullptr,
+      y.mutable_data_ptr<float>(),
+      M, f.K, f.Kp, f.N, f.group_size, f.G, f.bits};
+  // Threads split the weight rows in whole blocks, each chunk at least 32 KiB of codes.
+  const int64_t blocks = (f.N + qt::kBlockRows - 1) / qt::kBlockRows;
+  const int64_t block_bytes = qt::kBlockRows * (f.bits == 8 ? f.K : f.Kp / 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{32} << 10) / std::max<int64_t>(1, block_bytes));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    kernel(problem, begin * qt::kBlockRows, std::min(f.N, end * qt::kBlockRows));
+  });
+  if (bias.has_value()) y.add_(*bias);
+  return y.to(x.scalar_type());
+}
+
+// Row r of the codes -> out (K floats): q * scale + offset, group by group.
+void dequantize_row(const Format& f, const uint8_t* codes, const at::Half* scales, const at::Half* offsets, float* out) {
+  for (int64_t g = 0; g < f.G; ++g) {
+    const float s = static_cast<float>(scales[g]);
+    const float o = offsets != nullptr ? static_cast<float>(offsets[g]) : (f.bits == 4 ? -8.0f * s : 0.0f);
+    const int64_t end = std::min(f.K, (g + 1) * f.group_size);
+    for (int64_t k = g * f.group_size; k < end; ++k) {
+      float q;
+      if (f.bits == 8) {
+        q = static_cast<float>(reinterpret_cast<const int8_t*>(codes)[k]);
+      } else {
+        const int64_t block = k / qt::kBlockColumns, j = k % qt::kBlockColumns;
+        const uint8_t byte = codes[block * (qt::kBlockColumns / 2) + (j & 15)];
+        q = static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4));
+      }
+      out[k] = q * s + o;
+    }
+  }
+}
+
+at::Tensor quant_dequantize(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+                            int64_t bits, int64_t group_size, int64_t in_features, const std::optional<at::Tensor>& rows) {
+  const Format f = check_format(data, scales, offsets, bits, group_size, in_features);
+  at::Tensor index;
+  if (rows.has_value()) {
+    index = rows->to(at::kLong).contiguous().view({-1});
+    if (index.numel() > 0) {
+      TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < f.N,
+                  "quant_dequantize: row index out of range [0, ", f.N, ")");
+    }
+  } else {
+    index = at::arange(f.N, data.options().dtype(at::kLong));
+  }
+  const int64_t R = index.numel();
+  at::Tensor out = at::empty({R, f.K}, scales.options().dtype(at::kFloat));
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const auto* codes = static_cast<const uint8_t*>(data.const_data_ptr());
+  const int64_t row_bytes = f.bits == 8 ? f.K : f.Kp / 2;
+  const at::Half* scale = scales.const_data_ptr<at::Half>();
+  const at::Half* offset = offsets.has_value() ? offsets->const_data_ptr<at::Half>() : nullptr;
+  float* dst = out.mutable_data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = idx[i];
+      dequantize_row(f, codes + r * row_bytes, scale + r * f.G, offset ? offset + r * f.G : nullptr, dst + i * f.K);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvlab, m) {
+  m.def(
+      "quant_linear(Tensor x, Tensor data, Tensor scales, Tensor? offsets, int bits, int group_size, "
+      "int in_features, Tensor? bias, str variant) -> Tensor");
+  m.def(
+      "quant_dequantize(Tensor data, Tensor scales, Tensor? offsets, int bits, int group_size, "
+      "int in_features, Tensor? rows) -> Tensor");
+  m.def("quant_variants() -> str[]", &quant_variants);
+}
+
+TORCH_LIBRARY_IMPL(kvlab, CPU, m) {
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_dequantize", &quant_dequantize);
+}

@@ -1,0 +1,31 @@
+// The quantized skinny GEMM's per-ISA entry points (quant_avx2.cpp, quant_avx512.cpp), kept free of
+// torch headers for the reason skinny_variants.h gives. The layout they read is kvlab/quant/formats.py's:
+//   w[n, k] = q[n, k] * scale[n, g] + offset[n, g],  g = k / group_size,
+// int8 codes (N, K) signed; int4 codes packed (N, Kp / 2), Kp = K rounded up to 32, byte j of each
+// 32-column block holding column j (low nibble) and column j + 16 (high nibble); scales and offsets
+// float16 (N, G). Symmetric int4 has no offsets (offset = -8 * scale); int8 never has any.
+#pragma once
+
+#include <cstdint>
+
+namespace kvlab::quant {
+
+constexpr int64_t kBlockColumns = 32;  // columns per int4 block; group sizes are multiples of it
+constexpr int64_t kBlockRows = 8;      // weight rows per unit of thread work
+
+struct Problem {
+  const float* x;  // (M, Kp) float32, zero past column K: no kernel needs a K tail for x
+  const void* data;
+  const uint16_t* scales;   // float16 bits (N, G)
+  const uint16_t* offsets;  // float16 bits (N, G), or null
+  float* y;                 // (M, N)
+  int64_t M, K, Kp, N, group_size, groups;
+  int bits;
+};
+
+using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);
+
+void avx2(const Problem&, int64_t, int64_t);
+void avx512(const Problem&, int64_t, int64_t);
+
+}  // namespace kvlab::quant

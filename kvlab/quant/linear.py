@@ -1,0 +1,54 @@
+"""Matmuls and lookups with a QuantizedWeight: the C++ kernel for decode-sized CPU batches, and a
+tile-at-a-time dequantization into torch's float GEMM for the rest (prefill, GPUs).
+
+A prefill multiplies hundreds of rows by each weight, so it is bound by arithmetic, not by the
+weight's bytes: dequantizing a slab of output rows into float and running the float GEMM costs a
+small fraction of the GEMM, and bounding the slab keeps the temporary small (the LM head of SmolLM2
+is 49,152 x 576: 108 MiB in float32 at once, 8 MiB per slab).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvlab.kernels import cpu as cpu_kernels
+from kvlab.quant.formats import QuantizedWeight
+
+KERNEL_MAX_ROWS = 32  # the skinny regime the quantized kernel serves; beyond it the float GEMM wins
+SLAB_ELEMENTS = 2 << 20  # weight elements dequantized at once on the float path (8 MiB in float32)
+
+
+def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ dequantize(weight).T (+ bias), in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= KERNEL_MAX_ROWS and cpu_kernels.quant_serves(rows, weight):
+        out = cpu_kernels.quant_linear(rows, weight, bias)
+    else:
+        out = _slab_linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
+def _slab_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None) -> Tensor:
+    n = weight.out_features
+    slab = max(1, SLAB_ELEMENTS // weight.in_features)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, slab):
+        rows = slice(start, min(n, start + slab))
+        dense = dequantize(weight, x.dtype, rows)
+        out[:, rows] = F.linear(x, dense, None if bias is None else bias[rows])
+    return out
+
+
+def dequantize(weight: QuantizedWeight, dtype: torch.dtype, rows: slice | Tensor | None = None) -> Tensor:
+    """The float rows of `weight` (all, a slice or an index tensor), by the C++ op where it runs."""
+    if weight.device.type == "cpu" and cpu_kernels.available():
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop)
+        return cpu_kernels.quant_dequantize(weight, rows).to(dtype)
+    return weight.dequantize(dtype, rows)
+
+
+def quantized_embedding(input_ids: Tensor, weight: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """The embedding rows of `input_ids`, dequantized: only the looked-up rows are touched."""
+    flat = input_ids.reshape(-1)
+    return dequantize(weight, dtype, flat).view(*input_ids.shape, weight.in_features)

@@ -1,0 +1,129 @@
+"""The module swap: nn.Linear / nn.Embedding -> modules that hold a QuantizedWeight.
+
+As in gpt-fast's quantize.py: quantizers are pure functions of a weight; this file only walks the
+model and replaces modules, so HF's forward, `model.generate()`, kvlab.generate and the engine's
+native twin all run the quantized weights. A tied LM head stays tied: head and embedding share one
+QuantizedWeight. The codes, scales and offsets are buffers, so `state_dict()` holds them.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kvlab.quant.formats import QuantizedWeight, QuantSpec
+from kvlab.quant.linear import quantized_embedding, quantized_linear
+from kvlab.quant.rtn import quantize_weight
+
+
+class _QuantizedModule(nn.Module):
+    """Holds the parts of a QuantizedWeight as buffers and rebuilds it after .to()."""
+
+    def _hold(self, qweight: QuantizedWeight) -> None:
+        self.register_buffer("qdata", qweight.data)
+        self.register_buffer("scales", qweight.scales)
+        self.register_buffer("offsets", qweight.offsets)
+        self.bits, self.group_size, self.in_features_ = qweight.bits, qweight.group_size, qweight.in_features
+        self._qweight = qweight
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        if self._qweight.data is not self.qdata:  # moved or reloaded: rebuild from the buffers
+            self._qweight = QuantizedWeight(
+                self.qdata, self.scales, self.offsets, self.bits, self.group_size, self.in_features_
+            )
+        return self._qweight
+
+
+class QuantizedLinear(_QuantizedModule):
+    def __init__(self, qweight: QuantizedWeight, bias: Tensor | None = None):
+        super().__init__()
+        self._hold(qweight)
+        self.in_features, self.out_features = qweight.in_features, qweight.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+
+
+class QuantizedEmbedding(_QuantizedModule):
+    def __init__(self, qweight: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self._hold(qweight)
+        self.num_embeddings, self.embedding_dim, self.dtype = qweight.out_features, qweight.in_features, dtype
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return quantized_embedding(input_ids, self.qweight, self.dtype)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, _QuantizedModule) for m in model.modules())
+
+
+def quantized_weight_of(module: nn.Module) -> QuantizedWeight | Tensor:
+    """A linear or embedding module's weight: its QuantizedWeight, or the float tensor (detached)."""
+    return module.qweight if isinstance(module, _QuantizedModule) else module.weight.detach()
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    quantize: Callable[[str, Tensor], QuantizedWeight] | None = None,
+    include_embeddings: bool = True,
+) -> nn.Module:
+    """Replace, in place, every nn.Linear of the decoder (and, with include_embeddings, the input
+    embedding and the LM head) by its quantized twin. `quantize(name, weight)` produces each weight
+    (round-to-nearest under `spec` by default; GPTQ / AWQ / GGUF pass their own)."""
+    quantize = quantize or (lambda _name, weight: quantize_weight(weight, spec))
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    skip = set() if include_embeddings else {id(head), id(embedding)}
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in skip
+    ]
+    with torch.no_grad():
+        shared = None
+        if include_embeddings and embedding is not None:
+            name = _name_of(model, embedding)
+            shared = quantize(name, embedding.weight)
+            replace_module(model, name, QuantizedEmbedding(shared, embedding.weight.dtype))
+        for name, module in targets:
+            qweight = (
+                shared if (module is head and tied and shared is not None) else quantize(name, module.weight)
+            )
+            replace_module(model, name, QuantizedLinear(qweight, module.bias))
+    model.config.kvlab_quantization = spec.name
+    return model
+
+
+def _name_of(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def dense_weight_of(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The float weight a module multiplies by (dequantized if quantized): for references and tests."""
+    if isinstance(module, _QuantizedModule):
+        return module.qweight.dequantize(dtype)
+    return module.weight.detach().to(dtype)
+
+
+__all__ = [
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "dense_weight_of",
+    "is_quantized",
+    "quantize_model",
+    "quantized_weight_of",
+    "replace_module",
+]
