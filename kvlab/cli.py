@@ -189,7 +189,7 @@ def cmd_bench(args, argv) -> int:
 
 def _standalone_bench(technique: str):
     """(resolve the config, run and report) of a bench of its own (the paged serving bench, the kernel
-    micro-benchmark), or None for a generation technique."""
+    micro-benchmark, the quantization bench), or None for a generation technique."""
     if technique == "paged":
         from kvlab.bench.serving.config import resolve
         from kvlab.bench.serving.runs import run_paged_bench
@@ -200,6 +200,13 @@ def _standalone_bench(technique: str):
         from kvlab.bench.kernels.runs import run_kernels_bench
 
         return resolve, run_kernels_bench
+    from kvlab.bench.quant.config import ALIASES, TECHNIQUE
+
+    if technique == TECHNIQUE or technique in ALIASES:
+        from kvlab.bench.quant.config import resolve
+        from kvlab.bench.quant.runs import run_quant_bench
+
+        return resolve, run_quant_bench
     return None
 
 

@@ -35,6 +35,7 @@ VARIANT_SOURCES = {
     "skinny_amx.cpp": ("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
     "quant_avx2.cpp": ("-mavx2", "-mfma", "-mf16c"),
     "quant_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
+    "quant_avx512vnni.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
 }
 VARIANT_FLAGS = ("-O3", "-std=c++17", "-fPIC")
 

@@ -19,17 +19,17 @@ struct Avx2 {
   static V fma(V acc, V w, V x) { return _mm256_fmadd_ps(w, x, acc); }
   static void reduce4(const V* acc, float* out) { reduce4_store(acc[0], acc[1], acc[2], acc[3], out); }
 
-  // Vector v (0-3) of a block: columns [8 v, 8 v + 8).
+  // Vector v (0-3) of a block, columns [8 v, 8 v + 8): the codes as float32.
   template <int BITS>
-  static V dequantize(const uint8_t* bytes, int v, float scale, float offset) {
+  static V codes(const uint8_t* bytes, int v) {
     if constexpr (BITS == 4) {
       const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
       __m128i nibbles = _mm_and_si128(v < 2 ? packed : _mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
       if (v & 1) nibbles = _mm_srli_si128(nibbles, 8);
-      return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)), _mm256_set1_ps(scale), _mm256_set1_ps(offset));
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles));
     } else {
       const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * v));
-      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_set1_ps(scale));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
     }
   }
 };

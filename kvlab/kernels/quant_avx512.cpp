@@ -21,15 +21,15 @@ struct Avx512 {
   static V fma(V acc, V w, V x) { return _mm512_fmadd_ps(w, x, acc); }
   static void reduce4(const V* acc, float* out) { reduce4_zmm(acc, out); }
 
-  // Vector v (0 or 1) of a block: columns [16 v, 16 v + 16).
+  // Vector v (0 or 1) of a block, columns [16 v, 16 v + 16): the codes as float32.
   template <int BITS>
-  static V dequantize(const uint8_t* bytes, int v, float scale, float offset) {
+  static V codes(const uint8_t* bytes, int v) {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + (BITS == 8 ? 16 * v : 0)));
     if constexpr (BITS == 4) {
       const __m128i nibbles = _mm_and_si128(v == 0 ? packed : _mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-      return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles)), _mm512_set1_ps(scale), _mm512_set1_ps(offset));
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles));
     } else {
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(packed)), _mm512_set1_ps(scale));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(packed));
     }
   }
 };

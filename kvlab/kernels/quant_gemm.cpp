@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -56,20 +57,71 @@ bool cpu_runs(const char* name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
+bool has_vnni() { return cpu_runs("avx512") && __builtin_cpu_supports("avx512vnni"); }
+
 qt::Kernel find_kernel(const std::string& name) {
+  if (name == "avx512vnni") {
+    TORCH_CHECK(has_vnni(), "quant_linear: variant 'avx512vnni' needs instructions this CPU lacks");
+    return qt::avx512vnni;
+  }
   if (name == "avx512") {
     TORCH_CHECK(cpu_runs("avx512"), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
     return qt::avx512;
   }
-  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512 or avx2)");
+  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni, avx512 or avx2)");
   return qt::avx2;
 }
 
 std::vector<std::string> quant_variants() {
   std::vector<std::string> names;
+  if (has_vnni()) names.emplace_back("avx512vnni");
   if (cpu_runs("avx512")) names.emplace_back("avx512");
   names.emplace_back("avx2");
   return names;
+}
+
+// The input rows as the integer-dot-product kernel reads them (quant_avx512vnni.cpp): int8 codes per
+// 32-column block with a scale of the block's absmax / 127, in each 64-column chunk's lane order (int4:
+// block A's columns 0-15, B's 0-15, A's 16-31, B's 16-31, the order of the unpacked nibbles; int8: A
+// then B), each lane's scale, each lane's -128 * (sum of its four codes) for int8 weights, and per
+// weight group the sum of the dequantized codes (the offsets' share).
+struct QuantizedInputs {
+  at::Tensor codes, scales, correction, group_sums;
+  int64_t chunks;
+};
+
+QuantizedInputs quantize_inputs(const at::Tensor& xin, const Format& f) {
+  const int64_t M = xin.size(0), chunks = (f.Kp + 2 * qt::kBlockColumns - 1) / (2 * qt::kBlockColumns);
+  QuantizedInputs q{at::zeros({M, chunks, 64}, xin.options().dtype(at::kChar)),
+                    at::zeros({M, chunks, 16}, xin.options()), at::zeros({M, chunks, 16}, xin.options().dtype(at::kInt)),
+                    at::zeros({M, f.G}, xin.options()), chunks};
+  const float* x = xin.const_data_ptr<float>();
+  auto* codes = q.codes.mutable_data_ptr<int8_t>();
+  float* scales = q.scales.mutable_data_ptr<float>();
+  int32_t* correction = q.correction.mutable_data_ptr<int32_t>();
+  float* group_sums = q.group_sums.mutable_data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < f.Kp / qt::kBlockColumns; ++b) {
+      const float* block = x + m * f.Kp + b * qt::kBlockColumns;
+      float absmax = 0.0f;
+      for (int j = 0; j < qt::kBlockColumns; ++j) absmax = std::max(absmax, std::fabs(block[j]));
+      const float scale = absmax / 127.0f, inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+      const int64_t chunk = b / 2, half = b % 2, at = m * chunks + chunk;
+      for (int lane = 0; lane < 16; ++lane) {
+        const bool in_b = f.bits == 4 ? (lane / 4) % 2 == 1 : lane >= 8;
+        if (in_b == (half == 1)) scales[at * 16 + lane] = scale;
+      }
+      for (int j = 0; j < qt::kBlockColumns; ++j) {
+        const int8_t code = static_cast<int8_t>(std::clamp(std::nearbyint(block[j] * inverse), -127.0f, 127.0f));
+        const int64_t position = f.bits == 4 ? (j < 16 ? 0 : 32) + half * 16 + j % 16 : half * 32 + j;
+        codes[at * 64 + position] = code;
+        if (f.bits == 8) correction[at * 16 + position / 4] -= 128 * code;
+        const int64_t column = b * qt::kBlockColumns + j;
+        if (column < f.K) group_sums[m * f.G + column / f.group_size] += scale * code;
+      }
+    }
+  }
+  return q;
 }
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scales,
@@ -86,14 +138,31 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   // whole vectors of x everywhere, and a padded weight column meets a zero.
   at::Tensor xin = at::zeros({M, f.Kp}, x.options().dtype(at::kFloat));
   xin.narrow(1, 0, f.K).copy_(x);
+  // Per group, the sum of each input row's values: the offsets' share of the product (quant_tile.h).
+  at::Tensor xsum = at::zeros({M, f.G}, xin.options());
+  {
+    const float* xs = xin.const_data_ptr<float>();
+    float* sums = xsum.mutable_data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < f.K; ++k) sums[m * f.G + k / f.group_size] += xs[m * f.Kp + k];
+  }
   at::Tensor y = at::empty({M, f.N}, x.options().dtype(at::kFloat));
-  const qt::Problem problem{
+  const bool integer_inputs = std::string(variant) == "avx512vnni";
+  const QuantizedInputs quantized = integer_inputs ? quantize_inputs(xin, f) : QuantizedInputs{};
+  qt::Problem problem{
       xin.const_data_ptr<float>(),
       data.const_data_ptr(),
       reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>()),
       offsets.has_value() ? reinterpret_cast<const uint16_t*>(offsets->const_data_ptr<at::Half>()) : nullptr,
+      (integer_inputs ? quantized.group_sums : xsum).const_data_ptr<float>(),
       y.mutable_data_ptr<float>(),
       M, f.K, f.Kp, f.N, f.group_size, f.G, f.bits};
+  if (integer_inputs) {
+    problem.xq = quantized.codes.const_data_ptr<int8_t>();
+    problem.xscale = quantized.scales.const_data_ptr<float>();
+    problem.xcorrection = quantized.correction.const_data_ptr<int32_t>();
+    problem.chunks = quantized.chunks;
+  }
   // Threads split the weight rows in whole blocks, each chunk at least 32 KiB of codes.
   const int64_t blocks = (f.N + qt::kBlockRows - 1) / qt::kBlockRows;
   const int64_t block_bytes = qt::kBlockRows * (f.bits == 8 ? f.K : f.Kp / 2);

@@ -4,8 +4,8 @@
 // The same dot-product tile as the float skinny GEMM (skinny_tile.h): MR input rows x NR weight rows of
 // float32 accumulators. The weights are streamed once in their packed form and dequantized in
 // registers, one 32-column block at a time: an int4 block is one 16-byte load, split into low and
-// high nibbles, widened to float32 and put through q * scale + offset with the block's group scale;
-// then every input row of the tile takes it in MR FMAs. Float32 accumulation throughout, so the
+// high nibbles and widened to float32; every input row of the tile takes it in MR FMAs, and the
+// group's scale and offset are applied once per group (below), not per weight. Float32 accumulation throughout, so the
 // result differs from the dequantized float32 matmul only by summation order.
 #pragma once
 
@@ -47,25 +47,32 @@ inline const uint8_t* block_bytes(const Problem& p, int64_t row, int64_t column,
   }
 }
 
-template <class T, int MR, int NR, int BITS, bool OFFSETS>
+// The scales stay out of the inner loop: per group, x . q accumulates over the raw codes, and
+//   sum_k x_k w_k = sum_g scale_g * (x . q)_g + offset_g * (sum of x over group g)
+// (the second sum is the op's per-group input sums, Problem::xsum). With one group per row (per
+// channel) the scale multiplies the finished sum once; with several, each group's partial sums are
+// folded in with one FMA, and the tile holds twice the accumulators (GROUPED halves its weight rows).
+template <class T, int MR, int NR, int BITS, bool GROUPED>
 inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   constexpr int kVectors = kBlockColumns / T::kLanes;
-  typename T::V acc[MR][NR];
+  typename T::V total[MR][NR];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) acc[m][r] = T::zero();
+    for (int r = 0; r < NR; ++r) total[m][r] = T::zero();
+  float offset_sum[MR][NR] = {};
   RawBlock raw[NR];
   for (int64_t g = 0; g < p.groups; ++g) {
-    // Scalars, broadcast where used (an FMA's memory operand): NR scale and offset vectors would
-    // take registers the accumulators need.
-    float scale[NR], offset[NR];
+    typename T::V part_storage[GROUPED ? MR : 1][GROUPED ? NR : 1];
+    auto& part = [&]() -> auto& {
+      if constexpr (GROUPED) return part_storage;
+      else return total;
+    }();
+    if constexpr (GROUPED) {
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) {
-      const int64_t at = (n0 + r) * p.groups + g;
-      scale[r] = half_to_float(p.scales[at]);
-      // int8 is symmetric (offset unused); symmetric int4 stores q + 8.
-      offset[r] = OFFSETS ? half_to_float(p.offsets[at]) : (BITS == 4 ? -8.0f * scale[r] : 0.0f);
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) part[m][r] = T::zero();
     }
     const int64_t begin = g * p.group_size;
     const int64_t end = begin + p.group_size < p.K ? begin + p.group_size : p.K;
@@ -80,66 +87,83 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
       }
 #pragma GCC unroll 4
       for (int v = 0; v < kVectors; ++v) {
-        typename T::V w[NR];
+        typename T::V q[NR];
 #pragma GCC unroll 16
-        for (int r = 0; r < NR; ++r) w[r] = T::template dequantize<BITS>(bytes[r], v, scale[r], offset[r]);
+        for (int r = 0; r < NR; ++r) q[r] = T::template codes<BITS>(bytes[r], v);
 #pragma GCC unroll 16
         for (int m = 0; m < MR; ++m) {
           const typename T::V xv = T::load(p.x + (m0 + m) * p.Kp + c + v * T::kLanes);
 #pragma GCC unroll 16
-          for (int r = 0; r < NR; ++r) acc[m][r] = T::fma(acc[m][r], w[r], xv);
+          for (int r = 0; r < NR; ++r) part[m][r] = T::fma(part[m][r], q[r], xv);
         }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const int64_t at = (n0 + r) * p.groups + g;
+      const float scale = half_to_float(p.scales[at]);
+      // int8 is symmetric (no offset); symmetric int4 stores q + 8, so its offset is -8 * scale.
+      const float offset = p.offsets != nullptr ? half_to_float(p.offsets[at]) : (BITS == 4 ? -8.0f * scale : 0.0f);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        if constexpr (GROUPED) total[m][r] = T::fma(total[m][r], part[m][r], T::set1(scale));
+        offset_sum[m][r] += offset * p.xsum[(m0 + m) * p.groups + g];
       }
     }
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
-    float* out = p.y + (m0 + m) * p.N + n0;
+    float sums[NR + 3];
     int r = 0;
 #pragma GCC unroll 4
-    for (; r + 4 <= NR; r += 4) T::reduce4(&acc[m][r], out + r);
+    for (; r + 4 <= NR; r += 4) T::reduce4(&total[m][r], sums + r);
     if (r < NR) {  // 1-3 left: the same reduction, padded, so a sum does not depend on the tiling
       typename T::V rest[4];
-      float sums[4];
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) rest[j] = acc[m][r + (j < NR - r ? j : 0)];
-      T::reduce4(rest, sums);
-      for (int j = 0; r + j < NR; ++j) out[r + j] = sums[j];
+      for (int j = 0; j < 4; ++j) rest[j] = total[m][r + (j < NR - r ? j : 0)];
+      T::reduce4(rest, sums + r);
+    }
+    float* out = p.y + (m0 + m) * p.N + n0;
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      const float scaled = GROUPED ? sums[j] : sums[j] * half_to_float(p.scales[(n0 + j) * p.groups]);
+      out[j] = scaled + offset_sum[m][j];
     }
   }
 }
 
-template <class T, int MR, int NB, int BITS, bool OFFSETS>
+template <class T, int MR, int NB, int BITS, bool GROUPED>
 inline void rows_against_block(const Problem& p, int64_t m0, int64_t n0) {
-  constexpr int NR = T::template weight_rows<MR>() < NB ? T::template weight_rows<MR>() : NB;
+  constexpr int kRows = T::template weight_rows<MR>() / (GROUPED && MR > 1 ? 2 : 1);
+  constexpr int NR = kRows < NB ? kRows : NB;
   static_assert(NB % NR == 0, "a block splits into whole tiles");
 #pragma GCC unroll 8
-  for (int r = 0; r < NB; r += NR) tile<T, MR, NR, BITS, OFFSETS>(p, m0, n0 + r);
+  for (int r = 0; r < NB; r += NR) tile<T, MR, NR, BITS, GROUPED>(p, m0, n0 + r);
 }
 
-template <class T, int NB, int BITS, bool OFFSETS>
+template <class T, int NB, int BITS, bool GROUPED>
 inline void block(const Problem& p, int64_t n0) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) rows_against_block<T, 4, NB, BITS, OFFSETS>(p, m, n0);
+  for (; m + 4 <= p.M; m += 4) rows_against_block<T, 4, NB, BITS, GROUPED>(p, m, n0);
   if (m + 2 <= p.M) {
-    rows_against_block<T, 2, NB, BITS, OFFSETS>(p, m, n0);
+    rows_against_block<T, 2, NB, BITS, GROUPED>(p, m, n0);
     m += 2;
   }
-  if (m < p.M) rows_against_block<T, 1, NB, BITS, OFFSETS>(p, m, n0);
+  if (m < p.M) rows_against_block<T, 1, NB, BITS, GROUPED>(p, m, n0);
 }
 
-template <class T, int BITS, bool OFFSETS>
+template <class T, int BITS, bool GROUPED>
 void run_format(const Problem& p, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + kBlockRows <= n_end; n += kBlockRows) block<T, kBlockRows, BITS, OFFSETS>(p, n);
-  for (; n < n_end; ++n) block<T, 1, BITS, OFFSETS>(p, n);
+  for (; n + kBlockRows <= n_end; n += kBlockRows) block<T, kBlockRows, BITS, GROUPED>(p, n);
+  for (; n < n_end; ++n) block<T, 1, BITS, GROUPED>(p, n);
 }
 
 template <class T>
 void run(const Problem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bits == 8) return run_format<T, 8, false>(p, n_begin, n_end);
-  if (p.offsets != nullptr) return run_format<T, 4, true>(p, n_begin, n_end);
-  run_format<T, 4, false>(p, n_begin, n_end);
+  const bool grouped = p.groups > 1;
+  if (p.bits == 8) return grouped ? run_format<T, 8, true>(p, n_begin, n_end) : run_format<T, 8, false>(p, n_begin, n_end);
+  grouped ? run_format<T, 4, true>(p, n_begin, n_end) : run_format<T, 4, false>(p, n_begin, n_end);
 }
 
 }  // namespace

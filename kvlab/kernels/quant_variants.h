@@ -18,14 +18,24 @@ struct Problem {
   const void* data;
   const uint16_t* scales;   // float16 bits (N, G)
   const uint16_t* offsets;  // float16 bits (N, G), or null
+  const float* xsum;        // (M, G): each input row's sum over each group's columns
   float* y;                 // (M, N)
   int64_t M, K, Kp, N, group_size, groups;
   int bits;
+  // Integer-dot-product variants only (quant_avx512vnni.cpp): x quantized to int8 per 32-column block
+  // and laid out per 64-column chunk as the chunk's weight bytes are (see quantize_inputs in
+  // quant_gemm.cpp), each lane's input scale, and for int8 weights each lane's -128 * (sum of the
+  // lane's four codes), which undoes the +128 that makes the weights unsigned for vpdpbusd.
+  const int8_t* xq = nullptr;        // (M, chunks, 64)
+  const float* xscale = nullptr;     // (M, chunks, 16)
+  const int32_t* xcorrection = nullptr;  // (M, chunks, 16), int8 weights only
+  int64_t chunks = 0;
 };
 
 using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);
 
 void avx2(const Problem&, int64_t, int64_t);
 void avx512(const Problem&, int64_t, int64_t);
+void avx512vnni(const Problem&, int64_t, int64_t);  // int8 inputs: reads xq / xscale / xcorrection
 
 }  // namespace kvlab::quant

@@ -8,14 +8,16 @@ one extra QKV matrix per layer whatever `fuse_projections` says (about 7% of Pyt
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers.activations import ACT2FN
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.models.native import EngineModel, linear
+from kvlab.models.native import EngineModel, embedding, linear, weight_of
 from kvlab.phases import PHASE_ATTENTION, phase
+from kvlab.quant.formats import QuantizedWeight
 from kvlab.rope import RotaryEmbedding
 
 
@@ -47,9 +49,9 @@ class GPTNeoXEngineModel(EngineModel):
         self.act = ACT2FN[config.hidden_act]
         params = getattr(config, "rope_parameters", None) or {}
         rotary_pct = params.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
-        self.embed = hf_model.get_input_embeddings().weight.detach()
-        self.lm_head = hf_model.get_output_embeddings().weight.detach()
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.embed = weight_of(hf_model.get_input_embeddings())
+        self.lm_head = weight_of(hf_model.get_output_embeddings())
+        self.dtype, self.device = hf_model.dtype, hf_model.device
         final = hf_model.gpt_neox.final_layer_norm
         self.final_norm = (final.weight.detach(), final.bias.detach())
         self.rotary = RotaryEmbedding(config, int(self.head_dim * rotary_pct), self.dtype, self.device)
@@ -57,9 +59,11 @@ class GPTNeoXEngineModel(EngineModel):
 
     def _fuse(self, layer) -> GPTNeoXLayer:
         attn, mlp = layer.attention, layer.mlp
-        hidden = attn.query_key_value.weight.shape[1]
         # HF's fused rows are [q_h0, k_h0, v_h0, q_h1, ...]; regroup to [q_all | k_all | v_all].
-        weight = attn.query_key_value.weight.detach().view(self.num_heads, 3, self.head_dim, hidden)
+        regroup = torch.arange(3 * self.num_heads * self.head_dim).view(self.num_heads, 3, self.head_dim)
+        regroup = regroup.transpose(0, 1).reshape(-1)
+        weight = weight_of(attn.query_key_value)
+        qkv = weight.select_rows(regroup) if isinstance(weight, QuantizedWeight) else weight[regroup]
         bias = attn.query_key_value.bias.detach().view(self.num_heads, 3, self.head_dim)
         return GPTNeoXLayer(
             ln1=(layer.input_layernorm.weight.detach(), layer.input_layernorm.bias.detach()),
@@ -67,13 +71,13 @@ class GPTNeoXEngineModel(EngineModel):
                 layer.post_attention_layernorm.weight.detach(),
                 layer.post_attention_layernorm.bias.detach(),
             ),
-            qkv=weight.transpose(0, 1).reshape(3 * self.num_heads * self.head_dim, hidden).contiguous(),
+            qkv=qkv,
             qkv_bias=bias.transpose(0, 1).reshape(-1).contiguous(),
-            dense=attn.dense.weight.detach(),
+            dense=weight_of(attn.dense),
             dense_bias=attn.dense.bias.detach(),
-            up=mlp.dense_h_to_4h.weight.detach(),
+            up=weight_of(mlp.dense_h_to_4h),
             up_bias=mlp.dense_h_to_4h.bias.detach(),
-            down=mlp.dense_4h_to_h.weight.detach(),
+            down=weight_of(mlp.dense_4h_to_h),
             down_bias=mlp.dense_4h_to_h.bias.detach(),
         )
 
@@ -91,7 +95,7 @@ class GPTNeoXEngineModel(EngineModel):
         size = num_heads * head_dim
         shape = (self.embed.shape[1],)
         cos, sin = self.rotary.tables(positions)
-        hidden = F.embedding(input_ids, self.embed)
+        hidden = embedding(input_ids, self.embed, self.dtype)
         for layer, (key_cache, value_cache) in zip(self.layers, kv_caches, strict=True):
             x = F.layer_norm(hidden, shape, *layer.ln1, self.eps)
             qkv = linear(x, layer.qkv, layer.qkv_bias)

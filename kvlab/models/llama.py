@@ -20,7 +20,7 @@ from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.models.native import EngineModel, add_rms_norm_, linear, rms_norm
+from kvlab.models.native import EngineModel, add_rms_norm_, embedding, join_rows, linear, rms_norm, weight_of
 from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.rope import RotaryEmbedding
 
@@ -39,15 +39,17 @@ class LlamaLayer:
     down_bias: Tensor | None
 
 
-def _join(tensors: list[Tensor | None], fuse: bool) -> Tensor | tuple[Tensor, ...] | None:
-    if tensors[0] is None:
+def _join(weights: list, fuse: bool):
+    """One matrix of the given rows (fused), or the parts as they are; None for absent biases."""
+    if weights[0] is None:
         return None
-    return torch.cat(tensors) if fuse else tuple(t.detach() for t in tensors)
+    weights = [w.detach() if isinstance(w, Tensor) else w for w in weights]
+    return join_rows(weights) if fuse else tuple(weights)
 
 
-def project(x: Tensor, weight: Tensor | tuple[Tensor, ...], bias) -> Tensor:
+def project(x: Tensor, weight, bias) -> Tensor:
     """x @ weight.T (+ bias) for a fused weight, or the concatenated outputs of its parts."""
-    if isinstance(weight, Tensor):
+    if not isinstance(weight, tuple):
         return linear(x, weight, bias)
     biases = bias if bias is not None else (None,) * len(weight)
     return torch.cat([linear(x, w, b) for w, b in zip(weight, biases, strict=True)], dim=-1)
@@ -66,9 +68,9 @@ class LlamaEngineModel(EngineModel):
         self.num_layers = config.num_hidden_layers
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
-        self.embed = hf_model.get_input_embeddings().weight.detach()
-        self.lm_head = hf_model.get_output_embeddings().weight.detach()  # same storage when tied
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.embed = weight_of(hf_model.get_input_embeddings())
+        self.lm_head = weight_of(hf_model.get_output_embeddings())  # same storage when tied
+        self.dtype, self.device = hf_model.dtype, hf_model.device
         self.final_norm = hf_model.model.norm.weight.detach()
         self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
         self.layers = [self._fuse(layer, fuse_projections) for layer in hf_model.model.layers]
@@ -79,6 +81,7 @@ class LlamaEngineModel(EngineModel):
             for layer in self.layers
             for b in (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
         )
+        self.quantized = self.is_quantized
         self._step_weights: dict[str, list[Tensor]] | None = None
 
     @staticmethod
@@ -87,14 +90,14 @@ class LlamaEngineModel(EngineModel):
         with torch.no_grad():
             return LlamaLayer(
                 input_norm=layer.input_layernorm.weight.detach(),
-                qkv=_join([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], fuse),
+                qkv=_join([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)], fuse),
                 qkv_bias=_join([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], fuse),
-                o_proj=attn.o_proj.weight.detach(),
+                o_proj=weight_of(attn.o_proj),
                 o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=_join([mlp.gate_proj.weight, mlp.up_proj.weight], fuse),
+                gate_up=_join([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)], fuse),
                 gate_up_bias=_join([mlp.gate_proj.bias, mlp.up_proj.bias], fuse),
-                down=mlp.down_proj.weight.detach(),
+                down=weight_of(mlp.down_proj),
                 down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
             )
 
@@ -115,7 +118,7 @@ class LlamaEngineModel(EngineModel):
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         cos, sin = self.rotary.tables(positions)
         # Each sublayer's output is added to the residual stream by the norm that follows it.
-        residual = F.embedding(input_ids, self.embed)
+        residual = embedding(input_ids, self.embed, self.dtype)
         x = rms_norm(residual, self.layers[0].input_norm, self.eps)
         for layer, next_norm, (key_cache, value_cache) in zip(
             self.layers, self.next_norms, kv_caches, strict=True
@@ -136,8 +139,9 @@ class LlamaEngineModel(EngineModel):
 
     def _fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
-        to run op by op: prefill and mixed steps, other backends, biases, GPU, no kernels."""
-        if not (metadata.is_decode_only and backend.fused_cpu_decode) or self.has_bias:
+        to run op by op: prefill and mixed steps, other backends, biases, quantized weights (the one-op
+        step reads float matrices), GPU, no kernels."""
+        if not (metadata.is_decode_only and backend.fused_cpu_decode) or self.has_bias or self.quantized:
             return None
         if self.device.type != "cpu" or self.head_dim % 8 or kv_caches[0][0].dtype != self.dtype:
             return None

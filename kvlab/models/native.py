@@ -20,6 +20,9 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.quant.formats import QuantizedWeight
+from kvlab.quant.linear import quantized_embedding, quantized_linear
+from kvlab.quant.modules import quantized_weight_of
 
 # model_type -> "module:Class"; a new architecture is one module and one line here.
 ARCHITECTURES = {
@@ -52,9 +55,12 @@ def build_engine_model(hf_model, fuse_projections: bool = True) -> "EngineModel"
 UPCAST_MIN_ROWS = 16
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """F.linear, with the skinny GEMM for decode-sized CPU batches (kvlab.kernels.cpu) and in float32
-    for many-row half inputs on CPUs without native half math."""
+    for many-row half inputs on CPUs without native half math; a quantized weight (kvlab.quant) takes
+    its own kernels."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     variant = cpu_kernels.skinny_choice(x, weight)
     if variant is not None:
         return cpu_kernels.skinny_linear(x, weight, bias, variant)
@@ -62,6 +68,30 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         bias = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), bias).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def embedding(input_ids: Tensor, weight: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """The embedding rows of input_ids (dequantized rows of a quantized table)."""
+    if isinstance(weight, QuantizedWeight):
+        return quantized_embedding(input_ids, weight, dtype)
+    return F.embedding(input_ids, weight)
+
+
+def weight_of(module) -> Tensor | QuantizedWeight:
+    """A linear or embedding module's weight as the twin holds it: detached, or its QuantizedWeight."""
+    return quantized_weight_of(module)
+
+
+def join_rows(weights: list[Tensor | QuantizedWeight]) -> Tensor | QuantizedWeight:
+    """Stack weight matrices along their output rows (a fused q|k|v or gate|up), quantized or not."""
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        try:
+            return QuantizedWeight.cat(weights)
+        except ValueError:
+            pass  # quantized differently (e.g. a GGUF's mixed types): the caller keeps them apart
+    if any(isinstance(w, QuantizedWeight) for w in weights):
+        return tuple(weights)
+    return torch.cat(weights)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -96,14 +126,14 @@ class EngineModel:
     layers: list
     layer_matmuls: tuple[str, ...] = ()  # each layer's weight matrices, in the order a step applies them
 
-    def matmul_weights(self) -> list[Tensor]:
+    def matmul_weights(self) -> list[Tensor | QuantizedWeight]:
         """Every weight matrix one decode step multiplies: each layer's as the forward holds them (a
         fused projection is one matrix), then the LM head."""
-        weights: list[Tensor] = []
+        weights: list[Tensor | QuantizedWeight] = []
         for layer in self.layers:
             for name in self.layer_matmuls:
                 weight = getattr(layer, name)
-                weights.extend([weight] if isinstance(weight, Tensor) else weight)
+                weights.extend(weight if isinstance(weight, tuple) else [weight])
         return [*weights, self.lm_head]
 
     def forward(
@@ -156,7 +186,7 @@ class EngineModel:
         the numerator of the bs-1 decode memory-bandwidth floor."""
         seen, total = set(), 0
         final_norm = self.final_norm if isinstance(self.final_norm, tuple) else (self.final_norm,)
-        tensors = [self.embed, self.lm_head, *final_norm, *self._layer_tensors()]
+        tensors = _flatten([self.embed, self.lm_head, *final_norm, *self._layer_tensors()])
         for tensor in tensors:
             key = (tensor.untyped_storage().data_ptr(), tensor.data_ptr())
             if key not in seen:
@@ -170,9 +200,28 @@ class EngineModel:
             for name in layer.__slots__:
                 value = getattr(layer, name)
                 found.extend(value if isinstance(value, tuple) else [value] if value is not None else [])
-        return found
+        return _flatten(found)
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(w, QuantizedWeight) for w in self.matmul_weights()) or isinstance(
+            self.embed, QuantizedWeight
+        )
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Exact K+V bytes one token occupies across all layers."""
         element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+def _flatten(items: list) -> list[Tensor]:
+    """Tensors, with each QuantizedWeight replaced by its codes, scales and offsets."""
+    out: list[Tensor] = []
+    for item in items:
+        if isinstance(item, QuantizedWeight):
+            out.extend(item.tensors())
+        elif isinstance(item, tuple):
+            out.extend(_flatten(list(item)))
+        else:
+            out.append(item)
+    return out

@@ -189,6 +189,17 @@ class QuantizedWeight:
             first.in_features,
         )
 
+    def select_rows(self, index: Tensor) -> "QuantizedWeight":
+        """The output rows `index` picks, in that order (a row's codes and scales move together)."""
+        return QuantizedWeight(
+            self.data[index].contiguous(),
+            self.scales[index].contiguous(),
+            None if self.offsets is None else self.offsets[index].contiguous(),
+            self.bits,
+            self.group_size,
+            self.in_features,
+        )
+
     def split(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Row blocks of the given sizes (the inverse of cat)."""
         parts, start = [], 0

@@ -63,6 +63,11 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, _QuantizedModule) for m in model.modules())
 
 
+def quantized_tensors(model: nn.Module) -> list[Tensor]:
+    """The codes, scales and offsets of every quantized module in `model` (itself included)."""
+    return [t for m in model.modules() if isinstance(m, _QuantizedModule) for t in m.qweight.tensors()]
+
+
 def quantized_weight_of(module: nn.Module) -> QuantizedWeight | Tensor:
     """A linear or embedding module's weight: its QuantizedWeight, or the float tensor (detached)."""
     return module.qweight if isinstance(module, _QuantizedModule) else module.weight.detach()

@@ -74,3 +74,34 @@ def test_malformed_weights_are_refused():
         cpu_kernels.quant_dequantize(q, torch.tensor([8]))
     with pytest.raises(ValueError):
         QuantizedWeight(q.data, q.scales, None, 8, 32, 64)
+
+
+def quantized_inputs(x: torch.Tensor) -> torch.Tensor:
+    """What the integer-dot-product variant multiplies: x rounded to int8 per 32-column block with the
+    block's absmax / 127 as scale (computed in float32 as the kernel does), back in float64."""
+    rows, k = x.shape
+    padded = torch.zeros(rows, -(-k // 32) * 32)
+    padded[:, :k] = x
+    blocks = padded.view(rows, -1, 32)
+    absmax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    codes = torch.clamp(torch.round(blocks * inverse), -127, 127)
+    return (codes.double() * (absmax / 127.0).double()).view(rows, -1)[:, :k]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", SHAPES + [(5, 64), (3, 96)])
+def test_integer_variant_equals_the_product_of_its_quantized_inputs(spec, shape):
+    """avx512vnni quantizes the inputs to int8 per 32 columns (llama.cpp's activation blocks) and is
+    exact up to float32 rounding against the float64 product of those inputs and the weights."""
+    if "avx512vnni" not in _variants():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    q = quantize_weight(torch.randn(shape), QuantSpec.parse(spec))
+    for rows in (1, 2, 3, 4, 5, 8, 13):
+        x = torch.randn(rows, shape[1])
+        y = cpu_kernels.quant_linear(x, q, None, "avx512vnni")
+        expected = quantized_inputs(x) @ q.dequantize(torch.float64).T
+        assert torch.allclose(y.double(), expected, rtol=1e-4, atol=1e-4 * shape[1] ** 0.5)
+        # and close to the unquantized product: int8 inputs cost well under a percent here
+        exact = x.double() @ q.dequantize(torch.float64).T
+        assert (y.double() - exact).norm() <= 0.02 * exact.norm()

@@ -28,14 +28,31 @@ MATVEC_BYTES = 256 * 2**20
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes one batch-1 decode step must read: every parameter once, except an untied input
+    """Weight bytes one batch-1 decode step must read: every parameter (and every quantized module's
+    codes, scales and offsets: kvlab.quant keeps them as buffers) once, except an untied input
     embedding, of which only one row is read."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight
+    from kvlab.quant.modules import quantized_tensors
+
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *quantized_tensors(model)]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
-    if output is None or output.weight.data_ptr() != embedding.data_ptr():
-        total -= embedding.numel() * embedding.element_size() - embedding.shape[1] * embedding.element_size()
+    embedding_tensors = _tensors_of(embedding)
+    if output is None or {t.data_ptr() for t in _tensors_of(output)} != {t.data_ptr() for t in embedding_tensors}:
+        rows = embedding.weight.shape[0] if hasattr(embedding, "weight") else embedding.num_embeddings
+        table = sum(t.numel() * t.element_size() for t in embedding_tensors)
+        total -= table - table // rows
     return total
+
+
+def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A linear or embedding module's weight storage: its weight, or its quantized buffers."""
+    from kvlab.quant.modules import quantized_tensors
+
+    return quantized_tensors(module) or [module.weight]
 
 
 def best_seconds(run: Callable[[], object], device: torch.device, iters: int) -> float:

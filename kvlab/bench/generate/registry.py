@@ -4,9 +4,9 @@ builds a `Technique` (kvlab.bench.generate.technique) and one line below."""
 from kvlab.bench.generate import press_technique, static_cache
 from kvlab.bench.generate.technique import Technique
 
-# Benches of their own, not generation techniques: the serving engine (kvlab.bench.serving) and the
-# kernel micro-benchmark (kvlab.bench.kernels).
-STANDALONE_BENCHES = ("paged", "kernels")
+# Benches of their own, not generation techniques: the serving engine (kvlab.bench.serving), the
+# kernel micro-benchmark (kvlab.bench.kernels) and quantization (kvlab.bench.quant; alias 量化).
+STANDALONE_BENCHES = ("paged", "kernels", "quantization", "量化")
 
 TECHNIQUES: dict[str, Technique] = {
     "static-cache": static_cache.TECHNIQUE,

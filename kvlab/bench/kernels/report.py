@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
-from kvlab.bench.report.format import title_lines
+from kvlab.bench.report.format import bar, bars_table, title_lines
 from kvlab.kernels.calibrate import TIE
 
 TORCH = "torch"
@@ -28,10 +28,10 @@ def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
     for rows, target in ROW_BARS:
         if str(rows) in by_rows:
             ratio = median(by_rows[str(rows)]["seconds"][MODEL_PATH]) / one
-            bars.append(_bar(f"{dtype}: {rows} rows / 1 row (what the model runs)", "<=", target, ratio))
+            bars.append(bar(f"{dtype}: {rows} rows / 1 row (what the model runs)", "<=", target, ratio))
     bandwidth = max(gemm["probes_bytes_per_s"].values())
     bars.append(
-        _bar(
+        bar(
             f"{dtype}: 1 row / read-bandwidth floor",
             "<=",
             FLOOR_BAR,
@@ -41,13 +41,8 @@ def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
     worst = max(
         median(entry["seconds"][MODEL_PATH]) / median(entry["seconds"][TORCH]) for entry in by_rows.values()
     )
-    bars.append(_bar(f"{dtype}: what the model runs / torch, worst rows count", "<=", 1 + TIE, worst))
+    bars.append(bar(f"{dtype}: what the model runs / torch, worst rows count", "<=", 1 + TIE, worst))
     return bars
-
-
-def _bar(description: str, sign: str, target: float, measured: float) -> dict[str, Any]:
-    met = measured <= target if sign == "<=" else measured >= target
-    return {"description": description, "sign": sign, "target": target, "measured": measured, "met": met}
 
 
 def write_kernels_report(payload: dict[str, Any], path: Path) -> Path:
@@ -73,14 +68,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Bars",
         "",
-        "| bar | target | measured | met |",
-        "|---|---:|---:|---|",
+        *bars_table(payload["bars"]),
     ]
-    for bar in payload["bars"]:
-        met = "yes" if bar["met"] else "**NO (missed)**"
-        lines.append(
-            f"| {bar['description']} | {bar['sign']} {bar['target']:.2f}x | {bar['measured']:.2f}x | {met} |"
-        )
     for dtype, gemm in payload["gemm"].items():
         lines += gemm_section(dtype, gemm)
     lines += attention_section(payload)

@@ -1,4 +1,5 @@
-"""Formats shared by every report: numbers in tables, and the title every report.md opens with."""
+"""Formats shared by every report: numbers in tables, the title every report.md opens with, and the
+issue bars a report checks."""
 
 
 def format_ms(seconds: float) -> str:
@@ -21,3 +22,21 @@ def title_lines(config: dict, command: str) -> list[str]:
         f"    {command}",
         "",
     ]
+
+
+def bar(description: str, sign: str, target: float, measured: float) -> dict:
+    """One bar of an issue as measured in this run: met when `measured` `sign` (<= or >=) `target`."""
+    met = measured <= target if sign == "<=" else measured >= target
+    return {"description": description, "sign": sign, "target": target, "measured": measured, "met": met}
+
+
+def bars_table(bars: list[dict], unit: str = "x") -> list[str]:
+    """The bars as a Markdown table; a missed bar is marked in bold."""
+    lines = ["| bar | target | measured | met |", "|---|---:|---:|---|"]
+    for item in bars:
+        met = "yes" if item["met"] else "**NO (missed)**"
+        lines.append(
+            f"| {item['description']} | {item['sign']} {item['target']:.2f}{unit} | "
+            f"{item['measured']:.2f}{unit} | {met} |"
+        )
+    return lines

@@ -1,0 +1,194 @@
+"""The quantization bench's measurements, all in one process on one machine:
+
+- speed: float32 `model.generate()` (the baseline) and kvlab.generate on every method's model, on the
+  same prompts, rounds interleaved method by method so that a busy spell of the machine hits all alike;
+  TTFT, TPOT, peak memory, KV bytes; TPOT over each method's own floor (its weight bytes per token over
+  the best read bandwidth measured in this run);
+- quality: wikitext-2 test PPL by the sliding-window protocol, every method on the same tokens (KV
+  methods by feeding the windows in chunks through their quantized cache, with float32 the same way);
+- agreement: each method's greedy tokens against float32's, and the paged engine's against
+  kvlab.generate's on the same quantized model;
+- kernels: one pass over every weight matrix at one row, kvlab's quantized GEMM against torch's own
+  int8 / int4 CPU kernels (the aten ops torchao's CPU layouts call) where the format allows them.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kvlab.bench.core.baselines import run_baseline
+from kvlab.bench.core.datasets import load_text
+from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes
+from kvlab.bench.core.machine import machine_info, prepare_kernels
+from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
+from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
+from kvlab.bench.eval.perplexity import sliding_window_perplexity, tokenize
+from kvlab.bench.generate.runner import make_inputs
+from kvlab.bench.quant.config import QuantBenchConfig
+from kvlab.bench.quant.kernels import compare_kernels
+from kvlab.bench.quant.methods import Method, build_variant, parse_method
+from kvlab.bench.quant.report import write_quant_report
+from kvlab.engine.request import SamplingParams
+from kvlab.generate import generate
+from kvlab.models.loader import LoadedModel, load_model, resolve_device
+
+BASELINE = "baseline"
+
+
+def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Path:
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    prepare_kernels()
+    methods = [parse_method(name) for name in config.methods]
+    skipped = {
+        m.name: "bitsandbytes needs CUDA; this run is on the CPU"
+        for m in methods
+        if m.needs_cuda and device.type != "cuda"
+    }
+    for name, reason in skipped.items():
+        print(f"kvlab: quantization bench: skipping {name}: {reason}", flush=True)
+    methods = [m for m in methods if m.name not in skipped]
+    loaded = load_model(config.model, dtype="float32", device=config.device, seed=config.seed)
+    resident = model_resident_bytes(loaded.model)
+    text = load_text(config.dataset, split=config.split, data_dir=config.data_dir)
+    tokens = tokenize(loaded.tokenizer, text.text)
+
+    def load(dtype: str):
+        return load_model(config.model, dtype=dtype, device=config.device, seed=config.seed).model
+
+    variants, build_seconds = {}, {}
+    for method in methods:
+        print(f"kvlab: quantization bench: building {method.name}", flush=True)
+        start = time.perf_counter()
+        variants[method.name] = build_variant(method, loaded.model, load, config)
+        build_seconds[method.name] = time.perf_counter() - start
+    print("kvlab: quantization bench: measuring the read bandwidth", flush=True)
+    probes = bandwidth_probes(torch.float32, device)
+    payload: dict[str, Any] = {
+        "command": command,
+        "machine": machine_info(device),
+        "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
+        "config": config.to_dict(),
+        "skipped": skipped,
+        "probes_bytes_per_s": probes,
+        "model_resident_bytes": resident,
+        "methods": {},
+        "speed": [],
+    }
+    for method in methods:
+        model = variants[method.name]
+        payload["methods"][method.name] = {
+            "kind": method.kind,
+            "weight_bytes_per_token": decode_weight_bytes(model),
+            "build_s": build_seconds[method.name],
+            "forward": generate_kwargs(method)["path"] if "path" in generate_kwargs(method) else "auto",
+        }
+    payload["methods_baseline_weight_bytes"] = decode_weight_bytes(loaded.model)
+    with torch.inference_mode():
+        for prompt_len in config.prompt_lengths:
+            payload["speed"].append(
+                measure_speed(config, loaded, variants, methods, tokens[0], prompt_len, device)
+            )
+    for method in methods:
+        print(f"kvlab: quantization bench: PPL of {method.name}", flush=True)
+        payload["methods"][method.name]["ppl"] = measure_ppl(
+            config, loaded, variants[method.name], method, text, tokens
+        )
+        payload["methods"][method.name]["engine"] = engine_agreement(
+            config, loaded, variants[method.name], method, tokens[0]
+        )
+    print("kvlab: quantization bench: kernels", flush=True)
+    payload["kernels"] = compare_kernels(
+        {m.name: variants[m.name] for m in methods if m.kind in ("weights", "gguf")}, config.kernel_repeats
+    )
+    return write_quant_report(payload, out_dir)
+
+
+def generate_kwargs(method: Method) -> dict[str, Any]:
+    """kvlab.generate's options for a method beyond its model (the KV cache's quantization)."""
+    if method.kind == "kv":
+        from kvlab.quant.kv_cache import kv_generate_options
+
+        return kv_generate_options(method.kv_bits)
+    return {}
+
+
+def measure_speed(config, loaded, variants, methods, token_ids, prompt_len, device) -> dict[str, Any]:
+    input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
+    runs: dict[str, list[dict[str, Any]]] = {BASELINE: [], **{m.name: [] for m in methods}}
+    rounds = config.warmup + config.repeats
+    progress = tqdm(total=rounds * len(runs), desc=f"quantization, prompt {prompt_len}", unit="run")
+    for round_index in range(rounds):
+        for name in runs:
+            with PeakMemory(device) as peak:
+                if name == BASELINE:
+                    times, out, kv_bytes, path = run_baseline(loaded, input_ids, config.new_tokens)
+                else:
+                    method = next(m for m in methods if m.name == name)
+                    result = generate(variants[name], input_ids, config.new_tokens, **generate_kwargs(method))
+                    times, out, kv_bytes, path = (
+                        result.token_times,
+                        result.tokens,
+                        result.cache_bytes,
+                        result.path,
+                    )
+            if round_index >= config.warmup:
+                runs[name].append(
+                    {
+                        "ttft_s": ttft_s(times),
+                        "tpot_s": tpot_s(times),
+                        "peak_bytes": peak.bytes,
+                        "peak_rise_bytes": max(0, peak.bytes - peak.start),
+                        "memory_kind": peak.kind,
+                        "kv_cache_bytes": kv_bytes,
+                        "path": path,
+                        "tokens": out.tolist(),
+                    }
+                )
+            progress.update()
+    progress.close()
+    reference = runs["float32"][0]["tokens"] if "float32" in runs else runs[BASELINE][0]["tokens"]
+    agreement = {
+        name: min(matching_prefix(a, b) for a, b in zip(reference, samples[0]["tokens"], strict=True))
+        for name, samples in runs.items()
+    }
+    return {"prompt_len": prompt_len, "runs": runs, "greedy_prefix_vs_float32": agreement}
+
+
+def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Method, text, tokens) -> dict:
+    """wikitext-2 test PPL of the method's model (the protocol of kvlab.bench.eval.perplexity)."""
+    if method.kind == "kv":
+        from kvlab.quant.kv_cache import chunked_perplexity
+
+        return chunked_perplexity(loaded, tokens, method.kv_bits, config.ppl)
+    variant = LoadedModel(model, loaded.tokenizer, loaded.name, loaded.source, loaded.meaningful_ppl)
+    result = sliding_window_perplexity(
+        variant,
+        text,
+        max_length=config.ppl.max_length,
+        stride=config.ppl.stride,
+        max_tokens=config.ppl.max_tokens,
+        tokens=tokens,
+        show_progress=False,
+    )
+    return {"ppl": result.ppl, "protocol": result.protocol, "num_tokens": result.num_tokens}
+
+
+def engine_agreement(config: QuantBenchConfig, loaded: LoadedModel, model, method: Method, token_ids) -> dict:
+    """Greedy tokens of the paged engine on the method's model against kvlab.generate's, first prompt."""
+    if method.kind == "kv":
+        return {"checked": False, "reason": "the engine's KV quantization is its own option (see README)"}
+    from kvlab.llm import LLM
+
+    prompt = token_ids[: config.prompt_lengths[0]]
+    variant = LoadedModel(model, loaded.tokenizer, loaded.name, loaded.source, loaded.meaningful_ppl)
+    llm = LLM(variant, dtype=str(next(p for p in model.parameters()).dtype).removeprefix("torch."))
+    engine = llm.generate([prompt.tolist()], SamplingParams(max_tokens=config.new_tokens, ignore_eos=True))
+    with torch.inference_mode():
+        direct = generate(model, prompt[None], config.new_tokens).tokens[0].tolist()
+    got = engine[0].output_token_ids
+    return {"checked": True, "identical": got == direct, "matching_prefix": matching_prefix(got, direct)}
