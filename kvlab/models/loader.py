@@ -4,6 +4,7 @@ load_model("smollm2-135m")                      embedded GGUF, converted once to
 load_model("EleutherAI/pythia-70m-deduped@step143000")
 load_model("./my-model-dir") / load_model("model.gguf")
 load_model("tiny-llama")                        random weights built in-process
+load_model("smollm2-135m", native_quant=True)   a GGUF's Q4_0 / Q4_1 / Q8_0 blocks kept as they are
 """
 
 import importlib.util
@@ -68,11 +69,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(
-    name: str, dtype: str | torch.dtype = "float32", device: str = "cpu", seed: int = 0
+    name: str,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    native_quant: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, on `device` at `dtype`."""
+    """Load a causal LM and its tokenizer, in eval mode, on `device` at `dtype`. With `native_quant`
+    (GGUF models only), the file's Q4_0 / Q4_1 / Q8_0 matrices run as they are stored, through
+    kvlab.quant's modules, and `dtype` applies to the rest (norms, activations)."""
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    gguf_file = _gguf_source(name) if native_quant else None
     if name in MODELS:
         loaded = _load_spec(MODELS[name], seed)
     elif name.endswith(".gguf"):
@@ -88,7 +96,23 @@ def load_model(
             "(or give a hub id[@revision], a local model directory or a .gguf file)"
         )
     loaded.model.to(device=torch_device, dtype=torch_dtype).eval()
+    if gguf_file is not None:
+        # After the cast: .to(dtype) would turn the float16 scales into `dtype` too.
+        from kvlab.quant.gguf import apply_gguf_weights
+
+        placed = apply_gguf_weights(loaded.model, gguf_file)
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(placed.items()))
+        loaded.source += f", GGUF tensors as stored: {counts}"
     return loaded
+
+
+def _gguf_source(name: str) -> Path:
+    """The GGUF file behind a model name, for native_quant; refused for other models."""
+    if name in MODELS and MODELS[name].source == "gguf":
+        return _gguf_path(MODELS[name])
+    if name.endswith(".gguf"):
+        return Path(name)
+    raise ConfigError(f"native_quant needs a GGUF model (e.g. smollm2-135m or a .gguf file), not {name!r}")
 
 
 def load_tokenizer(name: str):
