@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument(
+        "--quantization",
+        default=None,
+        help="weights: int8, int4-g128 (any spec, e.g. int4-g64-asym), gptq-<spec>, awq-<spec>, gguf",
+    )
 
     commands.add_parser("models", help="list the model registry")
     commands.add_parser("presses", help="list the KV-compression methods and their options")
@@ -298,6 +303,10 @@ def cmd_generate(args, argv) -> int:
     loaded = load_model(
         args.model or "smollm2-135m", dtype=args.dtype or "float32", device=args.device or "cpu"
     )
+    if args.quantization:
+        from kvlab.quant.methods import quantize_loaded
+
+        loaded = quantize_loaded(loaded, args.quantization)
     tokenizer = loaded.tokenizer
     if tokenizer.chat_template and not args.no_chat:
         messages = [{"role": "user", "content": args.prompt}]

@@ -41,10 +41,19 @@ class EngineConfig:
     attention_backend: str = "auto"  # sdpa on CPU, triton on CUDA; "reference" is the ground truth
     dtype: str = "float32"
     device: str = "cpu"
+    quantization: str | None = None  # weights: int8, int4-g128, gptq-/awq-<spec>, gguf (kvlab.quant.methods)
 
     DEFAULT_NUM_BLOCKS = 512  # class constant (not a field): slots excludes it from instances
 
     def __post_init__(self):
+        if self.quantization is not None:
+            from kvlab.quant.methods import parse_method
+
+            if parse_method(self.quantization).kind not in ("weights", "gguf"):
+                raise ConfigError(
+                    f"quantization {self.quantization!r} is not a weight quantization; choose int8, "
+                    "int4-g128 (any weight spec), gptq-<spec>, awq-<spec> or gguf"
+                )
         _check_positive("block_size", self.block_size)
         _check_positive("max_num_seqs", self.max_num_seqs)
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)

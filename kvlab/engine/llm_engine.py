@@ -108,6 +108,10 @@ class LLMEngine:
         """`overrides` are EngineConfig fields (unknown names raise ConfigError)."""
         config = EngineConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
         loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype, config.device)
+        if config.quantization is not None:
+            from kvlab.quant.methods import quantize_loaded
+
+            loaded = quantize_loaded(loaded, config.quantization)
         # Output is capped at the model's context; a prompt alone must leave room for one token.
         max_model_len = min(config.max_model_len or loaded.context_length, loaded.context_length)
         config = replace(config, max_model_len=max_model_len)

@@ -26,9 +26,19 @@ class _QuantizedModule(nn.Module):
         self.bits, self.group_size, self.in_features_ = qweight.bits, qweight.group_size, qweight.in_features
         self._qweight = qweight
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` must not cast the float16 scales and offsets with the model's float weights."""
+        super()._apply(fn, recurse)
+        for name in ("scales", "offsets"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.dtype != torch.float16:
+                setattr(self, name, tensor.to(torch.float16))
+        return self
+
     @property
     def qweight(self) -> QuantizedWeight:
-        if self._qweight.data is not self.qdata:  # moved or reloaded: rebuild from the buffers
+        if self._qweight.data is not self.qdata or self._qweight.scales is not self.scales:
+            # moved or reloaded: rebuild from the buffers
             self._qweight = QuantizedWeight(
                 self.qdata, self.scales, self.offsets, self.bits, self.group_size, self.in_features_
             )

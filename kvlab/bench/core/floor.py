@@ -41,7 +41,9 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
     embedding_tensors = _tensors_of(embedding)
-    if output is None or {t.data_ptr() for t in _tensors_of(output)} != {t.data_ptr() for t in embedding_tensors}:
+    if output is None or {t.data_ptr() for t in _tensors_of(output)} != {
+        t.data_ptr() for t in embedding_tensors
+    }:
         rows = embedding.weight.shape[0] if hasattr(embedding, "weight") else embedding.num_embeddings
         table = sum(t.numel() * t.element_size() for t in embedding_tensors)
         total -= table - table // rows

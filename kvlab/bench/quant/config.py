@@ -51,7 +51,7 @@ class QuantBenchConfig(ExperimentConfig):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self) -> None:
-        from kvlab.bench.quant.methods import parse_method
+        from kvlab.quant.methods import parse_method
 
         if self.technique != TECHNIQUE:
             raise ConfigError(f"this config is for technique {self.technique!r}, not {TECHNIQUE!r}")

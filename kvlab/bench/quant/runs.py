@@ -29,11 +29,11 @@ from kvlab.bench.eval.perplexity import sliding_window_perplexity, tokenize
 from kvlab.bench.generate.runner import make_inputs
 from kvlab.bench.quant.config import QuantBenchConfig
 from kvlab.bench.quant.kernels import compare_kernels
-from kvlab.bench.quant.methods import Method, build_variant, parse_method
 from kvlab.bench.quant.report import write_quant_report
 from kvlab.engine.request import SamplingParams
 from kvlab.generate import generate
 from kvlab.models.loader import LoadedModel, load_model, resolve_device
+from kvlab.quant.methods import Method, build_variant, parse_method
 
 BASELINE = "baseline"
 

@@ -10,7 +10,7 @@ the float32 model the baseline runs.
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvlab.errors import ConfigError
 from kvlab.quant.formats import QuantSpec
@@ -97,3 +97,32 @@ def gguf_variant(config):
     from kvlab.quant.gguf import load_gguf_quantized
 
     return load_gguf_quantized(config.model).model
+
+
+def quantize_loaded(loaded, method_name: str, include_embeddings: bool = True, **calibration):
+    """`loaded` (a LoadedModel) with its weights quantized by a weight method (int8, int4-g128,
+    gptq-int4-g128, awq-..., gguf): the option behind `LLM(..., quantization=...)` and
+    `kvlab generate --quantization`. The model is changed in place (a GGUF method reloads it).
+    `calibration`: num_samples, seq_len, seed for GPTQ / AWQ."""
+    from kvlab.quant.modules import quantize_model
+
+    method = parse_method(method_name)
+    if method.kind == "gguf":
+        from kvlab.quant.gguf import load_gguf_quantized
+
+        dtype = next(p for p in loaded.model.parameters()).dtype
+        return load_gguf_quantized(loaded.name, dtype=dtype, device=str(loaded.model.device))
+    if method.kind != "weights":
+        raise ConfigError(
+            f"{method_name!r} is not a weight quantization; choose int8, int4-g128 (any weight spec), "
+            "gptq-<spec>, awq-<spec> or gguf"
+        )
+    if method.quantizer == "rtn":
+        quantize_model(loaded.model, method.spec, include_embeddings=include_embeddings)
+        return loaded
+    from kvlab.quant.checkpoint import cached_quantized
+
+    model = cached_quantized(
+        loaded.name, method.quantizer, method.spec, include_embeddings=include_embeddings, **calibration
+    )
+    return replace(loaded, model=model)
