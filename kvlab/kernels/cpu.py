@@ -327,7 +327,9 @@ def quant_variant() -> str:
 
 def quant_serves(x: Tensor, weight) -> bool:
     """Whether quant_linear takes x @ weight.T: a CPU float input and the kernels built."""
-    return x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype.is_floating_point and available()
+    return (
+        x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype.is_floating_point and available()
+    )
 
 
 def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | None = None) -> Tensor:
