@@ -70,9 +70,13 @@ class PreallocatedCache(Cache):
 
 
 def kv_cache_bytes(cache: Cache) -> int:
-    """Exact bytes held by a cache's K/V storage (allocated buffers, not just the filled part)."""
+    """Exact bytes held by a cache's K/V storage (allocated buffers, not just the filled part); a
+    layer that stores K/V in its own format (a quantized one) reports them through `kv_bytes()`."""
     total = 0
     for layer in cache.layers:
+        if hasattr(layer, "kv_bytes"):
+            total += layer.kv_bytes()
+            continue
         for tensor in (layer.keys, layer.values):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.untyped_storage().nbytes()

@@ -14,6 +14,11 @@ a visible share of a decode step; measured in `results/static-cache/`.
 A KV press runs natively where `native_press_support` allows (prefill-time presses, StreamingLLM
 as a ring; kvlab/native_press.py) and on the HF modules through `PressCache` otherwise (presses that
 score every decode eviction: h2o, tova; per-head budgets); the chosen path's `name` says which ran.
+
+KV quantization (`kv_quant`) runs on the HF modules: its cache (`QuantizedCache`, KIVI's per-channel
+keys with a full-precision residual window) is a transformers `Cache`, while the twin's static
+buffer is a paged float cache whose backends read float blocks (the engine's quantized blocks,
+kvlab/quant/paged_kv.py, are per-token and keep no residual).
 """
 
 import contextlib
@@ -32,6 +37,8 @@ from kvlab.native_press import NativePressCache, native_press_support
 from kvlab.press.base import Press
 from kvlab.press.budget import Budget
 from kvlab.press.hf import PressCache
+from kvlab.quant.kv_cache import QuantizedCache
+from kvlab.quant.kv_quant import KVQuantSpec
 
 
 class HFForward:
@@ -198,6 +205,7 @@ def select_forward(
     path: str,
     press: Press | None = None,
     budget: Budget | None = None,
+    kv_quant: KVQuantSpec | str | None = None,
 ) -> HFForward | NativeForward:
     """ "auto": native when the caller passed no cache, the architecture has a twin and the press
     (if any) runs natively (`native_press_support`); else HF with `cache`, a `PressCache` for the
@@ -207,6 +215,11 @@ def select_forward(
     if path == "native" and cache is not None:
         raise ConfigError("the native path keeps its own static K/V buffer; pass cache=None or path='hf'")
     why_not_native = None if model.config.model_type in ARCHITECTURES else "no engine-native twin"
+    kv_quant = KVQuantSpec.parse(kv_quant)
+    if kv_quant is not None:
+        if cache is not None:
+            raise ConfigError("give kv_quant (kvlab builds a quantized cache) or a cache, not both")
+        why_not_native = "KV quantization runs on the HF modules (QuantizedCache)"
     if press is not None:
         if cache is not None:
             raise ConfigError("give a press (kvlab builds its cache) or a cache, not both")
@@ -231,7 +244,10 @@ def select_forward(
                 raise  # auto falls back to HF where the twin cannot run (e.g. dynamic RoPE)
     total = input_ids.shape[1] + max_new
     if press is not None:
-        return HFForward(model, PressCache(press, model, budget=budget), attention_mask, total, observe=True)
+        cache = PressCache(press, model, budget=budget, kv_quant=kv_quant)
+        return HFForward(model, cache, attention_mask, total, observe=True)
+    if kv_quant is not None:
+        cache = QuantizedCache(model.config.num_hidden_layers, kv_quant)
     if cache is None:
         # The last sampled token is never fed back, so the cache holds total - 1 positions.
         cache = PreallocatedCache(model.config.num_hidden_layers, total - 1)

@@ -6,7 +6,8 @@ weights, no copies) over a static K/V buffer sized for the request; other archit
 model over a `PreallocatedCache` (see kvlab/forward_paths.py). A press (`press=`, with a `Budget`)
 runs on the twin where it can -- compressed per layer inside the prefill, StreamingLLM as a ring
 (kvlab/native_press.py) -- and through a `PressCache` on the HF modules otherwise;
-`GenerationResult.path` says which ran. Per step the loop does one forward
+`GenerationResult.path` says which ran. `kv_quant="int8" | "int4"` stores K/V quantized (KIVI's
+layout, kvlab/quant/kv_cache.py; with a press, the press's kept K/V) and runs on the HF modules. Per step the loop does one forward
 of the new token, samples on device, and reads the sampled token to the host (for streaming, stop
 tokens and timing) -- nothing else.
 """
@@ -23,6 +24,7 @@ from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.forward_paths import select_forward
 from kvlab.press.base import Press
 from kvlab.press.budget import Budget
+from kvlab.quant.kv_quant import KVQuantSpec
 from kvlab.sampling import SamplingConfig, sample
 from kvlab.stopping import eos_ids
 
@@ -63,6 +65,7 @@ def generate(
     path: str = "auto",
     press: Press | None = None,
     budget: Budget | None = None,
+    kv_quant: KVQuantSpec | str | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt_len).
 
@@ -72,6 +75,8 @@ def generate(
     twin when no cache is passed and the architecture has one), "native" or "hf".
     press, budget: a KV press (`kvlab.get_press`) and its `Budget`; kvlab builds the cache (native
     where the press runs natively, else a `PressCache` inside its observation hooks); not with `cache`.
+    kv_quant: "int8", "int4" or a `KVQuantSpec`: K/V stored quantized in a `QuantizedCache` (or the
+    press's `PressCache`), on the HF modules ("native" refuses it); not with `cache`.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ConfigError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
@@ -98,6 +103,7 @@ def generate(
         path=path,
         press=press,
         budget=budget,
+        kv_quant=kv_quant,
     )
     generator = sampling.make_generator(device)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kvlab.errors import ConfigError
+from kvlab.quant.kv_quant import KV_CACHE_DTYPES, KVQuantSpec
 
 PdPolicy = Literal["strict", "time_share", "hybrid"]
 PD_POLICIES: tuple[str, ...] = ("strict", "time_share", "hybrid")
@@ -42,6 +43,10 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str | None = None  # weights: int8, int4-g128, gptq-/awq-<spec>, gguf (kvlab.quant.methods)
+    # "int8" / "int4" store K/V blocks quantized (per token, groups of kv_cache_group_size channels,
+    # float16 scale and zero per group; kvlab/quant/paged_kv.py), so a byte budget holds more blocks.
+    kv_cache_dtype: str = "auto"
+    kv_cache_group_size: int = 32
 
     DEFAULT_NUM_BLOCKS = 512  # class constant (not a field): slots excludes it from instances
 
@@ -75,16 +80,31 @@ class EngineConfig:
             raise ConfigError(f"unknown pd_policy {self.pd_policy!r}; choose one of {', '.join(PD_POLICIES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ConfigError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}"
+            )
+        _check_positive("kv_cache_group_size", self.kv_cache_group_size)
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
+    @property
+    def kv_quant(self) -> KVQuantSpec | None:
+        """The blocks' quantization, None for K/V in the model dtype. The engine keeps no residual
+        window (every slot is quantized when written)."""
+        if self.kv_cache_dtype == "auto":
+            return None
+        group = self.kv_cache_group_size
+        return KVQuantSpec(KV_CACHE_DTYPES[self.kv_cache_dtype], group_size=group, residual_length=group)
+
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
         """Blocks in the pool.
 
-        bytes_per_block = 2 (K and V) * layers * block_size * kv_heads * head_dim * itemsize.
+        bytes_per_block = 2 (K and V) * layers * block_size * kv_heads * head_dim * itemsize, or with
+        a quantized cache 2 * layers * block_size * kv_heads * (code bytes + 4 per group).
         """
         if self.num_blocks is not None:
             return self.num_blocks

@@ -19,10 +19,11 @@ from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.request import Request, RequestStatus, SamplingParams
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
-from kvlab.errors import PromptTooLongError
+from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvlab.models.native import build_engine_model
 from kvlab.phases import PHASE_COMMIT, PHASE_SCHEDULE, phase
+from kvlab.quant.paged_kv import QuantizedPagedBackend
 from kvlab.stopping import eos_ids, model_eos_ids
 
 
@@ -117,10 +118,14 @@ class LLMEngine:
         config = replace(config, max_model_len=max_model_len)
         dtype, device = resolve_dtype(config.dtype), resolve_device(config.device)
         model = build_engine_model(loaded.model)
-        num_blocks = config.resolve_num_blocks(model.kv_bytes_per_token(dtype) * config.block_size)
+        kv_quant = config.kv_quant
+        num_blocks = config.resolve_num_blocks(model.kv_bytes_per_token(dtype, kv_quant) * config.block_size)
+        backend = get_backend(config.attention_backend, device)
+        if kv_quant is not None:
+            backend = QuantizedPagedBackend(backend, kv_quant, model.head_dim)
         runner = ModelRunner(
             model,
-            get_backend(config.attention_backend, device),
+            backend,
             num_layers=model.num_layers,
             num_kv_heads=model.num_kv_heads,
             head_dim=model.head_dim,
@@ -128,6 +133,7 @@ class LLMEngine:
             block_size=config.block_size,
             dtype=dtype,
             device=device,
+            kv_quant=kv_quant,
         )
         return cls(
             config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model)
@@ -159,6 +165,11 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._counters.ids)}"
         budget = None
         if press is not None:
+            if self.config.kv_cache_dtype != "auto":
+                raise ConfigError(
+                    "a press in the engine scores K/V read from the blocks, which kv_cache_dtype="
+                    f"{self.config.kv_cache_dtype!r} stores quantized; use kv_cache_dtype='auto' with a press"
+                )
             budget = press.budget(len(token_ids), len(self.runner.kv_caches))  # ConfigError if unsupported
         request = Request(
             request_id,

@@ -2,7 +2,9 @@
 KV cache, and sample a token for each request whose step reaches its last known token.
 
 The runner owns the KV cache: per layer (key_cache, value_cache), each
-(num_blocks, block_size, num_kv_heads, head_dim), preallocated once. The engine-native model writes
+(num_blocks, block_size, num_kv_heads, head_dim), preallocated once; with KV quantization each is
+uint8 (num_blocks, block_size, num_kv_heads, row_bytes), read and written by the backend wrapper
+of kvlab/quant/paged_kv.py. The engine-native model writes
 each new token's K/V at `metadata.slot_mapping` and attends through the attention backend.
 """
 
@@ -15,6 +17,8 @@ from kvlab.engine.request import Request
 from kvlab.engine.scheduler import SchedulerOutput
 from kvlab.models.native import EngineModel
 from kvlab.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
+from kvlab.quant import paged_kv
+from kvlab.quant.kv_quant import KVQuantSpec
 from kvlab.sampling import sample
 
 
@@ -34,16 +38,26 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        kv_quant: KVQuantSpec | None = None,
     ):
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+        if kv_quant is not None:
+            self.kv_caches = paged_kv.allocate(
+                kv_quant, num_layers, num_blocks, block_size, num_kv_heads, head_dim, device
+            )
+        else:
+            self.kv_caches = [
+                (
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device),
+                )
+                for _ in range(num_layers)
+            ]
         self.generators: dict[str, torch.Generator | None] = {}
         # request id -> per layer the post-RoPE query chunks of its prompt, for presses that score by
         # attention (see compression.py); taken by the engine once the prefill completes.

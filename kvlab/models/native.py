@@ -20,7 +20,9 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.quant import paged_kv
 from kvlab.quant.formats import QuantizedWeight
+from kvlab.quant.kv_quant import KVQuantSpec
 from kvlab.quant.linear import quantized_embedding, quantized_linear
 from kvlab.quant.modules import quantized_weight_of
 
@@ -172,8 +174,21 @@ class EngineModel:
         block_size: int,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        kv_quant: KVQuantSpec | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
-        """Zeroed per-layer caches, each (num_blocks, block_size, num_kv_heads, head_dim)."""
+        """Zeroed per-layer caches, each (num_blocks, block_size, num_kv_heads, head_dim); with
+        `kv_quant`, uint8 rows of codes and scales (kvlab/quant/paged_kv.py; attend through its
+        QuantizedPagedBackend)."""
+        if kv_quant is not None:
+            return paged_kv.allocate(
+                kv_quant,
+                self.num_layers,
+                num_blocks,
+                block_size,
+                self.num_kv_heads,
+                self.head_dim,
+                device or self.device,
+            )
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         options = dict(dtype=dtype or self.dtype, device=device or self.device)
         return [
@@ -208,8 +223,12 @@ class EngineModel:
             self.embed, QuantizedWeight
         )
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Exact K+V bytes one token occupies across all layers."""
+    def kv_bytes_per_token(
+        self, dtype: torch.dtype | None = None, kv_quant: KVQuantSpec | None = None
+    ) -> int:
+        """Exact K+V bytes one token occupies across all layers (codes, scales and zeros when quantized)."""
+        if kv_quant is not None:
+            return paged_kv.bytes_per_token(kv_quant, self.num_layers, self.num_kv_heads, self.head_dim)
         element = torch.empty((), dtype=dtype or self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 

@@ -16,6 +16,9 @@ Per layer, per forward of q_len new tokens (candidates = cached slots + new toke
   for prefill-time presses, on any forward for decode-evicting ones) the kept slots are gathered
   into new, smaller storage afterwards. Kept slots are stored in position order.
 Positions are counted per layer from 0 (batches without left padding).
+
+`kv_quant="int8" | "int4"` (or a `KVQuantSpec`) stores the kept K/V quantized between forwards
+(kvlab/quant/press_kv.py): compressed and quantized bytes.
 """
 
 from collections.abc import Iterator
@@ -29,6 +32,8 @@ from kvlab.errors import ConfigError
 from kvlab.models.adapters import Adapter, get_adapter, observe
 from kvlab.press.base import Observations, Press
 from kvlab.press.budget import Budget
+from kvlab.press.wrappers import KeyRerotationPress
+from kvlab.quant.kv_quant import KVQuantSpec
 
 
 class PressLayer(CacheLayerMixin):
@@ -230,6 +235,7 @@ class PressCache(Cache):
         max_cache_tokens: int | None = None,
         compression_ratio: float | None = None,
         budget: Budget | None = None,
+        kv_quant: KVQuantSpec | str | None = None,
     ):
         if budget is None:
             budget = Budget(max_cache_tokens, compression_ratio)
@@ -243,7 +249,19 @@ class PressCache(Cache):
         self._layer_budgets: tuple[int, tuple[int, ...]] | None = None  # (first forward's n, per layer)
         self._queries: dict[int, torch.Tensor] = {}
         self._observing = False
-        super().__init__(layers=[PressLayer(self, i) for i in range(self.adapter.num_layers)])
+        self.kv_quant = KVQuantSpec.parse(kv_quant)
+        if self.kv_quant is None:
+            layers = [PressLayer(self, i) for i in range(self.adapter.num_layers)]
+        else:
+            if _rewrites_kept_keys(press):
+                raise ConfigError(
+                    f"{press.describe()} rewrites kept keys every step; it cannot store them quantized"
+                )
+            # Imported here: the quantized layer subclasses PressLayer, defined above.
+            from kvlab.quant.press_kv import QuantizedPressLayer
+
+            layers = [QuantizedPressLayer(self, i, self.kv_quant) for i in range(self.adapter.num_layers)]
+        super().__init__(layers=layers)
 
     def layer_budget(self, layer_idx: int, first_forward_len: int) -> int:
         """Tokens layer `layer_idx` keeps for a first forward of `first_forward_len` tokens (ConfigError
@@ -280,7 +298,7 @@ class PressCache(Cache):
         kv_len = layer.next_kv_length(q_len)
         if layer.valid is None and (mask is None or mask.shape[-1] == kv_len):
             return mask
-        device = mask.device if mask is not None else layer.keys.device
+        device = mask.device if mask is not None else layer.device
         visible = (
             torch.arange(kv_len, device=device)
             <= torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
@@ -296,3 +314,11 @@ class PressCache(Cache):
         return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(
             ~visible, torch.finfo(dtype).min
         )
+
+
+def _rewrites_kept_keys(press: Press) -> bool:
+    while press is not None:
+        if isinstance(press, KeyRerotationPress):
+            return True
+        press = getattr(press, "press", None)
+    return False
