@@ -27,25 +27,24 @@ constexpr int64_t kChunk = 2 * kBlockColumns;
 
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
 
-// The weight bytes of chunk c of row n, as vpdpbusd's unsigned operand.
+// Row n's bytes as the kernel walks them, and the lanes' mask for a chunk that holds one block only.
 template <int BITS>
-inline __m512i weight_chunk(const Problem& p, int64_t n, int64_t c) {
-  const auto* base = static_cast<const uint8_t*>(p.data);
+inline const uint8_t* row_bytes(const Problem& p, int64_t n) {
+  return static_cast<const uint8_t*>(p.data) + n * (BITS == 4 ? p.Kp / 2 : p.K);
+}
+
+// The weight bytes of a chunk (`keep`: the bytes that belong to the row), as vpdpbusd's unsigned operand.
+template <int BITS>
+inline __m512i weight_chunk(const uint8_t* src, uint64_t keep) {
   if constexpr (BITS == 4) {
-    const int64_t row_bytes = p.Kp / 2, at = c * (kChunk / 2);
-    const uint8_t* src = base + n * row_bytes + at;
-    // The last chunk may hold one block only (Kp / 32 odd): read its 16 bytes, not the next row's.
-    const __mmask32 keep = at + 32 <= row_bytes ? ~__mmask32{0} : __mmask32{0xFFFF};
-    const __m256i packed = _mm256_maskz_loadu_epi8(keep, src);
+    const __m256i packed = _mm256_maskz_loadu_epi8(static_cast<__mmask32>(keep), src);
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i low = _mm256_and_si256(packed, mask);
     const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
     return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
   } else {
-    const int64_t at = c * kChunk;
-    const __mmask64 keep = at + kChunk <= p.K ? ~__mmask64{0} : (__mmask64{1} << (p.K - at)) - 1;
-    const __m512i codes = _mm512_maskz_loadu_epi8(keep, base + n * p.K + at);
     // Past K the codes read 0 and become 128; the inputs there are 0, so they add nothing.
+    const __m512i codes = _mm512_maskz_loadu_epi8(static_cast<__mmask64>(keep), src);
     return _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
   }
 }
@@ -54,41 +53,50 @@ inline __m512i weight_chunk(const Problem& p, int64_t n, int64_t c) {
 template <int BITS>
 constexpr __mmask16 kBlockBLanes = BITS == 4 ? 0xF0F0 : 0xFF00;
 
-// Each lane's weight scale for chunk c of row n: block A's group scale or block B's.
-template <int BITS>
-inline __m512 weight_scales(const Problem& p, int64_t n, int64_t c) {
-  const int64_t column = c * kChunk;
-  const uint16_t* scales = p.scales + n * p.groups;
-  const float a = half_to_float(scales[column / p.group_size]);
-  const int64_t b_column = column + kBlockColumns;
-  const float b = b_column < p.K ? half_to_float(scales[b_column / p.group_size]) : 0.0f;
-  return _mm512_mask_blend_ps(kBlockBLanes<BITS>, _mm512_set1_ps(a), _mm512_set1_ps(b));
-}
+constexpr int kMaxGroups = 64;  // scales held per tile row; more groups take the float path (quant_gemm.cpp)
 
-template <int MR, int NR, int BITS>
+// ONE_GROUP_PER_CHUNK: every chunk's two blocks share a weight group (group size a multiple of 64, or
+// one group per row), so a lane-uniform broadcast scales the chunk; otherwise A's and B's are blended.
+template <int MR, int NR, int BITS, bool ONE_GROUP_PER_CHUNK>
 inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   __m512 acc[MR][NR];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const uint8_t* rows[NR];
+  float scales[NR][kMaxGroups];  // the rows' float16 scales, converted once per tile
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    rows[r] = row_bytes<BITS>(p, n0 + r);
+    for (int64_t g = 0; g < p.groups; ++g) scales[r][g] = half_to_float(p.scales[(n0 + r) * p.groups + g]);
+  }
+  constexpr int64_t kChunkBytes = BITS == 4 ? kChunk / 2 : kChunk;
+  const int64_t row_length = BITS == 4 ? p.Kp / 2 : p.K;
   for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t at = c * kChunkBytes;
+    const uint64_t keep =
+        at + kChunkBytes <= row_length ? ~uint64_t{0} : (uint64_t{1} << (row_length - at)) - 1;
+    const int32_t group_a = p.chunk_groups[2 * c], group_b = p.chunk_groups[2 * c + 1];
     __m512i w[NR];
     __m512 scale[NR];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      w[r] = weight_chunk<BITS>(p, n0 + r, c);
-      scale[r] = weight_scales<BITS>(p, n0 + r, c);
-      const auto* next = static_cast<const uint8_t*>(p.data) + (n0 + r) * (BITS == 4 ? p.Kp / 2 : p.K) +
-                         (c + 2) * (BITS == 4 ? kChunk / 2 : kChunk);
-      _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+      w[r] = weight_chunk<BITS>(rows[r] + at, keep);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + at + 2 * kChunkBytes), _MM_HINT_T0);
+      if constexpr (ONE_GROUP_PER_CHUNK) {
+        scale[r] = _mm512_set1_ps(scales[r][group_a]);
+      } else {
+        const float b = group_b >= 0 ? scales[r][group_b] : 0.0f;
+        scale[r] = _mm512_mask_blend_ps(kBlockBLanes<BITS>, _mm512_set1_ps(scales[r][group_a]), _mm512_set1_ps(b));
+      }
     }
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const int64_t at = (m0 + m) * p.chunks + c;
-      const __m512i x = _mm512_loadu_si512(p.xq + at * kChunk);
-      const __m512 x_scale = _mm512_loadu_ps(p.xscale + at * 16);
-      const __m512i start = BITS == 8 ? _mm512_loadu_si512(p.xcorrection + at * 16) : _mm512_setzero_si512();
+      const int64_t x_at = (m0 + m) * p.chunks + c;
+      const __m512i x = _mm512_loadu_si512(p.xq + x_at * kChunk);
+      const __m512 x_scale = _mm512_loadu_ps(p.xscale + x_at * 16);
+      const __m512i start = BITS == 8 ? _mm512_loadu_si512(p.xcorrection + x_at * 16) : _mm512_setzero_si512();
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m512i dot = _mm512_dpbusd_epi32(start, w[r], x);
@@ -113,11 +121,11 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
     for (int j = 0; j < NR; ++j) {
       float offset_sum = 0.0f;
       if (BITS == 4) {
-        const int64_t at = (n0 + j) * p.groups;
+        const float* xsum = p.xsum + (m0 + m) * p.groups;
+        const uint16_t* offsets = p.offsets != nullptr ? p.offsets + (n0 + j) * p.groups : nullptr;
         for (int64_t g = 0; g < p.groups; ++g) {
-          const float scale = half_to_float(p.scales[at + g]);
-          const float offset = p.offsets != nullptr ? half_to_float(p.offsets[at + g]) : -8.0f * scale;
-          offset_sum += offset * p.xsum[(m0 + m) * p.groups + g];
+          const float offset = offsets != nullptr ? half_to_float(offsets[g]) : -8.0f * scales[j][g];
+          offset_sum += offset * xsum[g];
         }
       }
       out[j] = sums[j] + offset_sum;
@@ -125,38 +133,44 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   }
 }
 
-template <int MR, int NB, int BITS>
+template <int MR, int NB, int BITS, bool ONE>
 inline void rows_against_block(const Problem& p, int64_t m0, int64_t n0) {
   constexpr int kRows = MR >= 4 ? 4 : 8;
   constexpr int NR = kRows < NB ? kRows : NB;
   static_assert(NB % NR == 0, "a block splits into whole tiles");
 #pragma GCC unroll 8
-  for (int r = 0; r < NB; r += NR) tile<MR, NR, BITS>(p, m0, n0 + r);
+  for (int r = 0; r < NB; r += NR) tile<MR, NR, BITS, ONE>(p, m0, n0 + r);
 }
 
-template <int NB, int BITS>
+template <int NB, int BITS, bool ONE>
 inline void block(const Problem& p, int64_t n0) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) rows_against_block<4, NB, BITS>(p, m, n0);
+  for (; m + 4 <= p.M; m += 4) rows_against_block<4, NB, BITS, ONE>(p, m, n0);
   if (m + 2 <= p.M) {
-    rows_against_block<2, NB, BITS>(p, m, n0);
+    rows_against_block<2, NB, BITS, ONE>(p, m, n0);
     m += 2;
   }
-  if (m < p.M) rows_against_block<1, NB, BITS>(p, m, n0);
+  if (m < p.M) rows_against_block<1, NB, BITS, ONE>(p, m, n0);
+}
+
+template <int BITS, bool ONE>
+void run_format(const Problem& p, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kBlockRows <= n_end; n += kBlockRows) block<kBlockRows, BITS, ONE>(p, n);
+  for (; n < n_end; ++n) block<1, BITS, ONE>(p, n);
 }
 
 template <int BITS>
-void run_format(const Problem& p, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + kBlockRows <= n_end; n += kBlockRows) block<kBlockRows, BITS>(p, n);
-  for (; n < n_end; ++n) block<1, BITS>(p, n);
+void run_bits(const Problem& p, int64_t n_begin, int64_t n_end) {
+  const bool one_group_per_chunk = p.groups == 1 || p.group_size % kChunk == 0;
+  one_group_per_chunk ? run_format<BITS, true>(p, n_begin, n_end) : run_format<BITS, false>(p, n_begin, n_end);
 }
 
 }  // namespace
 
 namespace kvlab::quant {
 void avx512vnni(const Problem& p, int64_t n_begin, int64_t n_end) {
-  if (p.bits == 8) return run_format<8>(p, n_begin, n_end);
-  run_format<4>(p, n_begin, n_end);
+  if (p.bits == 8) return run_bits<8>(p, n_begin, n_end);
+  run_bits<4>(p, n_begin, n_end);
 }
 }  // namespace kvlab::quant

@@ -86,7 +86,7 @@ std::vector<std::string> quant_variants() {
 // then B), each lane's scale, each lane's -128 * (sum of its four codes) for int8 weights, and per
 // weight group the sum of the dequantized codes (the offsets' share).
 struct QuantizedInputs {
-  at::Tensor codes, scales, correction, group_sums;
+  at::Tensor codes, scales, correction, group_sums, chunk_groups;
   int64_t chunks;
 };
 
@@ -94,7 +94,14 @@ QuantizedInputs quantize_inputs(const at::Tensor& xin, const Format& f) {
   const int64_t M = xin.size(0), chunks = (f.Kp + 2 * qt::kBlockColumns - 1) / (2 * qt::kBlockColumns);
   QuantizedInputs q{at::zeros({M, chunks, 64}, xin.options().dtype(at::kChar)),
                     at::zeros({M, chunks, 16}, xin.options()), at::zeros({M, chunks, 16}, xin.options().dtype(at::kInt)),
-                    at::zeros({M, f.G}, xin.options()), chunks};
+                    at::zeros({M, f.G}, xin.options()), at::empty({chunks, 2}, xin.options().dtype(at::kInt)),
+                    chunks};
+  int32_t* groups = q.chunk_groups.mutable_data_ptr<int32_t>();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t a = 2 * c * qt::kBlockColumns, b = a + qt::kBlockColumns;
+    groups[2 * c] = static_cast<int32_t>(a / f.group_size);
+    groups[2 * c + 1] = b < f.K ? static_cast<int32_t>(b / f.group_size) : -1;
+  }
   const float* x = xin.const_data_ptr<float>();
   auto* codes = q.codes.mutable_data_ptr<int8_t>();
   float* scales = q.scales.mutable_data_ptr<float>();
@@ -132,7 +139,14 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "quant_linear: x must be float32, bfloat16 or float16");
   if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f.N, "quant_linear: bias must be (N,)");
-  const qt::Kernel kernel = find_kernel(std::string(variant));
+  qt::Kernel kernel = find_kernel(std::string(variant));
+  // The integer kernel keeps a tile row's group scales on the stack (at most 64 groups: K up to 2,048
+  // at group 32); a matrix with more groups takes the float AVX-512 kernel.
+  bool integer_inputs = std::string(variant) == "avx512vnni";
+  if (integer_inputs && f.G > 64) {
+    kernel = qt::avx512;
+    integer_inputs = false;
+  }
   const int64_t M = x.size(0);
   // The few input rows once, as float32 padded with zeros to whole blocks: the kernels then read
   // whole vectors of x everywhere, and a padded weight column meets a zero.
@@ -147,7 +161,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
       for (int64_t k = 0; k < f.K; ++k) sums[m * f.G + k / f.group_size] += xs[m * f.Kp + k];
   }
   at::Tensor y = at::empty({M, f.N}, x.options().dtype(at::kFloat));
-  const bool integer_inputs = std::string(variant) == "avx512vnni";
   const QuantizedInputs quantized = integer_inputs ? quantize_inputs(xin, f) : QuantizedInputs{};
   qt::Problem problem{
       xin.const_data_ptr<float>(),
@@ -161,6 +174,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
     problem.xq = quantized.codes.const_data_ptr<int8_t>();
     problem.xscale = quantized.scales.const_data_ptr<float>();
     problem.xcorrection = quantized.correction.const_data_ptr<int32_t>();
+    problem.chunk_groups = quantized.chunk_groups.const_data_ptr<int32_t>();
     problem.chunks = quantized.chunks;
   }
   // Threads split the weight rows in whole blocks, each chunk at least 32 KiB of codes.

@@ -29,6 +29,7 @@ struct Problem {
   const int8_t* xq = nullptr;        // (M, chunks, 64)
   const float* xscale = nullptr;     // (M, chunks, 16)
   const int32_t* xcorrection = nullptr;  // (M, chunks, 16), int8 weights only
+  const int32_t* chunk_groups = nullptr;  // (chunks, 2): the weight group of each chunk's blocks (-1: past K)
   int64_t chunks = 0;
 };
 
