@@ -18,9 +18,10 @@ SPEC = QuantSpec.parse("int4-g32")
 SALIENT = [3, 17, 40]
 
 
-def salient_tiny_llama():
+@pytest.fixture
+def salient_tiny_llama(tiny_llama):
     """tiny-llama whose norms amplify a few channels thirtyfold: the activation outliers AWQ is for."""
-    loaded = load_model("tiny-llama")
+    loaded = tiny_llama
     with torch.no_grad():
         for layer in loaded.model.model.layers:
             layer.input_layernorm.weight[SALIENT] *= 30
@@ -28,8 +29,8 @@ def salient_tiny_llama():
     return loaded
 
 
-def test_folding_the_scales_leaves_the_float_output_unchanged():
-    loaded = salient_tiny_llama()
+def test_folding_the_scales_leaves_the_float_output_unchanged(salient_tiny_llama):
+    loaded = salient_tiny_llama
     model = loaded.model
     ids = calibration_samples(loaded.tokenizer, 2, seq_len=24, seed=5)
     with torch.no_grad():
@@ -46,8 +47,8 @@ def test_folding_the_scales_leaves_the_float_output_unchanged():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_scaled_quantization_beats_round_to_nearest_on_held_out_inputs():
-    loaded = salient_tiny_llama()
+def test_scaled_quantization_beats_round_to_nearest_on_held_out_inputs(salient_tiny_llama):
+    loaded = salient_tiny_llama
     model = loaded.model
     layer = model.model.layers[0]
     names = ("q_proj", "k_proj", "v_proj")
@@ -88,8 +89,8 @@ def test_clipping_never_increases_a_groups_output_error():
     assert (group_errors(clipped) < group_errors(weight)).any()
 
 
-def test_awq_quantizes_every_linear_and_changes_the_norms():
-    loaded = salient_tiny_llama()
+def test_awq_quantizes_every_linear_and_changes_the_norms(salient_tiny_llama):
+    loaded = salient_tiny_llama
     norm = loaded.model.model.layers[0].input_layernorm.weight.detach().clone()
     model = awq_quantize_model(loaded.model, loaded.tokenizer, SPEC, num_samples=4, seq_len=32)
     assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -99,8 +100,8 @@ def test_awq_quantizes_every_linear_and_changes_the_norms():
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_clip_layer_leaves_q_and_k_alone():
-    loaded = salient_tiny_llama()
+def test_clip_layer_leaves_q_and_k_alone(salient_tiny_llama):
+    loaded = salient_tiny_llama
     samples = calibration_samples(loaded.tokenizer, 2, seq_len=16, seed=0)
     _, layer, inputs = next(layer_by_layer(loaded.model, samples))
     q, v = layer.self_attn.q_proj.weight.detach().clone(), layer.self_attn.v_proj.weight.detach().clone()

@@ -5,14 +5,13 @@ define, and each layer sees the outputs of the layers before it as the caller le
 import pytest
 import torch
 
-from kvlab.models.loader import load_model
 from kvlab.quant import calibration
 from kvlab.quant.calibration import InputStats, calibration_samples, layer_by_layer, validation_tokens
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_model("tiny-llama").tokenizer
+@pytest.fixture
+def tokenizer(pristine_tiny_llama):
+    return pristine_tiny_llama.tokenizer
 
 
 def test_samples_are_windows_of_the_validation_text(tokenizer, monkeypatch):
@@ -49,8 +48,8 @@ def test_input_stats_are_the_gptq_hessian_and_awq_magnitudes():
     torch.testing.assert_close(stats.mean_abs, rows.abs().mean(dim=0))
 
 
-def test_each_layer_sees_the_previous_layer_as_the_caller_left_it(tokenizer):
-    model = load_model("tiny-llama").model
+def test_each_layer_sees_the_previous_layer_as_the_caller_left_it(tiny_llama, tokenizer):
+    model = tiny_llama.model
     samples = calibration_samples(tokenizer, 3, seq_len=16, seed=0)
     seen = []
     for index, layer, inputs in layer_by_layer(model, samples, batch_size=2):
@@ -66,8 +65,8 @@ def test_each_layer_sees_the_previous_layer_as_the_caller_left_it(tokenizer):
     torch.testing.assert_close(seen[1], seen[0])
 
 
-def test_linear_stats_hook_every_linear_of_the_layer(tokenizer):
-    model = load_model("tiny-llama").model
+def test_linear_stats_hook_every_linear_of_the_layer(tiny_llama, tokenizer):
+    model = tiny_llama.model
     samples = calibration_samples(tokenizer, 2, seq_len=8, seed=0)
     _, layer, inputs = next(layer_by_layer(model, samples))
     stats = inputs.linear_stats(layer)

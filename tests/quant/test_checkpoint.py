@@ -21,8 +21,7 @@ SPEC = QuantSpec.parse("int4-g32-asym")
 CALIBRATION = {"num_samples": 2, "seq_len": 16}
 
 
-def quantized_tiny_llama(method: str, include_embeddings: bool = True):
-    loaded = load_model("tiny-llama")
+def quantize(loaded, method: str, include_embeddings: bool = True):
     if method == "rtn":
         quantize_model(loaded.model, SPEC, include_embeddings=include_embeddings)
     elif method == "gptq":
@@ -43,8 +42,8 @@ def logits(loaded) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_round_trip_gives_bit_identical_logits(method, tmp_path):
-    saved = quantized_tiny_llama(method)
+def test_round_trip_gives_bit_identical_logits(method, tiny_llama, tmp_path):
+    saved = quantize(tiny_llama, method)
     save_quantized(saved.model, tmp_path, {"method": method, "spec": SPEC.name})
     # A different seed: every weight the checkpoint holds must come from the checkpoint.
     fresh = load_model("tiny-llama", seed=1)
@@ -56,8 +55,8 @@ def test_round_trip_gives_bit_identical_logits(method, tmp_path):
     assert fresh.model.config.kvlab_quantization == SPEC.name
 
 
-def test_a_tied_head_is_stored_once_and_described(tmp_path):
-    saved = quantized_tiny_llama("rtn")
+def test_a_tied_head_is_stored_once_and_described(tiny_llama, tmp_path):
+    saved = quantize(tiny_llama, "rtn")
     save_quantized(saved.model, tmp_path, {"method": "rtn", "spec": SPEC.name, "seed": 0})
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as file:
         keys = set(file.keys())
@@ -69,8 +68,8 @@ def test_a_tied_head_is_stored_once_and_described(tmp_path):
     assert len(info["modules"]) == 1 + 2 * 7 + 1
 
 
-def test_round_trip_without_quantized_embeddings(tmp_path):
-    saved = quantized_tiny_llama("rtn", include_embeddings=False)
+def test_round_trip_without_quantized_embeddings(tiny_llama, tmp_path):
+    saved = quantize(tiny_llama, "rtn", include_embeddings=False)
     save_quantized(saved.model, tmp_path, {"method": "rtn", "spec": SPEC.name})
     fresh = load_model("tiny-llama", seed=1)
     load_quantized(fresh.model, tmp_path)

@@ -6,7 +6,6 @@ format whatever the shape; and a whole model quantizes layer by layer."""
 import pytest
 import torch
 
-from kvlab.models.loader import load_model
 from kvlab.quant.calibration import InputStats, calibration_samples
 from kvlab.quant.formats import QuantSpec
 from kvlab.quant.gptq import gptq_quantize_model, gptq_quantize_weight
@@ -96,8 +95,8 @@ def test_an_input_channel_that_is_always_zero_is_handled():
     assert torch.isfinite(q.dequantize()).all()
 
 
-def test_gptq_quantizes_every_decoder_linear_and_keeps_the_head_tied():
-    loaded = load_model("tiny-llama")
+def test_gptq_quantizes_every_decoder_linear_and_keeps_the_head_tied(tiny_llama):
+    loaded = tiny_llama
     model = gptq_quantize_model(
         loaded.model, loaded.tokenizer, QuantSpec.parse("int4-g32"), num_samples=4, seq_len=32
     )
