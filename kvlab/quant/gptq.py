@@ -144,7 +144,8 @@ def gptq_quantize_model(
 ) -> nn.Module:
     """Quantize, in place, every linear layer of the decoder with GPTQ, one decoder layer at a time
     on WikiText-2 validation windows; the embedding and LM head (include_embeddings) get
-    round-to-nearest, as in the paper, which leaves them in full precision."""
+    round-to-nearest (the paper keeps them in full precision; a tied head has no GPTQ inputs of its
+    own that would also serve the embedding)."""
     samples = calibration_samples(tokenizer, num_samples, seq_len, seed)
     for _index, layer, inputs in layer_by_layer(model, samples, batch_size):
         stats = inputs.linear_stats(layer)
