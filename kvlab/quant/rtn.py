@@ -35,23 +35,25 @@ def to_scale_storage(scale: Tensor) -> Tensor:
 
 def quantize_weight(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Round-to-nearest quantization of an (N, K) matrix under `spec`."""
-    n, k = weight.shape
-    group_size = spec.groups_along(k)
-    w = grouped(weight, group_size)
+    group_size = spec.groups_along(weight.shape[1])
+    scales, offsets = scales_for(weight, spec)
+    codes = codes_for(weight, scales, offsets, spec.bits, group_size)
+    return from_codes(codes, scales, offsets, spec.bits, group_size)
+
+
+def scales_for(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """The stored float16 scales (N, G) and offsets (N, G) or None that round-to-nearest picks for an
+    (N, K) matrix: GPTQ and AWQ reuse them for a group or a clipped weight."""
+    w = grouped(weight, spec.groups_along(weight.shape[1]))
     if spec.symmetric:
         absmax = w.abs().amax(dim=-1)
         if spec.granularity == "tensor":
             absmax = absmax.amax().expand_as(absmax)
-        scales = to_scale_storage(absmax / SYMMETRIC_MAX[spec.bits])
-        codes, offsets = codes_for(weight, scales, None, spec.bits, group_size), None
-    else:
-        low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-        if spec.granularity == "tensor":
-            low, high = low.amin().expand_as(low), high.amax().expand_as(high)
-        scales = to_scale_storage((high - low) / 15)
-        offsets = low.to(torch.float16)
-        codes = codes_for(weight, scales, offsets, spec.bits, group_size)
-    return from_codes(codes, scales, offsets, spec.bits, group_size)
+        return to_scale_storage(absmax / SYMMETRIC_MAX[spec.bits]), None
+    low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    if spec.granularity == "tensor":
+        low, high = low.amin().expand_as(low), high.amax().expand_as(high)
+    return to_scale_storage((high - low) / 15), low.to(torch.float16)
 
 
 def codes_for(weight: Tensor, scales: Tensor, offsets: Tensor | None, bits: int, group_size: int) -> Tensor:
