@@ -312,17 +312,21 @@ def quant_variants() -> tuple[str, ...]:
     return tuple(ops().quant_variants())
 
 
+INTEGER_VARIANTS = ("avx512vnni",)  # quantize the inputs to int8 (quant_avx512vnni.cpp)
+
+
 def quant_variant() -> str:
-    """The quantized GEMM variant that runs: KVLAB_QUANT_VARIANT if set, else the widest this CPU has.
-    (The kvlab-or-library choice is the quantization bench's measurement against torch's int8 / int4
-    kernels, in its report.)"""
+    """The quantized GEMM variant that runs: KVLAB_QUANT_VARIANT if set, else the widest float one this
+    CPU has. The integer variant (avx512vnni) is opt-in: it rounds the inputs to int8, so its products
+    differ from the dequantized weights' by about a percent, where the float variants differ only by
+    summation order (the quantization bench's kernel table times every variant)."""
     forced = os.environ.get("KVLAB_QUANT_VARIANT", "").strip().lower()
     if forced and forced not in quant_variants():
         raise ConfigError(
             f"KVLAB_QUANT_VARIANT={forced!r} is not a quantized GEMM variant this CPU runs; choose one of "
             f"{', '.join(quant_variants())}"
         )
-    return forced or quant_variants()[0]
+    return forced or next(v for v in quant_variants() if v not in INTEGER_VARIANTS)
 
 
 def quant_serves(x: Tensor, weight) -> bool:

@@ -31,7 +31,13 @@ from kvlab.models.loader import LoadedModel, cache_dir, load_model
 from kvlab.quant.awq import awq_quantize_model
 from kvlab.quant.formats import QuantizedWeight, QuantSpec
 from kvlab.quant.gptq import gptq_quantize_model
-from kvlab.quant.modules import QuantizedEmbedding, QuantizedLinear, quantize_model, replace_module
+from kvlab.quant.modules import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    default_embedding_spec,
+    quantize_model,
+    replace_module,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -155,6 +161,7 @@ def cached_quantized(
         "method": method,
         "spec": spec.name,
         "include_embeddings": include_embeddings,
+        "embedding_spec": default_embedding_spec(spec).name if include_embeddings else None,
     }
     if method != "rtn":
         settings |= {

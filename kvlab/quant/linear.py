@@ -21,8 +21,16 @@ SLAB_ELEMENTS = 2 << 20  # weight elements dequantized at once on the float path
 def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """x (..., K) @ dequantize(weight).T (+ bias), in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= KERNEL_MAX_ROWS and cpu_kernels.quant_serves(rows, weight):
+    if not cpu_kernels.quant_serves(rows, weight):
+        out = _slab_linear(rows, weight, bias)
+    elif rows.shape[0] <= KERNEL_MAX_ROWS:
         out = cpu_kernels.quant_linear(rows, weight, bias)
+    elif cpu_kernels.quant_variant() in cpu_kernels.INTEGER_VARIANTS:
+        # An integer variant rounds every input row to int8: a prefill takes it too, in slices of rows,
+        # so a row's result does not depend on how many rows share its step (engine = kvlab.generate).
+        out = torch.cat(
+            [cpu_kernels.quant_linear(part, weight, bias) for part in rows.split(KERNEL_MAX_ROWS)]
+        )
     else:
         out = _slab_linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.out_features)

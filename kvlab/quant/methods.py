@@ -88,8 +88,9 @@ def calibrated_variant(method: Method, config):
         num_samples=config.calibration.num_samples,
         seq_len=config.calibration.seq_len,
         seed=config.calibration.seed,
+        act_order=config.calibration.act_order and method.quantizer == "gptq",
         include_embeddings=config.include_embeddings,
-    )
+    ).model
 
 
 def gguf_variant(config):

@@ -93,11 +93,14 @@ def quantize_model(
     spec: QuantSpec,
     quantize: Callable[[str, Tensor], QuantizedWeight] | None = None,
     include_embeddings: bool = True,
+    embedding_spec: QuantSpec | None = None,
 ) -> nn.Module:
     """Replace, in place, every nn.Linear of the decoder (and, with include_embeddings, the input
-    embedding and the LM head) by its quantized twin. `quantize(name, weight)` produces each weight
-    (round-to-nearest under `spec` by default; GPTQ / AWQ / GGUF pass their own)."""
+    embedding and the LM head) by its quantized twin. `quantize(name, weight)` produces each decoder
+    weight (round-to-nearest under `spec` by default; GPTQ / AWQ pass their own). The embedding and
+    the head take round-to-nearest under `embedding_spec` (default: default_embedding_spec(spec))."""
     quantize = quantize or (lambda _name, weight: quantize_weight(weight, spec))
+    table_spec = embedding_spec or default_embedding_spec(spec)
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     tied = head is not None and embedding is not None and head.weight is embedding.weight
@@ -110,16 +113,28 @@ def quantize_model(
     with torch.no_grad():
         shared = None
         if include_embeddings and embedding is not None:
-            name = _name_of(model, embedding)
-            shared = quantize(name, embedding.weight)
-            replace_module(model, name, QuantizedEmbedding(shared, embedding.weight.dtype))
-        for name, module in targets:
-            qweight = (
-                shared if (module is head and tied and shared is not None) else quantize(name, module.weight)
+            shared = quantize_weight(embedding.weight, table_spec)
+            replace_module(
+                model, _name_of(model, embedding), QuantizedEmbedding(shared, embedding.weight.dtype)
             )
+        for name, module in targets:
+            if module is head:
+                qweight = (
+                    shared if tied and shared is not None else quantize_weight(module.weight, table_spec)
+                )
+            else:
+                qweight = quantize(name, module.weight)
             replace_module(model, name, QuantizedLinear(qweight, module.bias))
     model.config.kvlab_quantization = spec.name
     return model
+
+
+def default_embedding_spec(spec: QuantSpec) -> QuantSpec:
+    """int8 per channel for the embedding and the LM head when the decoder is int4, else `spec`. The
+    head's error lands on every logit of every token, and a tied table is both: llama.cpp's Q4 files
+    keep `token_embd` at Q8_0 for the same reason (the embedded SmolLM2 GGUF does). At int8 the table
+    adds 28 MiB to SmolLM2's int4-g128 weights: 0.16x float32's bytes in all."""
+    return QuantSpec(8) if spec.bits == 4 else spec
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:

@@ -33,6 +33,7 @@ class CalibrationConfig:
     num_samples: int = 128
     seq_len: int = 512
     seed: int = 0
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal (the paper's act-order)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
+from kvlab.bench.eval.kv_quant_ppl import chunked_cache_ppl
 from kvlab.bench.eval.perplexity import sliding_window_perplexity, tokenize
 from kvlab.bench.generate.runner import make_inputs
 from kvlab.bench.quant.config import QuantBenchConfig
@@ -111,9 +112,7 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
 def generate_kwargs(method: Method) -> dict[str, Any]:
     """kvlab.generate's options for a method beyond its model (the KV cache's quantization)."""
     if method.kind == "kv":
-        from kvlab.quant.kv_cache import kv_generate_options
-
-        return kv_generate_options(method.kv_bits)
+        return {"kv_quant": f"int{method.kv_bits}"}
     return {}
 
 
@@ -162,9 +161,7 @@ def measure_speed(config, loaded, variants, methods, token_ids, prompt_len, devi
 def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Method, text, tokens) -> dict:
     """wikitext-2 test PPL of the method's model (the protocol of kvlab.bench.eval.perplexity)."""
     if method.kind == "kv":
-        from kvlab.quant.kv_cache import chunked_perplexity
-
-        return chunked_perplexity(loaded, tokens, method.kv_bits, config.ppl)
+        return chunked_kv_ppl(config, loaded.model, tokens[0], method.kv_bits)
     variant = LoadedModel(model, loaded.tokenizer, loaded.name, loaded.source, loaded.meaningful_ppl)
     result = sliding_window_perplexity(
         variant,
@@ -176,6 +173,26 @@ def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Me
         show_progress=False,
     )
     return {"ppl": result.ppl, "protocol": result.protocol, "num_tokens": result.num_tokens}
+
+
+def chunked_kv_ppl(config: QuantBenchConfig, model, token_ids, bits: int) -> dict:
+    """PPL with the KV cache quantized: windows fed 64 tokens at a time, so later chunks read the cache
+    as it stores them (kvlab.bench.eval.kv_quant_ppl); float32 the same way for the comparison."""
+    window = min(config.ppl.max_length, len(token_ids))
+    windows = max(1, min(config.ppl.max_tokens, len(token_ids)) // window)
+    quantized = chunked_cache_ppl(model, token_ids, kv_quant=f"int{bits}", window=window, max_windows=windows)
+    reference = chunked_cache_ppl(model, token_ids, window=window, max_windows=windows)
+    return {
+        "ppl": quantized.ppl,
+        "float32_ppl": reference.ppl,
+        "kv_bytes": quantized.kv_bytes,
+        "float32_kv_bytes": quantized.float32_kv_bytes,
+        "kv_bytes_ratio": quantized.byte_ratio,
+        "protocol": (
+            f"{windows} windows of {window} tokens fed {quantized.chunk} at a time through the cache "
+            f"({quantized.kv}); float32 cache the same way: PPL {reference.ppl:.3f}; KV bytes after a window"
+        ),
+    }
 
 
 def engine_agreement(config: QuantBenchConfig, loaded: LoadedModel, model, method: Method, token_ids) -> dict:
