@@ -1,3 +1,5 @@
+import copy
+import dataclasses
 import os
 import random
 import re
@@ -135,3 +137,17 @@ def make_paged_case(
 def paged_case():
     """The factory above, as a fixture: paged_case(requests, num_heads=..., ...)."""
     return make_paged_case
+
+
+@pytest.fixture(scope="session")
+def pristine_tiny_llama():
+    from kvlab.models.loader import load_model
+
+    return load_model("tiny-llama")
+
+
+@pytest.fixture
+def tiny_llama(pristine_tiny_llama):
+    """A private copy of tiny-llama (random weights, seed 0) that a test may quantize in place;
+    copying is much cheaper than building the model and its tokenizer again."""
+    return dataclasses.replace(pristine_tiny_llama, model=copy.deepcopy(pristine_tiny_llama.model))

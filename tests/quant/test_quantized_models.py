@@ -4,6 +4,7 @@ change of the model's dtype; weight bytes count the codes; bad options are refus
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from kvlab.bench.core.floor import decode_weight_bytes
 from kvlab.engine.config import EngineConfig
@@ -12,7 +13,6 @@ from kvlab.errors import ConfigError
 from kvlab.generate import generate
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.llm import LLM
-from kvlab.models.loader import load_model
 from kvlab.models.native import build_engine_model
 from kvlab.quant import QuantSpec, quantize_model
 from kvlab.quant.methods import quantize_loaded
@@ -23,7 +23,7 @@ SPECS = ["int8", "int4-g32", "int4-g64-asym"]
 
 
 def quantized(name: str, spec: str):
-    loaded = load_model(name)
+    loaded = load_tiny(name)
     quantize_model(loaded.model, QuantSpec.parse(spec))
     return loaded
 
@@ -86,7 +86,7 @@ def test_a_dtype_change_keeps_the_scales_in_float16():
 
 
 def test_weight_bytes_count_the_codes_and_the_tied_table_once():
-    float_bytes = decode_weight_bytes(load_model("tiny-llama").model)
+    float_bytes = decode_weight_bytes(load_tiny("tiny-llama").model)
     int8 = decode_weight_bytes(quantized("tiny-llama", "int8").model)
     model = quantized("tiny-llama", "int4-g32").model
     int4 = decode_weight_bytes(model)
@@ -104,4 +104,4 @@ def test_int4_models_keep_the_embedding_and_head_at_int8():
 
 def test_quantize_loaded_refuses_what_is_not_a_weight_method():
     with pytest.raises(ConfigError):
-        quantize_loaded(load_model("tiny-llama"), "kv-int8")
+        quantize_loaded(load_tiny("tiny-llama"), "kv-int8")
