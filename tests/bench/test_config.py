@@ -100,6 +100,7 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
     from kvlab.bench.generate.config import BenchConfig
     from kvlab.bench.generate.registry import TECHNIQUES
     from kvlab.bench.kernels.config import KernelsConfig
+    from kvlab.bench.quant.config import QuantBenchConfig
     from kvlab.bench.serving.config import ServingConfig
     from kvlab.engine.config import EngineConfig
 
@@ -113,6 +114,8 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
                 }
             elif directory.name == "kernels":
                 defaults = dataclasses.asdict(KernelsConfig())
+            elif directory.name == "quantization":
+                defaults = dataclasses.asdict(QuantBenchConfig())
             else:
                 technique = TECHNIQUES[directory.name]
                 defaults = merge(dataclasses.asdict(BenchConfig()), technique.presets(level))
