@@ -49,6 +49,7 @@ def issue_bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 "<=",
                 PPL_BAR * 100,
                 (methods["int8"]["ppl"]["ppl"] / float_ppl - 1) * 100,
+                "%",
             )
         )
     full = payload["methods_baseline_weight_bytes"]
@@ -79,6 +80,7 @@ def issue_bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
                         "<=",
                         PPL_BAR * 100,
                         (ppl["ppl"] / ppl["float32_ppl"] - 1) * 100,
+                        "%",
                     )
                 )
     for name, entry in methods.items():

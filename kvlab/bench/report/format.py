@@ -24,17 +24,26 @@ def title_lines(config: dict, command: str) -> list[str]:
     ]
 
 
-def bar(description: str, sign: str, target: float, measured: float) -> dict:
-    """One bar of an issue as measured in this run: met when `measured` `sign` (<= or >=) `target`."""
+def bar(description: str, sign: str, target: float, measured: float, unit: str = "x") -> dict:
+    """One bar of an issue as measured in this run: met when `measured` `sign` (<= or >=) `target`;
+    `unit` is how the table prints both ("x" a ratio, "%" a percentage)."""
     met = measured <= target if sign == "<=" else measured >= target
-    return {"description": description, "sign": sign, "target": target, "measured": measured, "met": met}
+    return {
+        "description": description,
+        "sign": sign,
+        "target": target,
+        "measured": measured,
+        "met": met,
+        "unit": unit,
+    }
 
 
-def bars_table(bars: list[dict], unit: str = "x") -> list[str]:
+def bars_table(bars: list[dict]) -> list[str]:
     """The bars as a Markdown table; a missed bar is marked in bold."""
     lines = ["| bar | target | measured | met |", "|---|---:|---:|---|"]
     for item in bars:
         met = "yes" if item["met"] else "**NO (missed)**"
+        unit = item.get("unit", "x")
         lines.append(
             f"| {item['description']} | {item['sign']} {item['target']:.2f}{unit} | "
             f"{item['measured']:.2f}{unit} | {met} |"
