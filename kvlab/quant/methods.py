@@ -74,7 +74,7 @@ def build_variant(method: Method, float_model, load, config):
         return calibrated_variant(method, config)
     if method.kind == "gguf":
         return gguf_variant(config)
-    raise ConfigError(f"method {method.name!r} needs CUDA (bitsandbytes); this run is on {config.device}")
+    return bitsandbytes_variant(method, float_model, config)
 
 
 def calibrated_variant(method: Method, config):
@@ -91,6 +91,31 @@ def calibrated_variant(method: Method, config):
         act_order=config.calibration.act_order and method.quantizer == "gptq",
         include_embeddings=config.include_embeddings,
     ).model
+
+
+def bitsandbytes_variant(method: Method, float_model, config):
+    """bitsandbytes LLM.int8() or NF4 weights through transformers' BitsAndBytesConfig (CUDA only): the
+    float model is saved once to a temporary directory and loaded back with the quantization config,
+    which is how transformers applies it."""
+    import tempfile
+
+    import torch
+
+    if config.device != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"method {method.name!r} needs CUDA (bitsandbytes); this run is on {config.device}")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method.bnb == "int8":
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
+        )
+    with tempfile.TemporaryDirectory() as directory:
+        float_model.save_pretrained(directory)
+        return AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=quantization, device_map="cuda"
+        ).eval()
 
 
 def gguf_variant(config):

@@ -13,7 +13,7 @@ from kvlab.kernels import cpu as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs kvlab's CPU kernels")
 
-METHODS = "methods=[float32,bfloat16,int8,int4-g128,int4-g32-asym,kv-int8]"
+METHODS = "methods=[float32,bfloat16,int8,int4-g128,int4-g32-asym,kv-int8,bnb-nf4]"
 ARGS = [
     *("bench", "--technique", "量化", "--model", "tiny-llama", "--experiment-name", "e2e"),
     *("--set", METHODS, "--set", "repeats=1", "--set", "warmup=0", "--set", "new_tokens=6"),
@@ -45,6 +45,12 @@ def test_every_method_has_a_speed_row_a_ppl_and_its_bytes(experiment):
         < payload["methods"]["int8"]["weight_bytes_per_token"]
     )
     assert all(len(samples) == 1 and samples[0]["tpot_s"] > 0 for samples in runs.values())
+
+
+def test_bitsandbytes_is_skipped_on_the_cpu_with_one_line(experiment):
+    path, payload = experiment
+    assert set(payload["skipped"]) == {"bnb-nf4"} and "bnb-nf4" not in payload["methods"]
+    assert "Skipped bnb-nf4: bitsandbytes needs CUDA" in (path / "report.md").read_text()
 
 
 def test_the_engine_decodes_what_kvlab_generate_decodes_on_each_quantized_model(experiment):

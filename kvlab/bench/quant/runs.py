@@ -113,6 +113,8 @@ def generate_kwargs(method: Method) -> dict[str, Any]:
     """kvlab.generate's options for a method beyond its model (the KV cache's quantization)."""
     if method.kind == "kv":
         return {"kv_quant": f"int{method.kv_bits}"}
+    if method.kind == "bnb":
+        return {"path": "hf"}  # bitsandbytes' modules run inside HF's forward; the twin reads plain weights
     return {}
 
 
@@ -199,6 +201,8 @@ def engine_agreement(config: QuantBenchConfig, loaded: LoadedModel, model, metho
     """Greedy tokens of the paged engine on the method's model against kvlab.generate's, first prompt."""
     if method.kind == "kv":
         return {"checked": False, "reason": "the engine's KV quantization is its own option (see README)"}
+    if method.kind == "bnb":
+        return {"checked": False, "reason": "bitsandbytes modules run on the HF path only"}
     from kvlab.llm import LLM
 
     prompt = token_ids[: config.prompt_lengths[0]]
