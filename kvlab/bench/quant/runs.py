@@ -86,7 +86,7 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
             "kind": method.kind,
             "weight_bytes_per_token": decode_weight_bytes(model),
             "build_s": build_seconds[method.name],
-            "forward": generate_kwargs(method)["path"] if "path" in generate_kwargs(method) else "auto",
+            "forward": generate_kwargs(method).get("path", "auto"),
         }
     payload["methods_baseline_weight_bytes"] = decode_weight_bytes(loaded.model)
     with torch.inference_mode():
