@@ -35,7 +35,7 @@ def random_blocks(rows: int, columns: int, qtype: GGMLQuantizationType, seed: in
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
 @pytest.mark.parametrize("source", ["gguf_quantize", "random_bytes"])
 def test_native_weight_dequantizes_as_gguf_does(qtype, shape, source):
     if source == "gguf_quantize":
