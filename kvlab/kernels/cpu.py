@@ -320,7 +320,12 @@ def quant_variant() -> str:
     CPU has. The integer variant (avx512vnni) is opt-in: it rounds the inputs to int8, so its products
     differ from the dequantized weights' by about a percent, where the float variants differ only by
     summation order (the quantization bench's kernel table times every variant)."""
-    forced = os.environ.get("KVLAB_QUANT_VARIANT", "").strip().lower()
+    return _quant_variant(os.environ.get("KVLAB_QUANT_VARIANT", ""))
+
+
+@functools.cache
+def _quant_variant(forced: str) -> str:
+    forced = forced.strip().lower()
     if forced and forced not in quant_variants():
         raise ConfigError(
             f"KVLAB_QUANT_VARIANT={forced!r} is not a quantized GEMM variant this CPU runs; choose one of "

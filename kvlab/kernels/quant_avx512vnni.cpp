@@ -83,7 +83,8 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       w[r] = weight_chunk<BITS>(rows[r] + at, keep);
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + at + 2 * kChunkBytes), _MM_HINT_T0);
+      // The same bytes two row blocks on (see quant_tile.h): far enough ahead to hide the latency.
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + at + 2 * kBlockRows * row_length), _MM_HINT_T0);
       if constexpr (ONE_GROUP_PER_CHUNK) {
         scale[r] = _mm512_set1_ps(scales[r][group_a]);
       } else {

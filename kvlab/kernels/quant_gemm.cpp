@@ -57,7 +57,16 @@ bool cpu_runs(const char* name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
-bool has_vnni() { return cpu_runs("avx512") && __builtin_cpu_supports("avx512vnni"); }
+// Asked once per process: every call picks its kernel by name.
+bool has_avx512() {
+  static const bool supported = cpu_runs("avx512");
+  return supported;
+}
+
+bool has_vnni() {
+  static const bool supported = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return supported;
+}
 
 qt::Kernel find_kernel(const std::string& name) {
   if (name == "avx512vnni") {
@@ -65,7 +74,7 @@ qt::Kernel find_kernel(const std::string& name) {
     return qt::avx512vnni;
   }
   if (name == "avx512") {
-    TORCH_CHECK(cpu_runs("avx512"), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
+    TORCH_CHECK(has_avx512(), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
     return qt::avx512;
   }
   TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni, avx512 or avx2)");
@@ -75,7 +84,7 @@ qt::Kernel find_kernel(const std::string& name) {
 std::vector<std::string> quant_variants() {
   std::vector<std::string> names;
   if (has_vnni()) names.emplace_back("avx512vnni");
-  if (cpu_runs("avx512")) names.emplace_back("avx512");
+  if (has_avx512()) names.emplace_back("avx512");
   names.emplace_back("avx2");
   return names;
 }
@@ -150,11 +159,16 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   const int64_t M = x.size(0);
   // The few input rows once, as float32 padded with zeros to whole blocks: the kernels then read
   // whole vectors of x everywhere, and a padded weight column meets a zero.
-  at::Tensor xin = at::zeros({M, f.Kp}, x.options().dtype(at::kFloat));
-  xin.narrow(1, 0, f.K).copy_(x);
+  at::Tensor xin;
+  if (f.K == f.Kp && x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    xin = x;  // already whole blocks of float32: no copy
+  } else {
+    xin = at::zeros({M, f.Kp}, x.options().dtype(at::kFloat));
+    xin.narrow(1, 0, f.K).copy_(x);
+  }
   // Per group, the sum of each input row's values: the offsets' share of the product (quant_tile.h).
   at::Tensor xsum = at::zeros({M, f.G}, xin.options());
-  {
+  if (f.bits == 4) {  // int8 has no offsets
     const float* xs = xin.const_data_ptr<float>();
     float* sums = xsum.mutable_data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)

@@ -34,6 +34,11 @@ struct RawBlock {
 };
 
 template <int BITS>
+inline int64_t row_stride(const Problem& p) {
+  return BITS == 4 ? p.Kp / 2 : p.K;
+}
+
+template <int BITS>
 inline const uint8_t* block_bytes(const Problem& p, int64_t row, int64_t column, RawBlock& raw) {
   const auto* base = static_cast<const uint8_t*>(p.data);
   if constexpr (BITS == 4) {
@@ -81,9 +86,12 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         bytes[r] = block_bytes<BITS>(p, n0 + r, c, raw[r]);
-        // Two blocks ahead in the same row: rows are short (576 columns = 288 int4 bytes), too short
-        // for the hardware prefetcher to ramp up on each of the tile's NR streams.
-        _mm_prefetch(reinterpret_cast<const char*>(bytes[r]) + 2 * kBlockColumns, _MM_HINT_T0);
+        // The same columns two row blocks on (as skinny_tile.h does): rows are short (576 columns =
+        // 288 int4 bytes), too short for the hardware prefetcher to ramp up on each of the tile's NR
+        // streams, and a few lines ahead in the same row is too close to hide the memory's latency.
+        _mm_prefetch(reinterpret_cast<const char*>(p.data) + (n0 + r + 2 * kBlockRows) * row_stride<BITS>(p) +
+                         (BITS == 4 ? c / 2 : c),
+                     _MM_HINT_T0);
       }
 #pragma GCC unroll 4
       for (int v = 0; v < kVectors; ++v) {
