@@ -27,6 +27,15 @@ def run_cli(*args, env=None):
         (["ppl", "--dataset", "imagenet"], "unknown dataset"),
         (["ppl", "--model", "gpt-17"], "unknown model"),
         (["generate", "hi", "--max-tokens", "0"], "--max-tokens must be positive"),
+        (
+            ["generate", "hi", "--model", "tiny-llama", "--quantization", "int3"],
+            "unknown quantization method",
+        ),
+        (
+            ["generate", "hi", "--model", "tiny-llama", "--quantization", "kv-int8"],
+            "not a weight quantization",
+        ),
+        (["bench", "--technique", "quantization", "--set", "methods=[int3]"], "unknown quantization method"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -35,6 +44,13 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, capsys, tmp_path, mo
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "results").exists()
+
+
+def test_generate_runs_a_quantized_model(capsys):
+    assert (
+        main(["generate", "hi", "--model", "tiny-llama", "--quantization", "int4-g32", "--max-tokens", "3"])
+        == 0
+    )
 
 
 def test_malformed_yaml_file(capsys, tmp_path):
