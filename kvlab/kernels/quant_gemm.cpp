@@ -148,10 +148,11 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "quant_linear: x must be float32, bfloat16 or float16");
   if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f.N, "quant_linear: bias must be (N,)");
-  qt::Kernel kernel = find_kernel(std::string(variant));
+  const std::string name(variant);
+  qt::Kernel kernel = find_kernel(name);
   // The integer kernel keeps a tile row's group scales on the stack (at most 64 groups: K up to 2,048
   // at group 32); a matrix with more groups takes the float AVX-512 kernel.
-  bool integer_inputs = std::string(variant) == "avx512vnni";
+  bool integer_inputs = name == "avx512vnni";
   if (integer_inputs && f.G > 64) {
     kernel = qt::avx512;
     integer_inputs = false;
@@ -167,8 +168,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
     xin.narrow(1, 0, f.K).copy_(x);
   }
   // Per group, the sum of each input row's values: the offsets' share of the product (quant_tile.h).
+  // int8 has no offsets; the integer kernel takes the sums of its rounded inputs (quantize_inputs).
   at::Tensor xsum = at::zeros({M, f.G}, xin.options());
-  if (f.bits == 4) {  // int8 has no offsets
+  if (f.bits == 4 && !integer_inputs) {
     const float* xs = xin.const_data_ptr<float>();
     float* sums = xsum.mutable_data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)

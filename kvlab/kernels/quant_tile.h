@@ -25,11 +25,9 @@ using kvlab::quant::Problem;
 
 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
 
-// One weight row's block of 32 columns, as the traits' dequantize reads it: the int4 block's 16 bytes
-// (always whole: rows are padded to whole blocks), or 32 int8 codes (copied, zero-filled, where the
-// row ends inside the block: int8 rows are not padded).
+// Room for an int8 row's last, partial block of 32 codes, copied and zero-filled (int8 rows are not
+// padded; int4 rows are, so their blocks are always read in place).
 struct RawBlock {
-  const uint8_t* bytes;
   uint8_t tail[kBlockColumns];
 };
 
