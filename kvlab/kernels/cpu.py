@@ -86,15 +86,19 @@ def variants() -> tuple[str, ...]:
 
 @functools.cache
 def _variants(forced: str) -> tuple[str, ...]:
-    forced = forced.strip().lower()
-    if not forced:
-        return supported_variants()
-    if forced not in supported_variants():
+    forced = _forced_variant(VARIANT_ENV, forced, supported_variants(), "skinny GEMM")
+    return (forced,) if forced else supported_variants()
+
+
+def _forced_variant(env: str, value: str, choices: tuple[str, ...], kernel: str) -> str:
+    """The variant an environment switch names (normalised), "" when unset; ConfigError when this CPU
+    does not run it."""
+    forced = value.strip().lower()
+    if forced and forced not in choices:
         raise ConfigError(
-            f"{VARIANT_ENV}={forced!r} is not a skinny GEMM variant this CPU runs; choose one of "
-            f"{', '.join(supported_variants())}"
+            f"{env}={forced!r} is not a {kernel} variant this CPU runs; choose one of {', '.join(choices)}"
         )
-    return (forced,)
+    return forced
 
 
 def _skinny_variant_op(x: Tensor, weight: Tensor, variant: str) -> Tensor:
@@ -325,12 +329,7 @@ def quant_variant() -> str:
 
 @functools.cache
 def _quant_variant(forced: str) -> str:
-    forced = forced.strip().lower()
-    if forced and forced not in quant_variants():
-        raise ConfigError(
-            f"KVLAB_QUANT_VARIANT={forced!r} is not a quantized GEMM variant this CPU runs; choose one of "
-            f"{', '.join(quant_variants())}"
-        )
+    forced = _forced_variant("KVLAB_QUANT_VARIANT", forced, quant_variants(), "quantized GEMM")
     return forced or next(v for v in quant_variants() if v not in INTEGER_VARIANTS)
 
 

@@ -15,9 +15,10 @@ from transformers.activations import ACT2FN
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.models.native import EngineModel, embedding, linear, weight_of
+from kvlab.models.native import EngineModel, embedding, linear
 from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.quant.formats import QuantizedWeight
+from kvlab.quant.modules import quantized_weight_of
 from kvlab.rope import RotaryEmbedding
 
 
@@ -49,8 +50,8 @@ class GPTNeoXEngineModel(EngineModel):
         self.act = ACT2FN[config.hidden_act]
         params = getattr(config, "rope_parameters", None) or {}
         rotary_pct = params.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
-        self.embed = weight_of(hf_model.get_input_embeddings())
-        self.lm_head = weight_of(hf_model.get_output_embeddings())
+        self.embed = quantized_weight_of(hf_model.get_input_embeddings())
+        self.lm_head = quantized_weight_of(hf_model.get_output_embeddings())
         self.dtype, self.device = hf_model.dtype, hf_model.device
         final = hf_model.gpt_neox.final_layer_norm
         self.final_norm = (final.weight.detach(), final.bias.detach())
@@ -62,7 +63,7 @@ class GPTNeoXEngineModel(EngineModel):
         # HF's fused rows are [q_h0, k_h0, v_h0, q_h1, ...]; regroup to [q_all | k_all | v_all].
         regroup = torch.arange(3 * self.num_heads * self.head_dim).view(self.num_heads, 3, self.head_dim)
         regroup = regroup.transpose(0, 1).reshape(-1)
-        weight = weight_of(attn.query_key_value)
+        weight = quantized_weight_of(attn.query_key_value)
         qkv = weight.select_rows(regroup) if isinstance(weight, QuantizedWeight) else weight[regroup]
         bias = attn.query_key_value.bias.detach().view(self.num_heads, 3, self.head_dim)
         return GPTNeoXLayer(
@@ -73,11 +74,11 @@ class GPTNeoXEngineModel(EngineModel):
             ),
             qkv=qkv,
             qkv_bias=bias.transpose(0, 1).reshape(-1).contiguous(),
-            dense=weight_of(attn.dense),
+            dense=quantized_weight_of(attn.dense),
             dense_bias=attn.dense.bias.detach(),
-            up=weight_of(mlp.dense_h_to_4h),
+            up=quantized_weight_of(mlp.dense_h_to_4h),
             up_bias=mlp.dense_h_to_4h.bias.detach(),
-            down=weight_of(mlp.dense_4h_to_h),
+            down=quantized_weight_of(mlp.dense_4h_to_h),
             down_bias=mlp.dense_4h_to_h.bias.detach(),
         )
 

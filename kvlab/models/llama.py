@@ -20,8 +20,9 @@ from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.models.native import EngineModel, add_rms_norm_, embedding, join_rows, linear, rms_norm, weight_of
+from kvlab.models.native import EngineModel, add_rms_norm_, embedding, join_rows, linear, rms_norm
 from kvlab.phases import PHASE_ATTENTION, phase
+from kvlab.quant.modules import quantized_weight_of
 from kvlab.rope import RotaryEmbedding
 
 
@@ -68,8 +69,8 @@ class LlamaEngineModel(EngineModel):
         self.num_layers = config.num_hidden_layers
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
-        self.embed = weight_of(hf_model.get_input_embeddings())
-        self.lm_head = weight_of(hf_model.get_output_embeddings())  # same storage when tied
+        self.embed = quantized_weight_of(hf_model.get_input_embeddings())
+        self.lm_head = quantized_weight_of(hf_model.get_output_embeddings())  # same storage when tied
         self.dtype, self.device = hf_model.dtype, hf_model.device
         self.final_norm = hf_model.model.norm.weight.detach()
         self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
@@ -90,14 +91,21 @@ class LlamaEngineModel(EngineModel):
         with torch.no_grad():
             return LlamaLayer(
                 input_norm=layer.input_layernorm.weight.detach(),
-                qkv=_join([weight_of(attn.q_proj), weight_of(attn.k_proj), weight_of(attn.v_proj)], fuse),
+                qkv=_join(
+                    [
+                        quantized_weight_of(attn.q_proj),
+                        quantized_weight_of(attn.k_proj),
+                        quantized_weight_of(attn.v_proj),
+                    ],
+                    fuse,
+                ),
                 qkv_bias=_join([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], fuse),
-                o_proj=weight_of(attn.o_proj),
+                o_proj=quantized_weight_of(attn.o_proj),
                 o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=_join([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)], fuse),
+                gate_up=_join([quantized_weight_of(mlp.gate_proj), quantized_weight_of(mlp.up_proj)], fuse),
                 gate_up_bias=_join([mlp.gate_proj.bias, mlp.up_proj.bias], fuse),
-                down=weight_of(mlp.down_proj),
+                down=quantized_weight_of(mlp.down_proj),
                 down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
             )
 

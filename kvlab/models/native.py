@@ -24,7 +24,6 @@ from kvlab.quant import paged_kv
 from kvlab.quant.formats import QuantizedWeight
 from kvlab.quant.kv_quant import KVQuantSpec
 from kvlab.quant.linear import quantized_embedding, quantized_linear
-from kvlab.quant.modules import quantized_weight_of
 
 # model_type -> "module:Class"; a new architecture is one module and one line here.
 ARCHITECTURES = {
@@ -77,11 +76,6 @@ def embedding(input_ids: Tensor, weight: Tensor | QuantizedWeight, dtype: torch.
     if isinstance(weight, QuantizedWeight):
         return quantized_embedding(input_ids, weight, dtype)
     return F.embedding(input_ids, weight)
-
-
-def weight_of(module) -> Tensor | QuantizedWeight:
-    """A linear or embedding module's weight as the twin holds it: detached, or its QuantizedWeight."""
-    return quantized_weight_of(module)
 
 
 def join_rows(weights: list[Tensor | QuantizedWeight]) -> Tensor | QuantizedWeight:

@@ -4,12 +4,12 @@ format (`_weight_int8pack_mm` for int8 per channel, `_weight_int4pack_mm_for_cpu
 the aten ops torchao's CPU layouts dispatch to), each checked against a float64 reference."""
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvlab.bench.kernels.runs import time_passes
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models.native import build_engine_model
 from kvlab.quant.formats import QuantizedWeight
@@ -43,7 +43,6 @@ def _compare(weights: list[QuantizedWeight], repeats: int) -> dict[str, Any]:
             unavailable[name] = reason
         else:
             kernels[name] = prepared
-    samples = {name: [] for name in kernels}
     errors = {name: 0.0 for name in kernels}
     for w in weights[:: max(1, len(weights) // 6)]:
         x = inputs[w.in_features]
@@ -51,13 +50,7 @@ def _compare(weights: list[QuantizedWeight], repeats: int) -> dict[str, Any]:
         scale = reference.abs().max().item() or 1.0
         for name, run in kernels.items():
             errors[name] = max(errors[name], (run(x, w).double() - reference).abs().max().item() / scale)
-    for index in range(repeats + 1):
-        for name, run in kernels.items():
-            start = time.perf_counter()
-            for w in weights:
-                run(inputs[w.in_features], w)
-            if index:
-                samples[name].append(time.perf_counter() - start)
+    samples = time_passes(kernels, weights, inputs, repeats)  # QuantizedWeight.shape is (N, K) too
     return {
         "matrices": len(weights),
         "bytes": sum(w.nbytes for w in weights),

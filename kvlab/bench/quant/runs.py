@@ -12,6 +12,7 @@
   int8 / int4 CPU kernels (the aten ops torchao's CPU layouts call) where the format allows them.
 """
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,7 @@ def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Me
     """wikitext-2 test PPL of the method's model (the protocol of kvlab.bench.eval.perplexity)."""
     if method.kind == "kv":
         return chunked_kv_ppl(config, loaded.model, tokens[0], method.kv_bits)
-    variant = LoadedModel(model, loaded.tokenizer, loaded.name, loaded.source, loaded.meaningful_ppl)
+    variant = dataclasses.replace(loaded, model=model)
     result = sliding_window_perplexity(
         variant,
         text,
@@ -206,7 +207,7 @@ def engine_agreement(config: QuantBenchConfig, loaded: LoadedModel, model, metho
     from kvlab.llm import LLM
 
     prompt = token_ids[: config.prompt_lengths[0]]
-    variant = LoadedModel(model, loaded.tokenizer, loaded.name, loaded.source, loaded.meaningful_ppl)
+    variant = dataclasses.replace(loaded, model=model)
     llm = LLM(variant, dtype=str(next(p for p in model.parameters()).dtype).removeprefix("torch."))
     engine = llm.generate([prompt.tolist()], SamplingParams(max_tokens=config.new_tokens, ignore_eos=True))
     with torch.inference_mode():
