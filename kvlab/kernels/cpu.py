@@ -202,9 +202,10 @@ def takes_skinny(x: Tensor, weight: Tensor) -> bool:
     return skinny_choice(x, weight) is not None
 
 
-def fused_decode_variant(dtype: torch.dtype, rows: int) -> str | None:
+def fused_decode_variant(dtype: torch.dtype, rows: int, quantized: bool = False) -> str | None:
     """The skinny GEMM variant a fused decode step of `rows` rows runs at `dtype` (decode_step.cpp),
-    or None where it does not run: kernels unavailable or off, or the calibration gave those rows to torch."""
+    or None where it does not run: kernels unavailable or off, or the calibration gave those rows to
+    torch (a quantized model's matrices have no torch kernel at these rows: its step runs regardless)."""
     if (
         dtype not in SKINNY_DTYPES
         or not 0 < rows <= SKINNY_MAX_ROWS
@@ -213,7 +214,7 @@ def fused_decode_variant(dtype: torch.dtype, rows: int) -> str | None:
     ):
         return None
     decision = calibration().decision(dtype, rows)
-    return None if decision.kernel == calibrate.TORCH else decision.variant
+    return None if decision.kernel == calibrate.TORCH and not quantized else decision.variant
 
 
 def skinny_linear(
@@ -267,32 +268,48 @@ def decode_step(
     variant: str,
 ) -> Tensor:
     """One whole Llama decode step (kvlab/kernels/decode_step.cpp): `layers` maps each of input_norm, q,
-    k, v, o, post_norm, gate, up, down to its per-layer list; `caches` is (key caches, value caches);
-    `metadata` one AttentionMetadata per layer. -> final-normed hidden (M, hidden)."""
+    k, v, o, post_norm, gate, up, down to its per-layer list (a matrix: a tensor or a QuantizedWeight);
+    `caches` is (key caches, value caches); `metadata` one AttentionMetadata per layer. -> final-normed
+    hidden (M, hidden)."""
+    matrices = {name: [_codes(w) for w in layers[name]] for name in STEP_MATRICES}
+    per_layer = list(zip(*(layers[name] for name in STEP_MATRICES), strict=True))
+    quantized = any(not isinstance(w, Tensor) for layer in per_layer for w in layer)
+    flat = [w for layer in per_layer for w in layer] if quantized else []
     return _op().decode_step(
         embedded,
         cos.contiguous(),
         sin.contiguous(),
         layers["input_norm"],
-        layers["q"],
-        layers["k"],
-        layers["v"],
-        layers["o"],
+        matrices["q"],
+        matrices["k"],
+        matrices["v"],
+        matrices["o"],
         layers["post_norm"],
-        layers["gate"],
-        layers["up"],
-        layers["down"],
+        matrices["gate"],
+        matrices["up"],
+        matrices["down"],
         final_norm,
         caches[0],
         caches[1],
         [m.slot_mapping for m in metadata],
         [m.seq_lens for m in metadata],
         [m.block_tables for m in metadata],
+        [None if isinstance(w, Tensor) else w.scales for w in flat],
+        [None if isinstance(w, Tensor) else w.offsets for w in flat],
+        [0 if isinstance(w, Tensor) else w.group_size for w in flat],
         num_heads,
         eps,
         scale,
         variant,
+        quant_variant() if quantized else "",
     )
+
+
+STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in decode_step.cpp's order
+
+
+def _codes(weight) -> Tensor:
+    return weight if isinstance(weight, Tensor) else weight.data
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

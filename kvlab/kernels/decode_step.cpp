@@ -10,7 +10,8 @@
 // copy of the residual stream and normalises it itself (a few hundred values): the norms need no
 // barrier, and every thread computes the same values in the same order.
 //
-// The matmuls are the skinny GEMM's kernels (skinny_tile.h), with the threads splitting weight rows;
+// The matmuls are the skinny GEMM's kernels (skinny_tile.h), or the quantized GEMM's (quant_tile.h) for
+// a quantized model's matrices (read packed, dequantized in registers), with the threads splitting weight rows;
 // attention is decode_attention.h, split by (request, kv head). Values are rounded to the model's
 // dtype where the op-by-op forward (kvlab/models/llama.py) rounds them, so both give the same
 // tokens; activations stay in float32 between those points.
@@ -22,17 +23,20 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "decode_attention.h"
 #include "paged_checks.h"
+#include "quant_variants.h"
 #include "rms_norm_row.h"
 #include "skinny_dispatch.h"
 
 namespace {
 
 namespace sk = kvlab::skinny;
+namespace qt = kvlab::quant;
 
 constexpr int64_t kMinShare = 32;  // positions: a shorter share costs more in its merge than it saves
 constexpr int64_t kMaxShares = 16;
@@ -48,8 +52,44 @@ struct Activation {
   c10::BFloat16* b;  // null unless the kernel reads bf16
 };
 
-struct Part {
+// A weight matrix (out, in): in the model's dtype, or quantized (kvlab/quant/formats.py's layout:
+// codes, float16 scales and offsets per group) when `scales` is set.
+struct Matrix {
   const void* w;
+  const uint16_t* scales = nullptr;
+  const uint16_t* offsets = nullptr;
+  int64_t group_size = 0;
+  int bits = 0;
+};
+
+// The kernels a step's matmuls run, and this thread's room for a quantized GEMM's per-group input sums.
+struct Gemm {
+  sk::Kernel dense;
+  qt::Kernel quantized;
+  std::vector<float>* group_sums;
+};
+
+// y[:, lo:hi] = x @ w[lo:hi]^T. `xf` is x in float32 (what the quantized kernel reads), `xk` x as the
+// dense kernel reads it (its bf16 copy for vdpbf16ps, else xf).
+void multiply(const Gemm& gemm, const Matrix& w, const float* xf, const void* xk, int64_t M, int64_t K, int64_t N,
+              float* y, int64_t lo, int64_t hi) {
+  if (w.scales == nullptr) {
+    gemm.dense(sk::Problem{xk, w.w, y, M, K, N}, lo, hi);
+    return;
+  }
+  // Each thread sums its own copy of the few input values per group (the offsets' share of the product,
+  // quant_tile.h): cheaper than a barrier. K is a multiple of 32 here, so x needs no padding.
+  const int64_t G = (K + w.group_size - 1) / w.group_size;
+  std::vector<float>& sums = *gemm.group_sums;
+  sums.assign(M * G, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sums[m * G + k / w.group_size] += xf[m * K + k];
+  gemm.quantized(qt::Problem{xf, w.w, w.scales, w.offsets, sums.data(), y, M, K, K, N, w.group_size, G, w.bits}, lo,
+                 hi);
+}
+
+struct Part {
+  Matrix w;
   int64_t rows;
   float* y;  // (M, rows)
 };
@@ -57,8 +97,8 @@ struct Part {
 // This thread's share of y = x @ [parts]^T: the parts' rows are split as one concatenated matrix,
 // in whole kBlockRows blocks, so each thread streams an equal slice of the weights exactly once.
 template <int kParts>
-void gemm_share(sk::Kernel kernel, const void* x, int64_t M, int64_t K, const Part (&parts)[kParts], int tid,
-                int threads) {
+void gemm_share(const Gemm& gemm, const float* xf, const void* xk, int64_t M, int64_t K, const Part (&parts)[kParts],
+                int tid, int threads) {
   int64_t total = 0;
   for (const Part& p : parts) total += p.rows;
   const int64_t blocks = (total + sk::kBlockRows - 1) / sk::kBlockRows;
@@ -67,7 +107,7 @@ void gemm_share(sk::Kernel kernel, const void* x, int64_t M, int64_t K, const Pa
   int64_t offset = 0;
   for (const Part& p : parts) {
     const int64_t begin = std::max(lo, offset) - offset, end = std::min(hi, offset + p.rows) - offset;
-    if (begin < end) kernel(sk::Problem{x, p.w, p.y, M, K, p.rows}, begin, end);
+    if (begin < end) multiply(gemm, p.w, xf, xk, M, K, p.rows, p.y, begin, end);
     offset += p.rows;
   }
 }
@@ -110,7 +150,7 @@ struct Shapes {
 };
 
 struct LayerWeights {
-  const void *q, *k, *v, *o, *gate, *up, *down;
+  Matrix q, k, v, o, gate, up, down;
   const void *input_norm, *post_norm;
 };
 
@@ -126,7 +166,7 @@ struct LayerCache {
 template <typename T>
 void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, const std::vector<LayerCache>& caches,
                    const T* final_norm, const T* embedded, const T* cos, const T* sin, T* out,
-                   const sk::Variant& variant) {
+                   const sk::Variant& variant, qt::Kernel quantized) {
   constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
   const sk::Kernel kernel = kHalf ? variant.bf16 : variant.f32;
   const bool bf16_inputs = kHalf && variant.bf16_reads_bf16_inputs;
@@ -150,7 +190,8 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
   std::vector<float> part_acc(units * G * D), part_max(units * G), part_sum(units * G);
   std::vector<c10::BFloat16> h_b(bf16_inputs ? M * I : 0);
   // Private per thread: the residual stream, its normalised copy, the attention output, scratch.
-  std::vector<std::vector<float>> residual(threads), normed(threads), attention(threads), scratch(threads);
+  std::vector<std::vector<float>> residual(threads), normed(threads), attention(threads), scratch(threads),
+      group_sums(threads);
   std::vector<std::vector<c10::BFloat16>> normed_b(threads), attention_b(threads);
 
 #pragma omp parallel num_threads(threads)
@@ -168,6 +209,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       normed_b[tid].resize(M * hidden);
       attn_b.resize(M * q_size);
     }
+    const Gemm gemm{kernel, quantized, &group_sums[tid]};
     float* scores = scratch[tid].data();
     float* q_group = scores + G * share_len;
     for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
@@ -200,7 +242,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       const LayerWeights& w = weights[l];
       const LayerCache& c = caches[l];
       const Part qkv[3] = {{w.q, q_size, q.data()}, {w.k, kv_size, k.data()}, {w.v, kv_size, v.data()}};
-      gemm_share(kernel, input(x.data(), normed_b[tid].data()), M, hidden, qkv, tid, nt);
+      gemm_share(gemm, x.data(), input(x.data(), normed_b[tid].data()), M, hidden, qkv, tid, nt);
 #pragma omp barrier
       // The new tokens' keys (rotated) and values into their slots, per (request, kv head).
       for (int64_t item = tid; item < items; item += nt) {
@@ -248,7 +290,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       }
       if (bf16_inputs) to_bf16(attn.data(), attn_b.data(), M * q_size);
       const Part o_part[1] = {{w.o, hidden, o.data()}};
-      gemm_share(kernel, input(attn.data(), attn_b.data()), M, q_size, o_part, tid, nt);
+      gemm_share(gemm, attn.data(), input(attn.data(), attn_b.data()), M, q_size, o_part, tid, nt);
 #pragma omp barrier
       add_to_residual(o.data());
       normalise(w.post_norm);
@@ -260,8 +302,8 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
         const int64_t hi = std::min(I, blocks * (tid + 1) / nt * sk::kBlockRows);
         const void* xin = input(x.data(), normed_b[tid].data());
         if (lo < hi) {
-          kernel(sk::Problem{xin, w.gate, gate.data(), M, hidden, I}, lo, hi);
-          kernel(sk::Problem{xin, w.up, up.data(), M, hidden, I}, lo, hi);
+          multiply(gemm, w.gate, x.data(), xin, M, hidden, I, gate.data(), lo, hi);
+          multiply(gemm, w.up, x.data(), xin, M, hidden, I, up.data(), lo, hi);
         }
         for (int64_t m = 0; m < M; ++m) {
           silu_mul<T>(gate.data() + m * I + lo, up.data() + m * I + lo, h.data() + m * I + lo, hi - lo);
@@ -270,7 +312,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       }
 #pragma omp barrier
       const Part down_part[1] = {{w.down, hidden, down.data()}};
-      gemm_share(kernel, input(h.data(), h_b.data()), M, I, down_part, tid, nt);
+      gemm_share(gemm, h.data(), input(h.data(), h_b.data()), M, I, down_part, tid, nt);
 #pragma omp barrier
       add_to_residual(down.data());
       normalise(l + 1 < s.layers ? weights[l + 1].input_norm : static_cast<const void*>(final_norm));
@@ -287,6 +329,33 @@ void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, at::ScalarTyp
               " must be a contiguous CPU tensor in the model's dtype");
 }
 
+// A quantized matrix (rows, cols) as kvlab/quant/formats.py lays it out: int8 codes (rows, cols) or int4
+// codes packed two per byte (rows, cols / 2), float16 scales (and offsets) per group of columns.
+Matrix quantized_matrix(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
+                        int64_t group_size, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(cols % qt::kBlockColumns == 0, "decode_step: quantized ", name, " needs a multiple of 32 columns");
+  TORCH_CHECK(group_size > 0 && (group_size == cols || group_size % qt::kBlockColumns == 0),
+              "decode_step: quantized ", name, "'s group size must be its columns or a multiple of 32");
+  const int bits = data.scalar_type() == at::kChar ? 8 : 4;
+  TORCH_CHECK(data.scalar_type() == at::kChar || data.scalar_type() == at::kByte, "decode_step: quantized ", name,
+              " codes must be int8 (8 bits) or uint8 (4 bits, packed)");
+  TORCH_CHECK(data.dim() == 2 && data.size(0) == rows && data.size(1) == (bits == 8 ? cols : cols / 2) &&
+                  data.is_contiguous() && data.device().is_cpu(),
+              "decode_step: quantized ", name, " codes must be contiguous (", rows, ", ", bits == 8 ? cols : cols / 2,
+              "), got ", data.sizes());
+  const int64_t G = (cols + group_size - 1) / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == rows && scales.size(1) == G && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kHalf,
+              "decode_step: quantized ", name, " scales must be contiguous float16 (", rows, ", ", G, ")");
+  TORCH_CHECK(!offsets.has_value() || bits == 4, "decode_step: int8 ", name, " is symmetric: no offsets");
+  if (offsets.has_value())
+    TORCH_CHECK(offsets->sizes() == scales.sizes() && offsets->is_contiguous() && offsets->scalar_type() == at::kHalf,
+                "decode_step: quantized ", name, " offsets must be shaped like its scales, float16");
+  return Matrix{data.const_data_ptr(), reinterpret_cast<const uint16_t*>(scales.const_data_ptr<at::Half>()),
+                offsets.has_value() ? reinterpret_cast<const uint16_t*>(offsets->const_data_ptr<at::Half>()) : nullptr,
+                group_size, bits};
+}
+
 void check_vector(const at::Tensor& w, int64_t n, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(w.dim() == 1 && w.size(0) == n && w.is_contiguous() && w.scalar_type() == dtype, "decode_step: ", name,
               " must be a contiguous (", n, ",) tensor in the model's dtype");
@@ -296,15 +365,21 @@ void check_vector(const at::Tensor& w, int64_t n, at::ScalarType dtype, const ch
 // weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)), the norms, the K/V
 // caches (num_blocks, block_size, KH, D) and that layer's slot_mapping (M,) int64, seq_lens (M,)
 // and block_tables (M, width) int32 (layers of a press may hold different slots). -> final-normed
-// hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
+// hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice). A quantized
+// model passes its matrices' codes as q ... down, and per layer seven entries (q, k, v, o, gate, up,
+// down) of `scales`, `offsets` and `group_sizes` (a None scale: that matrix is dense); `quant_variant`
+// names the quantized GEMM kernel (a float one: the integer variant rounds inputs per GEMM call).
 at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                        at::TensorList input_norms, at::TensorList q, at::TensorList k, at::TensorList v,
                        at::TensorList o, at::TensorList post_norms, at::TensorList gate, at::TensorList up,
                        at::TensorList down, const at::Tensor& final_norm, at::TensorList key_caches,
                        at::TensorList value_caches, at::TensorList slot_mappings, at::TensorList seq_lens,
-                       at::TensorList block_tables, int64_t num_heads, double eps, double scale,
-                       c10::string_view variant_name) {
+                       at::TensorList block_tables, const c10::List<std::optional<at::Tensor>>& scales,
+                       const c10::List<std::optional<at::Tensor>>& offsets, at::IntArrayRef group_sizes,
+                       int64_t num_heads, double eps, double scale, c10::string_view variant_name,
+                       c10::string_view quant_variant_name) {
   const sk::Variant& variant = sk::find_variant(std::string(variant_name));
+  const bool quantized = !scales.empty();
   TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
               "decode_step: embedded must be a contiguous CPU (M, hidden) tensor");
   const at::ScalarType dtype = embedded.scalar_type();
@@ -325,16 +400,31 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
               "decode_step: cos and sin must be contiguous (M, rotary_dim / 2) in the model's dtype");
   check_vector(final_norm, hidden, dtype, "final_norm");
   const Shapes shapes{M, hidden, H, KH, D, I, cos.size(1), L, static_cast<float>(eps), static_cast<float>(scale)};
+  qt::Kernel quant_kernel = nullptr;
+  if (quantized) {
+    const std::string name(quant_variant_name);
+    TORCH_CHECK(name != "avx512vnni", "decode_step: the quantized GEMM variant must be a float one, got ", name);
+    quant_kernel = qt::find_kernel(name);
+    TORCH_CHECK(static_cast<int64_t>(scales.size()) == 7 * L && static_cast<int64_t>(offsets.size()) == 7 * L &&
+                    static_cast<int64_t>(group_sizes.size()) == 7 * L,
+                "decode_step: a quantized model needs 7 scales, offsets and group sizes per layer");
+  }
   std::vector<LayerWeights> weights;
   std::vector<LayerCache> caches;
   for (int64_t l = 0; l < L; ++l) {
-    check_weight(q[l], H * D, hidden, dtype, "q");
-    check_weight(k[l], KH * D, hidden, dtype, "k");
-    check_weight(v[l], KH * D, hidden, dtype, "v");
-    check_weight(o[l], hidden, H * D, dtype, "o");
-    check_weight(gate[l], I, hidden, dtype, "gate");
-    check_weight(up[l], I, hidden, dtype, "up");
-    check_weight(down[l], hidden, I, dtype, "down");
+    // Matrix j of layer l (q, k, v, o, gate, up, down), (rows, cols): dense or quantized.
+    const auto matrix = [&](int j, const at::Tensor& w, int64_t rows, int64_t cols, const char* name) -> Matrix {
+      const std::optional<at::Tensor> s = quantized ? scales.get(7 * l + j) : std::nullopt;
+      if (!s.has_value()) {
+        check_weight(w, rows, cols, dtype, name);
+        return Matrix{w.const_data_ptr()};
+      }
+      return quantized_matrix(w, *s, offsets.get(7 * l + j), group_sizes[7 * l + j], rows, cols, name);
+    };
+    const Matrix mq = matrix(0, q[l], H * D, hidden, "q"), mk = matrix(1, k[l], KH * D, hidden, "k"),
+                 mv = matrix(2, v[l], KH * D, hidden, "v"), mo = matrix(3, o[l], hidden, H * D, "o"),
+                 mgate = matrix(4, gate[l], I, hidden, "gate"), mup = matrix(5, up[l], I, hidden, "up"),
+                 mdown = matrix(6, down[l], hidden, I, "down");
     check_vector(input_norms[l], hidden, dtype, "input_norm");
     check_vector(post_norms[l], hidden, dtype, "post_norm");
     const at::Tensor& kc = key_caches[l];
@@ -353,20 +443,21 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
     for (int64_t m = 0; m < M; ++m)
       TORCH_CHECK(slot[m] >= 0 && slot[m] < NB * BS, "decode_step: slot_mapping[", m, "] = ", slot[m],
                   " is outside the cache's ", NB * BS, " slots");
-    weights.push_back({q[l].const_data_ptr(), k[l].const_data_ptr(), v[l].const_data_ptr(), o[l].const_data_ptr(),
-                       gate[l].const_data_ptr(), up[l].const_data_ptr(), down[l].const_data_ptr(),
-                       input_norms[l].const_data_ptr(), post_norms[l].const_data_ptr()});
+    weights.push_back({mq, mk, mv, mo, mgate, mup, mdown, input_norms[l].const_data_ptr(),
+                       post_norms[l].const_data_ptr()});
     caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[l].const_data_ptr<int32_t>(),
                       block_tables[l].const_data_ptr<int32_t>(), block_tables[l].size(1)});
   }
   at::Tensor out = at::empty_like(embedded);
   if (dtype == at::kFloat)
     decode_layers<float>(shapes, weights, caches, final_norm.const_data_ptr<float>(), embedded.const_data_ptr<float>(),
-                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), variant);
+                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), variant,
+                         quant_kernel);
   else
     decode_layers<c10::BFloat16>(shapes, weights, caches, final_norm.const_data_ptr<c10::BFloat16>(),
                                  embedded.const_data_ptr<c10::BFloat16>(), cos.const_data_ptr<c10::BFloat16>(),
-                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), variant);
+                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), variant,
+                                 quant_kernel);
   return out;
 }
 
@@ -376,7 +467,8 @@ TORCH_LIBRARY_FRAGMENT(kvlab, m) {
   m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, Tensor[] input_norms, Tensor[] q, Tensor[] k, "
         "Tensor[] v, Tensor[] o, Tensor[] post_norms, Tensor[] gate, Tensor[] up, Tensor[] down, Tensor final_norm, "
         "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor[] slot_mappings, Tensor[] seq_lens, "
-        "Tensor[] block_tables, int num_heads, float eps, float scale, str variant) -> Tensor");
+        "Tensor[] block_tables, Tensor?[] scales, Tensor?[] offsets, int[] group_sizes, int num_heads, float eps, "
+        "float scale, str variant, str quant_variant) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvlab, CPU, m) { m.impl("decode_step", &decode_step); }

@@ -68,19 +68,6 @@ bool has_vnni() {
   return supported;
 }
 
-qt::Kernel find_kernel(const std::string& name) {
-  if (name == "avx512vnni") {
-    TORCH_CHECK(has_vnni(), "quant_linear: variant 'avx512vnni' needs instructions this CPU lacks");
-    return qt::avx512vnni;
-  }
-  if (name == "avx512") {
-    TORCH_CHECK(has_avx512(), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
-    return qt::avx512;
-  }
-  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni, avx512 or avx2)");
-  return qt::avx2;
-}
-
 std::vector<std::string> quant_variants() {
   std::vector<std::string> names;
   if (has_vnni()) names.emplace_back("avx512vnni");
@@ -88,6 +75,27 @@ std::vector<std::string> quant_variants() {
   names.emplace_back("avx2");
   return names;
 }
+
+}  // namespace
+
+namespace kvlab::quant {
+
+Kernel find_kernel(const std::string& name) {
+  if (name == "avx512vnni") {
+    TORCH_CHECK(has_vnni(), "quant_linear: variant 'avx512vnni' needs instructions this CPU lacks");
+    return avx512vnni;
+  }
+  if (name == "avx512") {
+    TORCH_CHECK(has_avx512(), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
+    return avx512;
+  }
+  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni, avx512 or avx2)");
+  return avx2;
+}
+
+}  // namespace kvlab::quant
+
+namespace {
 
 // The input rows as the integer-dot-product kernel reads them (quant_avx512vnni.cpp): int8 codes per
 // 32-column block with a scale of the block's absmax / 127, in each 64-column chunk's lane order (int4:
@@ -149,7 +157,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
               "quant_linear: x must be float32, bfloat16 or float16");
   if (bias.has_value()) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == f.N, "quant_linear: bias must be (N,)");
   const std::string name(variant);
-  qt::Kernel kernel = find_kernel(name);
+  qt::Kernel kernel = qt::find_kernel(name);
   // The integer kernel keeps a tile row's group scales on the stack (at most 64 groups: K up to 2,048
   // at group 32); a matrix with more groups takes the float AVX-512 kernel.
   bool integer_inputs = name == "avx512vnni";

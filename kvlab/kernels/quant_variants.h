@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace kvlab::quant {
 
@@ -38,5 +39,8 @@ using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);
 void avx2(const Problem&, int64_t, int64_t);
 void avx512(const Problem&, int64_t, int64_t);
 void avx512vnni(const Problem&, int64_t, int64_t);  // int8 inputs: reads xq / xscale / xcorrection
+
+// The variant called `name` (quant_gemm.cpp); a clear error if it is unknown or this CPU lacks it.
+Kernel find_kernel(const std::string& name);
 
 }  // namespace kvlab::quant

@@ -22,6 +22,7 @@ from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models.native import EngineModel, add_rms_norm_, embedding, join_rows, linear, rms_norm
 from kvlab.phases import PHASE_ATTENTION, phase
+from kvlab.quant.formats import QuantizedWeight
 from kvlab.quant.modules import quantized_weight_of
 from kvlab.rope import RotaryEmbedding
 
@@ -147,13 +148,26 @@ class LlamaEngineModel(EngineModel):
 
     def _fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
-        to run op by op: prefill and mixed steps, other backends, biases, quantized weights (the one-op
-        step reads float matrices), GPU, no kernels."""
-        if not (metadata.is_decode_only and backend.fused_cpu_decode) or self.has_bias or self.quantized:
+        to run op by op: prefill and mixed steps, other backends, biases, GPU, no kernels, quantized
+        matrices the step's quantized GEMM does not take (see _step_takes_quantized)."""
+        if not (metadata.is_decode_only and backend.fused_cpu_decode) or self.has_bias:
             return None
         if self.device.type != "cpu" or self.head_dim % 8 or kv_caches[0][0].dtype != self.dtype:
             return None
-        return cpu_kernels.fused_decode_variant(self.dtype, input_ids.shape[0])
+        if self.quantized and not self._step_takes_quantized():
+            return None
+        return cpu_kernels.fused_decode_variant(self.dtype, input_ids.shape[0], self.quantized)
+
+    def _step_takes_quantized(self) -> bool:
+        """The one-op step reads quantized matrices with the float quantized GEMM (inputs of whole
+        32-column blocks); the integer variant rounds each GEMM's inputs, so it runs op by op."""
+        if cpu_kernels.quant_variant() in cpu_kernels.INTEGER_VARIANTS:
+            return False
+        return all(
+            w.in_features % 32 == 0
+            for w in self.matmul_weights()
+            if isinstance(w, QuantizedWeight)
+        )
 
     def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
         if self._step_weights is None:
@@ -161,7 +175,7 @@ class LlamaEngineModel(EngineModel):
         cos, sin = self.rotary.tables(positions)
         keys, values = zip(*kv_caches, strict=True)
         return cpu_kernels.decode_step(
-            F.embedding(input_ids, self.embed),
+            embedding(input_ids, self.embed, self.dtype),
             cos,
             sin,
             self._step_weights,
@@ -181,8 +195,8 @@ class LlamaEngineModel(EngineModel):
             name: [] for name in ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
         }
         for layer in self.layers:
-            qkv = layer.qkv.split([q_size, kv_size, kv_size]) if isinstance(layer.qkv, Tensor) else layer.qkv
-            gate_up = layer.gate_up.chunk(2) if isinstance(layer.gate_up, Tensor) else layer.gate_up
+            qkv = layer.qkv if isinstance(layer.qkv, tuple) else layer.qkv.split([q_size, kv_size, kv_size])
+            gate_up = layer.gate_up if isinstance(layer.gate_up, tuple) else _halves(layer.gate_up)
             for name, tensor in zip(
                 step,
                 (layer.input_norm, *qkv, layer.o_proj, layer.post_norm, *gate_up, layer.down),
@@ -190,6 +204,11 @@ class LlamaEngineModel(EngineModel):
             ):
                 step[name].append(tensor)
         return step
+
+
+def _halves(gate_up: Tensor | QuantizedWeight) -> list:
+    rows = gate_up.shape[0] // 2
+    return gate_up.split([rows, rows])
 
 
 # A long prefill's MLP holds gate, up, SiLU(gate) * up and the joined projection at once: at 4,096

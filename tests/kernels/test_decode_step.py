@@ -17,6 +17,7 @@ from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models.native import build_engine_model
 from kvlab.press.budget import Budget
 from kvlab.press.registry import get_press
+from kvlab.quant import QuantSpec, quantize_model
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"kvlab CPU kernels: {cpu_kernels.build_failure()}"
@@ -122,6 +123,43 @@ def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(
     scale = reference.abs().max().item()
     torch.testing.assert_close(fused, reference, atol=0.02 * scale, rtol=0.02)
     assert torch.equal(fused.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g64-asym"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_quantized_fused_steps_equal_op_by_op(tiny_llama, fused_calls, monkeypatch, spec, threads):
+    """A quantized model's step reads the packed codes with the quantized GEMM's kernel, as its
+    linear layers do op by op: equal up to summation order, at any thread count."""
+    table = cpu_kernels.calibration()
+    monkeypatch.setattr(cpu_kernels, "calibration", lambda: table)
+    torch.set_num_threads(threads)
+    model = copy.deepcopy(tiny_llama.model)
+    quantize_model(model, QuantSpec.parse(spec))
+    prompt_lens, steps = [5, 70, 33], 4
+    fused, _ = decode_logits(model, torch.float32, prompt_lens, steps)
+    assert fused_calls == [3] * steps
+    assert_float32_close(fused, op_by_op(monkeypatch, model, torch.float32, prompt_lens, steps))
+
+
+def test_a_quantized_bfloat16_step_rounds_where_the_op_by_op_forward_rounds(tiny_llama, fused_calls, monkeypatch):
+    model = copy.deepcopy(tiny_llama.model)
+    quantize_model(model, QuantSpec.parse("int4-g32"))
+    prompt_lens, steps = [9, 40], 4
+    fused, _ = decode_logits(model, torch.bfloat16, prompt_lens, steps)
+    reference = op_by_op(monkeypatch, model, torch.bfloat16, prompt_lens, steps)
+    assert fused_calls == [2] * steps
+    torch.testing.assert_close(fused, reference, atol=0.02 * reference.abs().max().item(), rtol=0.02)
+    assert torch.equal(fused.argmax(-1), reference.argmax(-1))
+
+
+def test_the_integer_quantized_variant_runs_op_by_op(tiny_llama, fused_calls, monkeypatch):
+    if "avx512vnni" not in cpu_kernels.quant_variants():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    monkeypatch.setenv("KVLAB_QUANT_VARIANT", "avx512vnni")
+    model = copy.deepcopy(tiny_llama.model)
+    quantize_model(model, QuantSpec.parse("int8"))
+    decode_logits(model, torch.float32, [7], 2)
+    assert fused_calls == []
 
 
 @pytest.mark.parametrize(
