@@ -163,11 +163,7 @@ class LlamaEngineModel(EngineModel):
         32-column blocks); the integer variant rounds each GEMM's inputs, so it runs op by op."""
         if cpu_kernels.quant_variant() in cpu_kernels.INTEGER_VARIANTS:
             return False
-        return all(
-            w.in_features % 32 == 0
-            for w in self.matmul_weights()
-            if isinstance(w, QuantizedWeight)
-        )
+        return all(w.in_features % 32 == 0 for w in self.matmul_weights() if isinstance(w, QuantizedWeight))
 
     def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
         if self._step_weights is None:

@@ -141,7 +141,9 @@ def test_quantized_fused_steps_equal_op_by_op(tiny_llama, fused_calls, monkeypat
     assert_float32_close(fused, op_by_op(monkeypatch, model, torch.float32, prompt_lens, steps))
 
 
-def test_a_quantized_bfloat16_step_rounds_where_the_op_by_op_forward_rounds(tiny_llama, fused_calls, monkeypatch):
+def test_a_quantized_bfloat16_step_rounds_where_the_op_by_op_forward_rounds(
+    tiny_llama, fused_calls, monkeypatch
+):
     model = copy.deepcopy(tiny_llama.model)
     quantize_model(model, QuantSpec.parse("int4-g32"))
     prompt_lens, steps = [9, 40], 4
