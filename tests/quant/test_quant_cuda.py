@@ -62,9 +62,9 @@ def test_quantized_kv_blocks_on_cuda_decode_what_they_decode_on_the_cpu(kv_cache
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     common = dict(block_size=16, num_blocks=32, kv_cache_dtype=kv_cache_dtype)
     on_cpu = LLMEngine.from_model(cpu, device="cpu", **common).generate(prompts, params)
-    on_gpu = LLMEngine.from_model(
-        on_cuda(cpu), device="cuda", attention_backend="triton", **common
-    ).generate(prompts, params)
+    on_gpu = LLMEngine.from_model(on_cuda(cpu), device="cuda", attention_backend="triton", **common).generate(
+        prompts, params
+    )
     assert [o.output_token_ids for o in on_gpu] == [o.output_token_ids for o in on_cpu]
 
 
