@@ -13,7 +13,7 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
 
 # kvlab serve's contract (issue 13): the port the deployment serves on, its GET routes for probes and
-# scraping, and the keys of serve.yaml (engine: EngineConfig's fields; press: the press options).
+# scraping, and the keys of serve.yaml (engine: EngineConfig's fields; press: {name, budget, options}).
 SERVER_PORT = 8000
 LIVENESS_ROUTE, READINESS_ROUTE, METRICS_ROUTE = "/health", "/ready", "/metrics"
 SERVE_KEYS = {
@@ -24,6 +24,7 @@ SERVE_KEYS = {
     "drain_timeout_s",
     "api_key_env",
     "max_body_bytes",
+    "threads",
     "engine",
     "press",
 }

@@ -81,25 +81,40 @@ def test_the_final_stage_runs_as_non_root_with_a_healthcheck():
     )
 
 
-def test_the_entrypoint_calibrates_then_execs_kvlab_serve(tmp_path):
-    """entrypoint.sh with stand-ins for python and kvlab: the kernels' step runs first, then the
-    server replaces the shell (exec: it gets SIGTERM as PID 1) with --host 0.0.0.0 and the CMD args."""
-    assert subprocess.run(["sh", "-n", str(ENTRYPOINT)]).returncode == 0
+def run_entrypoint(tmp_path, env: dict[str, str]) -> list[str]:
+    """entrypoint.sh with a stand-in for kvlab that logs its arguments and OMP_NUM_THREADS."""
     log = tmp_path / "calls"
-    for name in ("python", "kvlab"):
-        stand_in = tmp_path / name
-        stand_in.write_text(f'#!/bin/sh\necho "{name} $* threads=$OMP_NUM_THREADS" >> {log}\n')
-        stand_in.chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "OMP_NUM_THREADS": "3"}
+    stand_in = tmp_path / "kvlab"
+    stand_in.write_text(f'#!/bin/sh\necho "kvlab $* threads=${{OMP_NUM_THREADS:-unset}}" >> {log}\n')
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **env}
     result = subprocess.run(
         ["sh", str(ENTRYPOINT), "--port", "8000"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert log.read_text().splitlines() == [
-        "python -m kvlab.kernels build threads=3",
-        "kvlab serve --host 0.0.0.0 --port 8000 threads=3",
-    ]
+    return log.read_text().splitlines()
+
+
+def test_the_entrypoint_execs_kvlab_serve_on_all_interfaces(tmp_path):
+    """exec: the server replaces the shell, so it is PID 1 and gets SIGTERM; --host 0.0.0.0 first,
+    then the CMD's (or the Deployment's) arguments; an OMP_NUM_THREADS given is kept."""
+    assert subprocess.run(["sh", "-n", str(ENTRYPOINT)]).returncode == 0
     assert 'exec kvlab serve --host 0.0.0.0 "$@"' in ENTRYPOINT.read_text()
+    assert run_entrypoint(tmp_path, {"OMP_NUM_THREADS": "3"}) == [
+        "kvlab serve --host 0.0.0.0 --port 8000 threads=3"
+    ]
+
+
+@pytest.mark.parametrize(
+    "cpu_max, threads",
+    [("200000 100000", "2"), ("150000 100000", "2"), ("50000 100000", "1"), ("max 100000", "unset")],
+)
+def test_the_entrypoint_takes_threads_from_the_cpu_quota(tmp_path, cpu_max, threads):
+    """cgroup v2's cpu.max is "quota period" (or "max period" without a limit): threads = ceil(quota / period)."""
+    quota = tmp_path / "cpu.max"
+    quota.write_text(cpu_max + "\n")
+    calls = run_entrypoint(tmp_path, {"KVLAB_CPU_MAX_FILE": str(quota)})
+    assert calls == [f"kvlab serve --host 0.0.0.0 --port 8000 threads={threads}"]
 
 
 def test_dockerignore_keeps_the_context_small():

@@ -140,15 +140,14 @@ def test_serve_yaml_has_only_known_keys():
 
 
 def test_serve_yaml_loads_through_the_servers_own_loader(tmp_path):
-    """Once kvlab.server lands: its loader is the judge of serve.yaml (until then: skipped)."""
+    """Once kvlab.server lands, its loader is the judge of serve.yaml: the one `kvlab serve --config`
+    runs (defaults < YAML < --set < flags), with the flags the image's entrypoint adds."""
     server_config = pytest.importorskip("kvlab.server.config")
     path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(serve_yaml()))
-    loader = getattr(getattr(server_config, "ServeConfig", None), "from_yaml", None) or getattr(
-        server_config, "load_serve_config", None
-    )
-    assert loader is not None, "kvlab.server.config has neither ServeConfig.from_yaml nor load_serve_config"
-    loader(path)
+    path.write_text(one(kustomize_resources(), "ConfigMap")["data"]["serve.yaml"])
+    config = server_config.resolve_config(path, [], {"host": "0.0.0.0"})
+    assert config.port == SERVER_PORT
+    assert config.drain_timeout_s == serve_yaml()["drain_timeout_s"]
 
 
 def test_the_config_is_mounted_where_the_server_reads_it():

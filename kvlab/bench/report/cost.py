@@ -104,7 +104,7 @@ def select(instances: dict[str, Instance], names: list[str] | None) -> list[Inst
 
 def _paged_runs(payload: dict[str, Any]) -> list[ThroughputRun]:
     """The paged bench's mixed workload: the engine and HF static batching on the same requests, one
-    process each (output tokens/s counts requested tokens only, as its report does)."""
+    after the other in one process (output tokens/s counts requested tokens only, as its report does)."""
     mixed = payload.get("mixed")
     if not mixed:
         raise ConfigError("this paged result has no mixed-workload run (the one with throughput)")
