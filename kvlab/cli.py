@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     presses.add_argument("paths", nargs="+", type=Path)
     presses.add_argument("--prompt", type=int, help="the prompt length to show (default: the longest)")
+    cost = report_commands.add_parser(
+        "cost", help="$ per 1M output tokens and requests/s per replica from measured throughput"
+    )
+    cost.add_argument("results", type=Path, help="a paged or serving experiment dir, or its results.json")
+    cost.add_argument("--prices", type=Path, default=Path("configs/cost/prices.yaml"), help="the price table")
+    cost.add_argument(
+        "--instance", action="append", dest="instances", help="price only this one (repeatable)"
+    )
+    cost.add_argument("--no-write", action="store_true", help="print only (default: also write cost.md)")
     return parser
 
 
@@ -364,7 +373,14 @@ def cmd_presses(args, argv) -> int:
 def cmd_report(args, argv) -> int:
     from kvlab.bench.report.compare import compare, press_summary
 
-    if args.report_command == "presses":
+    if args.report_command == "cost":
+        from kvlab.bench.report.cost import cost_report
+
+        text, written = cost_report(args.results, args.prices, args.instances, write=not args.no_write)
+        print(text, end="")
+        if written is not None:
+            print(f"kvlab: cost report written to {written}", file=sys.stderr)
+    elif args.report_command == "presses":
         print(press_summary(args.paths, args.prompt), end="")
     else:
         print(compare(args.paths), end="")
