@@ -227,17 +227,10 @@ def _standalone_bench(technique: str):
 def _bench_ppl(config, text, tokens):
     import dataclasses
 
-    from kvlab.bench.eval.perplexity import sliding_window_perplexity
+    from kvlab.bench.eval.perplexity import bench_perplexity
 
     def measure(loaded):
-        result = sliding_window_perplexity(
-            loaded,
-            text,
-            max_length=config.ppl.max_length,
-            stride=config.ppl.stride,
-            max_tokens=config.ppl.max_tokens,
-            tokens=tokens,
-        )
+        result = bench_perplexity(loaded, text, config.ppl, tokens)
         return dataclasses.asdict(result) | {
             "protocol": result.protocol,
             "tokens_scored": result.num_tokens_scored,

@@ -161,6 +161,19 @@ def sliding_window_perplexity(
     )
 
 
+def bench_perplexity(loaded: LoadedModel, text: Text | str, ppl, tokens, show_progress: bool = True):
+    """sliding_window_perplexity with a bench config's `ppl` section (max_length, stride, max_tokens)."""
+    return sliding_window_perplexity(
+        loaded,
+        text,
+        max_length=ppl.max_length,
+        stride=ppl.stride,
+        max_tokens=ppl.max_tokens,
+        tokens=tokens,
+        show_progress=show_progress,
+    )
+
+
 def tokenize(tokenizer, text: str) -> tuple[torch.Tensor, bool]:
     """Token ids of the whole text, shape (num_tokens,), and whether the tokenizer prepended a BOS.
 

@@ -27,7 +27,7 @@ from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
 from kvlab.bench.eval.kv_quant_ppl import chunked_cache_ppl
-from kvlab.bench.eval.perplexity import sliding_window_perplexity, tokenize
+from kvlab.bench.eval.perplexity import bench_perplexity, tokenize
 from kvlab.bench.generate.runner import make_inputs
 from kvlab.bench.quant.config import QuantBenchConfig
 from kvlab.bench.quant.kernels import compare_kernels
@@ -166,15 +166,7 @@ def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Me
     if method.kind == "kv":
         return chunked_kv_ppl(config, loaded.model, tokens[0], method.kv_bits)
     variant = dataclasses.replace(loaded, model=model)
-    result = sliding_window_perplexity(
-        variant,
-        text,
-        max_length=config.ppl.max_length,
-        stride=config.ppl.stride,
-        max_tokens=config.ppl.max_tokens,
-        tokens=tokens,
-        show_progress=False,
-    )
+    result = bench_perplexity(variant, text, config.ppl, tokens, show_progress=False)
     return {"ppl": result.ppl, "protocol": result.protocol, "num_tokens": result.num_tokens}
 
 
