@@ -17,7 +17,7 @@ from kvlab.engine.compression import RequestPress, run_presses
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
-from kvlab.engine.request import Request, RequestStatus, SamplingParams
+from kvlab.engine.request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -39,6 +39,9 @@ class RequestOutput:
     text: str
     finish_reason: str | None = None
     new_text: str = ""  # what this step added to `text`: a stream's pieces concatenate to the final text
+    # One per output token when the request's SamplingParams ask for logprobs, else None; this step's
+    # are the last len(new_token_ids).
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +60,7 @@ class EngineStats:
     generation_tokens_per_s: float
     num_press_evicted_tokens: int = 0  # cached tokens dropped by requests' presses (blocks freed)
     num_prompt_tokens: int = 0  # prefill tokens computed so far (recompute included)
+    num_generated_tokens: int = 0  # tokens sampled so far (aborted requests' included)
 
     @property
     def block_usage(self) -> float:
@@ -150,8 +154,7 @@ class LLMEngine:
         compresses the request's K/V once its prefill completes (see compression.py)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            with self._tokenizer_lock:
-                token_ids = self.tokenizer.encode(prompt)
+            token_ids = self.tokenize(prompt)
             text = prompt
         else:
             text, token_ids = None, [int(t) for t in prompt]
@@ -194,6 +197,18 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request.request_id
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for `text` (what a text prompt becomes), safe from any thread.
+        `add_special_tokens=False` for text that already holds them (a rendered chat template)."""
+        with self._tokenizer_lock:
+            if add_special_tokens:
+                return list(self.tokenizer.encode(text))
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` as outputs show it (special tokens skipped), safe from any thread."""
+        return self._decode(token_ids)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request; its final output, or None if it was unknown or had already finished."""
         for request in self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED):
@@ -219,6 +234,7 @@ class LLMEngine:
         sampled = self.runner.execute(scheduled)
         with phase(PHASE_COMMIT):
             finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
+            self._append_logprobs(scheduled)
             self._run_presses(scheduled)
         self._counters.num_press_evicted_tokens += sum(s.overwrites_slot for s in scheduled.scheduled)
         self._counters.step_seconds += time.perf_counter() - started
@@ -239,6 +255,18 @@ class LLMEngine:
                 self._texts.pop(request.request_id, None)
             outputs.append(_output(request, [sampled[request.request_id]], text))
         return outputs
+
+    def _append_logprobs(self, scheduled: SchedulerOutput) -> None:
+        """Give each request the logprobs of the token this step appended to it (if it asked)."""
+        step_logprobs = self.runner.step_logprobs
+        if not step_logprobs:
+            return
+        for item in scheduled.scheduled:
+            request = item.request
+            logprobs = step_logprobs.get(request.request_id)
+            # update() skips a request that stopped running during the step: no token, no logprobs.
+            if logprobs is not None and len(request.output_logprobs) < len(request.output_token_ids):
+                request.output_logprobs.append(logprobs)
 
     def _text_of(self, request: Request) -> OutputText:
         text = self._texts.get(request.request_id)
@@ -288,6 +316,7 @@ class LLMEngine:
             generation_tokens_per_s=counters.num_generated_tokens / seconds,
             num_press_evicted_tokens=counters.num_press_evicted_tokens,
             num_prompt_tokens=counters.num_prompt_tokens,
+            num_generated_tokens=counters.num_generated_tokens,
         )
 
 
@@ -301,4 +330,5 @@ def _output(request: Request, new_token_ids: list[int], text: OutputText) -> Req
         text=text.text,
         finish_reason=request.status.finish_reason,
         new_text=text.new_text,
+        logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
     )
