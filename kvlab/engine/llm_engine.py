@@ -86,8 +86,10 @@ class LLMEngine:
         runner: ModelRunner,
         tokenizer,
         eos_token_id: int | Sequence[int] | None,
+        vocab_size: int | None = None,
     ):
-        """eos_token_id: the id, or ids (a `generation_config` list), that end a request."""
+        """eos_token_id: the id, or ids (a `generation_config` list), that end a request; vocab_size:
+        when known, prompt token ids outside [0, vocab_size) are refused (else they fail a step)."""
         if config.max_model_len is None:
             raise ValueError("LLMEngine needs a resolved config.max_model_len")
         self.config = config
@@ -95,6 +97,7 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_ids(eos_token_id)
+        self.vocab_size = vocab_size
         self._counters = _Counters()
         # AsyncLLM tokenises new prompts on the event loop while a step detokenises in its worker
         # thread; HF fast tokenizers are not safe to use from two threads at once.
@@ -140,7 +143,12 @@ class LLMEngine:
             kv_quant=kv_quant,
         )
         return cls(
-            config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model)
+            config,
+            Scheduler(config, num_blocks),
+            runner,
+            loaded.tokenizer,
+            model_eos_ids(loaded.model),
+            vocab_size=getattr(loaded.model.config, "vocab_size", None),
         )
 
     def make_request(
@@ -158,6 +166,10 @@ class LLMEngine:
             text = prompt
         else:
             text, token_ids = None, [int(t) for t in prompt]
+            if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in token_ids):
+                raise ConfigError(
+                    f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary"
+                )
         if not token_ids:
             raise PromptTooLongError("the prompt is empty after tokenisation")
         if len(token_ids) >= self.config.max_model_len:
