@@ -31,16 +31,24 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left first; only
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that always closes its event generator, so a client that disconnects between
-    two events still runs the generator's cleanup (abort, release) now rather than at garbage collection."""
+    """An SSE response that always closes its event generator and then runs `on_close`: a client that
+    disconnects between two events runs the generator's cleanup (abort) now, not at garbage
+    collection, and a stream that never started still hands back what it held (`on_close`)."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content, on_close, headers: dict[str, str]):
+        super().__init__(content, headers=headers)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
 
 
 class Generation:
@@ -144,7 +152,9 @@ class Generation:
                 400,
                 f"This model's maximum context length is {context} tokens; the prompt has {len(prompt_ids)} "
                 f"and max_tokens asks for {max_tokens} more",
-                param="max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens",
+                param="max_completion_tokens"
+                if getattr(body, "max_completion_tokens", None)
+                else "max_tokens",
                 code="context_length_exceeded",
             )
         try:
@@ -196,12 +206,14 @@ class Generation:
                     yield sse(error_body("the engine failed; retry", "server_error"))
                     yield b"data: [DONE]\n\n"
                 finally:
-                    ticket.release()
                     trace.finish(completed)
 
-            return EventStream(
-                events(), headers={"Cache-Control": "no-cache", "X-Request-Id": job.request_id}
-            )
+            def on_close() -> None:
+                ticket.release()
+                trace.finish(False)  # no-op after the generator's own finish
+
+            headers = {"Cache-Control": "no-cache", "X-Request-Id": job.request_id}
+            return EventStream(events(), on_close, headers)
         completed = False
         try:
             finals = await unless_disconnected(collect(self.llm, job, trace.observe), request.receive)

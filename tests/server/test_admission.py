@@ -80,11 +80,15 @@ def chat_long(**fields):
 def test_drain_finishes_requests_in_flight_and_refuses_new_ones(slow_server):
     base = slow_server.base_url
     with httpx.Client(base_url=base, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=LONG | {"max_tokens": 40, "stream": True}) as stream:
+        with client.stream(
+            "POST", "/v1/completions", json=LONG | {"max_tokens": 40, "stream": True}
+        ) as stream:
             lines = stream.iter_lines()
             next(lines)
             drained = {}
-            drainer = threading.Thread(target=lambda: drained.update(ok=slow_server.call(slow_server.state.drain())))
+            drainer = threading.Thread(
+                target=lambda: drained.update(ok=slow_server.call(slow_server.state.drain()))
+            )
             drainer.start()
             assert wait_until(lambda: slow_server.state.admission.draining)
             assert client.get("/ready").status_code == 503

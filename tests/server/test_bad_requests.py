@@ -34,7 +34,10 @@ def completion(**fields):
 
 
 def chat(**fields):
-    return ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} | fields)
+    return (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} | fields,
+    )
 
 
 def without(request, key):
@@ -46,7 +49,13 @@ def without(request, key):
 CASES = [
     ("malformed-json", ("/v1/completions", b'{"model": "tiny-llama", "prompt": '), AUTH, 400, None),
     ("json-array", ("/v1/completions", b"[1, 2]"), AUTH, 400, None),
-    ("json-nan", ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}'), AUTH, 400, None),
+    (
+        "json-nan",
+        ("/v1/completions", b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}'),
+        AUTH,
+        400,
+        None,
+    ),
     ("not-utf8", ("/v1/completions", b'{"model": "\xff"}'), AUTH, 400, None),
     ("max-tokens-string", completion(max_tokens="16"), AUTH, 400, "max_tokens"),
     ("temperature-string", completion(temperature="hot"), AUTH, 400, "temperature"),
@@ -65,7 +74,13 @@ CASES = [
     ("unknown-model", completion(model="gpt-17"), AUTH, 404, "model"),
     ("messages-empty", chat(messages=[]), AUTH, 400, "messages"),
     ("message-bad-role", chat(messages=[{"role": "wizard", "content": "hi"}]), AUTH, 400, "messages[0].role"),
-    ("message-content-number", chat(messages=[{"role": "user", "content": 7}]), AUTH, 400, "messages[0].content"),
+    (
+        "message-content-number",
+        chat(messages=[{"role": "user", "content": 7}]),
+        AUTH,
+        400,
+        "messages[0].content",
+    ),
     ("stop-empty-string", completion(stop=""), AUTH, 400, "stop"),
     ("stop-five-strings", completion(stop=["a", "b", "c", "d", "e"]), AUTH, 400, "stop"),
     ("stop-not-a-string", completion(stop=[1]), AUTH, 400, "stop"),
@@ -84,7 +99,13 @@ CASES = [
     ("presence-penalty", completion(presence_penalty=0.5), AUTH, 400, "presence_penalty"),
     ("logprobs-too-many", completion(logprobs=6), AUTH, 400, "logprobs"),
     ("top-logprobs-without-logprobs", chat(top_logprobs=2), AUTH, 400, "top_logprobs"),
-    ("stream-options-without-stream", completion(stream_options={"include_usage": True}), AUTH, 400, "stream_options"),
+    (
+        "stream-options-without-stream",
+        completion(stream_options={"include_usage": True}),
+        AUTH,
+        400,
+        "stream_options",
+    ),
     ("missing-key", completion(), {}, 401, None),
     ("wrong-key", completion(), {"Authorization": "Bearer wrong"}, 401, None),
     ("key-wrong-scheme", completion(), {"Authorization": f"Basic {KEY}"}, 401, None),
@@ -102,8 +123,12 @@ def send(client: httpx.Client, request, headers) -> httpx.Response:
     return client.post(path, content=content, headers={"Content-Type": "application/json", **headers})
 
 
-@pytest.mark.parametrize(("request_", "headers", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_request_gets_an_openai_error_and_the_server_goes_on(keyed_server, request_, headers, status, param, caplog):
+@pytest.mark.parametrize(
+    ("request_", "headers", "status", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request_gets_an_openai_error_and_the_server_goes_on(
+    keyed_server, request_, headers, status, param, caplog
+):
     caplog.set_level(logging.INFO)
     with httpx.Client(base_url=keyed_server.base_url, timeout=60) as client:
         response = send(client, request_, headers)

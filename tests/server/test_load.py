@@ -39,7 +39,13 @@ def workload(num_clients: int, seed: int = 0) -> list[dict]:
 
 
 def request_body(model: str, client: dict) -> tuple[str, dict]:
-    common = {"model": model, "max_tokens": client["max_tokens"], "temperature": 0, "ignore_eos": True, "stream": True}
+    common = {
+        "model": model,
+        "max_tokens": client["max_tokens"],
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     if client["chat"]:
         return "/v1/chat/completions", common | {"messages": [{"role": "user", "content": client["text"]}]}
     return "/v1/completions", common | {"prompt": client["text"]}
@@ -92,7 +98,10 @@ def check_load(llm, loaded, model: str, num_clients: int, caplog) -> None:
 
         def settled():
             metrics = scrape(server.base_url)
-            return metrics[("kvlab_kv_blocks_used", ())] == 0 and metrics[("kvlab_aborted_requests_total", ())] == num_aborted
+            return (
+                metrics[("kvlab_kv_blocks_used", ())] == 0
+                and metrics[("kvlab_aborted_requests_total", ())] == num_aborted
+            )
 
         assert wait_until(settled, timeout=30)
         metrics = scrape(server.base_url)
@@ -104,7 +113,9 @@ def check_load(llm, loaded, model: str, num_clients: int, caplog) -> None:
     num_chat = sum(c["chat"] for c in clients)
     assert requests_counted(metrics, "/v1/chat/completions", 200) == num_chat
     assert requests_counted(metrics, "/v1/completions", 200) == num_clients - num_chat
-    assert not [key for key in metrics if key[0] == "kvlab_requests_total" and dict(key[1])["status"] != "200"]
+    assert not [
+        key for key in metrics if key[0] == "kvlab_requests_total" and dict(key[1])["status"] != "200"
+    ]
     assert metrics[("kvlab_aborted_requests_total", ())] == num_aborted
     assert metrics[("kvlab_running_requests", ())] == metrics[("kvlab_queue_depth", ())] == 0
     assert metrics[("kvlab_kv_blocks_used", ())] == 0 and metrics[("kvlab_kv_blocks_total", ())] > 0

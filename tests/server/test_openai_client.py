@@ -47,7 +47,10 @@ def test_completion_from_token_ids_and_a_batch_of_one(oai, reference, tiny):
     ids = tiny.loaded.tokenizer.encode(PROMPT)
     expected = reference(PROMPT, 6).text
     for prompt in (ids, [ids], [PROMPT]):
-        assert oai.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text == expected
+        assert (
+            oai.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+            == expected
+        )
 
 
 def test_streamed_completion_concatenates_to_the_whole_text(oai, reference):
@@ -75,7 +78,9 @@ def test_chat_uses_the_models_chat_template(oai, reference, tiny):
 
 def test_streamed_chat_equals_the_non_streamed_answer_and_reports_usage(oai):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    whole = oai.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=9, temperature=0)
+    whole = oai.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=9, temperature=0
+    )
     stream = oai.chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -111,7 +116,12 @@ def test_n_choices(oai, reference):
 
 def test_streamed_n_choices_each_reach_their_end(oai):
     stream = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, n=3, stream=True
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        n=3,
+        stream=True,
     )
     finished = {c.choices[0].index: c.choices[0].finish_reason for c in stream if c.choices[0].finish_reason}
     assert finished == {0: "length", 1: "length", 2: "length"}
@@ -131,9 +141,17 @@ def test_logprobs(oai, reference, tiny):
     expected = reference(PROMPT, 4, logprobs=2)
     assert logprobs.token_logprobs == pytest.approx([e.logprob for e in expected.logprobs])
     assert "".join(logprobs.tokens) == completion.choices[0].text
-    assert all(len(top) == 2 and max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True))
+    assert all(
+        len(top) == 2 and max(top.values()) == pytest.approx(lp)
+        for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True)
+    )
     chat = oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=1
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=1,
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(math.isfinite(c.logprob) and c.logprob <= 0 for c in content)

@@ -36,8 +36,20 @@ def test_the_example_config_is_valid_and_round_trips():
 
 def test_flags_override_set_which_overrides_yaml(served, tmp_path):
     path = tmp_path / "serve.yaml"
-    path.write_text("port: 9000\nmax_queue: 7\nengine: {num_blocks: 64, dtype: float32}\npress: {name: knorm, compression_ratio: 0.5}\n")
-    args = ["serve", "--config", str(path), "--port", "9100", "--set", "engine.num_blocks=32", "--set", "max_queue=9"]
+    path.write_text(
+        "port: 9000\nmax_queue: 7\nengine: {num_blocks: 64, dtype: float32}\npress: {name: knorm, compression_ratio: 0.5}\n"
+    )
+    args = [
+        "serve",
+        "--config",
+        str(path),
+        "--port",
+        "9100",
+        "--set",
+        "engine.num_blocks=32",
+        "--set",
+        "max_queue=9",
+    ]
     assert main([*args, "--dtype", "bfloat16", "--quantization", "int8"]) == 0
     (config,) = served
     assert (config.port, config.max_queue, config.engine.num_blocks) == (9100, 9, 32)
@@ -47,7 +59,12 @@ def test_flags_override_set_which_overrides_yaml(served, tmp_path):
 
 
 def test_press_flag_and_options(served):
-    assert main(["serve", "--press", "snapkv", "--set", "press.compression_ratio=0.25", "--set", "press.window=4"]) == 0
+    assert (
+        main(
+            ["serve", "--press", "snapkv", "--set", "press.compression_ratio=0.25", "--set", "press.window=4"]
+        )
+        == 0
+    )
     assert served[0].press.to_dict() == {"name": "snapkv", "compression_ratio": 0.25, "window": 4}
     assert served[0].press.build().compression_ratio == 0.25
 

@@ -68,12 +68,16 @@ def test_kvlab_serve_smollm2_answers_the_openai_client(smollm2):
         llm = LLM(smollm2, num_blocks=64)
         with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120) as client:
             prompt = "The capital of France is"
-            completion = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0)
+            completion = client.completions.create(
+                model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0
+            )
             expected = llm.generate(prompt, SamplingParams(max_tokens=16))[0].text
             assert completion.choices[0].text == expected and expected.strip()
 
             messages = [{"role": "user", "content": "What is the capital of France?"}]
-            chat = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0)
+            chat = client.chat.completions.create(
+                model="smollm2-135m", messages=messages, max_tokens=24, temperature=0
+            )
             prompt_ids = chat_prompt_ids(smollm2.tokenizer, messages[0]["content"])
             expected_chat = llm.generate(prompt_ids, SamplingParams(max_tokens=24))[0].text
             assert chat.choices[0].message.content == expected_chat
