@@ -21,7 +21,7 @@ ABORT_AFTER_EVENTS = 2
 ABORTER_MAX_TOKENS = 400  # long enough that the server is still generating when they leave
 
 
-def workload(num_clients: int, seed: int = 0) -> list[dict]:
+def workload(num_clients: int, max_new_tokens: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     clients = []
     for i in range(num_clients):
@@ -31,7 +31,7 @@ def workload(num_clients: int, seed: int = 0) -> list[dict]:
             {
                 "chat": i % 2 == 1,
                 "text": text,
-                "max_tokens": ABORTER_MAX_TOKENS if aborts else rng.randint(4, 24),
+                "max_tokens": ABORTER_MAX_TOKENS if aborts else rng.randint(4, max_new_tokens),
                 "aborts": aborts,
             }
         )
@@ -88,9 +88,9 @@ def unloaded_texts(loaded, clients: list[dict]) -> list[str | None]:
     return texts
 
 
-def check_load(llm, loaded, model: str, num_clients: int, caplog) -> None:
+def check_load(llm, loaded, model: str, num_clients: int, max_new_tokens: int, caplog) -> None:
     caplog.set_level(logging.INFO)
-    clients = workload(num_clients)
+    clients = workload(num_clients, max_new_tokens)
     expected = unloaded_texts(loaded, clients)
     with serve_app(llm, model=model) as server:
         results = asyncio.run(run_clients(server.base_url, model, clients))
@@ -128,11 +128,11 @@ def check_load(llm, loaded, model: str, num_clients: int, caplog) -> None:
 
 
 def test_concurrent_streaming_clients_with_aborts(tiny, caplog):
-    check_load(tiny.engine(num_blocks=512), tiny.loaded, "tiny-llama", 40, caplog)
+    check_load(tiny.engine(num_blocks=512), tiny.loaded, "tiny-llama", 40, 24, caplog)
 
 
 @pytest.mark.integration
 def test_sixty_four_clients_on_smollm2(smollm2, caplog):
     from kvlab.engine.async_engine import AsyncLLM
 
-    check_load(AsyncLLM(smollm2, num_blocks=1024), smollm2, "smollm2-135m", 64, caplog)
+    check_load(AsyncLLM(smollm2, num_blocks=1024), smollm2, "smollm2-135m", 64, 12, caplog)
