@@ -333,4 +333,5 @@ def with_changes(engine, **changes: Any):
         engine.runner,
         engine.tokenizer,
         engine.eos_token_id,
+        vocab_size=engine.vocab_size,
     )
