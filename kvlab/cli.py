@@ -213,13 +213,18 @@ def cmd_bench(args, argv) -> int:
 
 
 def _standalone_bench(technique: str):
-    """(resolve the config, run and report) of a bench of its own (the paged serving bench, the kernel
-    micro-benchmark, the quantization bench), or None for a generation technique."""
+    """(resolve the config, run and report) of a bench of its own (the paged serving bench, the HTTP
+    load bench, the kernel micro-benchmark, the quantization bench), or None for a generation technique."""
     if technique == "paged":
         from kvlab.bench.serving.config import resolve
         from kvlab.bench.serving.runs import run_paged_bench
 
         return resolve, run_paged_bench
+    if technique == "serving":
+        from kvlab.bench.loadgen.config import resolve
+        from kvlab.bench.loadgen.runs import run_load_bench
+
+        return resolve, run_load_bench
     if technique == "kernels":
         from kvlab.bench.kernels.config import resolve
         from kvlab.bench.kernels.runs import run_kernels_bench
