@@ -45,28 +45,38 @@ class OpenAIReplica:
         from kvlab.server.app import build_app
 
         app = build_app(self.llm, self.config)  # its lifespan shuts the engine down with the replica
-        app.add_middleware(ReplicaHeader, value=self.replica)
+        app.add_middleware(ReplicaAdapter, replica=self.replica)
         return app
 
 
-class ReplicaHeader:
-    """ASGI middleware: every response carries REPLICA_HEADER. Plain ASGI rather than an
-    `@app.middleware` function, which would wrap streamed responses and their disconnect signal."""
+class ReplicaAdapter:
+    """ASGI middleware between Ray Serve and the app. It adds REPLICA_HEADER to every response, and
+    turns Ray's way of saying the client left (its `receive` raises TaskCancelledError once the proxy
+    cancels the request) into ASGI's (an http.disconnect message), so the server aborts the request
+    as it does under uvicorn instead of failing it as an internal error. Plain ASGI rather than an
+    `@app.middleware` function, which would wrap streamed responses."""
 
-    def __init__(self, app, value: str):
+    def __init__(self, app, replica: str):
         self.app = app
-        self.header = (REPLICA_HEADER.encode(), value.encode())
+        self.header = (REPLICA_HEADER.encode(), replica.encode())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        from ray.exceptions import TaskCancelledError
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
 
         async def send_with_header(message) -> None:
             if message["type"] == "http.response.start":
                 message = message | {"headers": [*message.get("headers", []), self.header]}
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive_or_disconnect, send_with_header)
 
 
 def application(

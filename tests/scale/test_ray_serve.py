@@ -84,3 +84,57 @@ def test_each_replica_has_its_own_metrics_and_frees_its_blocks(client, replicas,
         for s in scrapes.values()
     ]
     assert sum(answered) >= 4
+
+
+def test_a_client_that_leaves_mid_stream_aborts_its_request_on_the_replica(replicas, tiny_llama_dir):
+    import httpx
+
+    from kvlab.bench.loadgen.counters import wait_idle
+    from kvlab.scale.ray_serve import REPLICA_HEADER
+
+    before = scrape_replicas(replicas, 2, REPLICA_HEADER)
+    body = {
+        "model": str(tiny_llama_dir),
+        "prompt": PROMPT,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(base_url=replicas, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data:"))  # one chunk, then leave
+    after, _ = wait_idle(replicas, 2, REPLICA_HEADER)
+    assert total(after, "kvlab_kv_blocks_used") == 0 and total(after, "kvlab_running_requests") == 0
+    assert total(after, "kvlab_aborted_requests_total") - total(before, "kvlab_aborted_requests_total") == 1
+    # Far fewer than the 400 tokens asked for: the replica stopped when the client left.
+    generated = total(after, "kvlab_generated_tokens_total") - total(before, "kvlab_generated_tokens_total")
+    assert 1 <= generated < 200
+
+
+def test_rays_cancellation_reaches_the_app_as_an_asgi_disconnect():
+    """Ray's receive() raises TaskCancelledError when its proxy cancels a request; the app must see
+    http.disconnect (what uvicorn sends), not an exception it would report as an internal error."""
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+
+    from kvlab.scale.ray_serve import REPLICA_HEADER, ReplicaAdapter
+
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append(await receive())
+
+    async def cancelled_receive():
+        raise TaskCancelledError()
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(ReplicaAdapter(app, "r1 pid 1")({"type": "http"}, cancelled_receive, send))
+    assert seen == [{"type": "http.disconnect"}]
+    assert (REPLICA_HEADER.encode(), b"r1 pid 1") in sent[0]["headers"]

@@ -56,8 +56,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         f"The clients, the server and (with Ray) every replica share this machine.",
         "",
         f"Server: `kvlab serve` as a subprocess (its own process and event loop), model `{server['model']}`, "
-        f"{server['engine']['dtype']}, engine {_engine(server['engine'])}, torch threads "
-        f"{server['threads'] or 'all cores'}. Requests: {len(requests)} greedy streaming completions "
+        f"{server['engine']['dtype']}, engine {_engine(server['engine'])}, {server['threads']} torch "
+        f"thread(s){'' if config['threads'] else ' (every core but one: the clients need a core)'}. Requests: {len(requests)} greedy streaming completions "
         f"(seed {config['seed']}), prompts {_span(requests, 'prompt_len')} tokens of {payload['data']}, "
         f"max_tokens {_span(requests, 'max_tokens')}"
         f"{' with ignore_eos' if load['ignore_eos'] else ''}; {load['num_clients']} concurrent clients over "

@@ -11,6 +11,7 @@ One experiment:
 """
 
 import asyncio
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -69,9 +70,15 @@ def run_all(config: LoadBenchConfig) -> dict[str, Any]:
 
 
 def server_config(config: LoadBenchConfig) -> dict[str, Any]:
-    """serve.yaml's keys for the servers under test (host and port are chosen at start)."""
+    """serve.yaml's keys for the servers under test (host and port are chosen at start).
+
+    Torch threads of `kvlab serve`: `threads`, else every core but one. The clients run on the same
+    machine and need a core; a server with a thread per core then waits at every OpenMP barrier for a
+    thread the OS gave to a client (measured on 2 cores: SmolLM2's decode step 46 ms on 1 thread
+    beside a busy process, 770 ms on 2)."""
+    threads = config.threads or max(1, (os.cpu_count() or 1) - 1)
     engine = {**config.engine, "dtype": config.dtypes[0], "device": config.device}
-    return {"model": config.model, "threads": config.threads, **config.server, "engine": engine}
+    return {"model": config.model, "threads": threads, **config.server, "engine": engine}
 
 
 def ray_runs(
