@@ -1,4 +1,4 @@
-"""kvlab's single entry point: bench | ppl | generate | models | presses | report compare | report presses.
+"""kvlab's single entry point: bench | ppl | generate | serve | models | presses | report compare | report presses.
 
 Bad input ends with one line on stderr and exit status 2; nothing is written.
 """
@@ -19,6 +19,14 @@ def _add_model_args(parser: argparse.ArgumentParser, with_dtype: bool = True) ->
         parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _add_quantization_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        help="weights: int8, int4-g128 (any spec, e.g. int4-g64-asym), gptq-<spec>, awq-<spec>, gguf",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the model's chat template")
-    gen.add_argument(
-        "--quantization",
-        default=None,
-        help="weights: int8, int4-g128 (any spec, e.g. int4-g64-asym), gptq-<spec>, awq-<spec>, gguf",
+    _add_quantization_arg(gen)
+
+    serve = commands.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Layered: defaults < --config YAML < --set < flags. See configs/serve/serve.yaml.",
     )
+    serve.add_argument("--config", help="serve.yaml (keys: model, host, port, max_queue, engine, press, ...)")
+    _add_model_args(serve)
+    _add_quantization_arg(serve)
+    serve.add_argument("--press", help="KV press for every request (see `kvlab presses`), 'none' for none")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--max-queue", type=int, help="engine requests in flight before 429 (default 256)")
+    serve.add_argument(
+        "--drain-timeout-s", type=float, help="SIGTERM: seconds in-flight requests get (default 30)"
+    )
+    serve.add_argument("--api-key-env", help="environment variable holding the API key clients must send")
+    serve.add_argument("--max-body-bytes", type=int, help="larger request bodies answer 413 (default 1 MiB)")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any serve.yaml key, e.g. engine.num_blocks=256, press.compression_ratio=0.5",
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     commands.add_parser("models", help="list the model registry")
     commands.add_parser("presses", help="list the KV-compression methods and their options")
@@ -113,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": cmd_bench,
             "ppl": cmd_ppl,
             "generate": cmd_generate,
+            "serve": cmd_serve,
             "models": cmd_models,
             "presses": cmd_presses,
             "report": cmd_report,
@@ -342,6 +373,28 @@ def cmd_generate(args, argv) -> int:
     print(
         f"[{n} tokens, TTFT {result.ttft * 1000:.0f} ms, TPOT {result.tpot * 1000:.1f} ms]", file=sys.stderr
     )
+    return 0
+
+
+def cmd_serve(args, argv) -> int:
+    from kvlab.server.config import resolve_config
+    from kvlab.server.launch import serve
+
+    flags = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": args.threads,
+        "quantization": args.quantization,
+        "press": args.press,
+        "host": args.host,
+        "port": args.port,
+        "max_queue": args.max_queue,
+        "drain_timeout_s": args.drain_timeout_s,
+        "api_key_env": args.api_key_env,
+        "max_body_bytes": args.max_body_bytes,
+    }
+    serve(resolve_config(args.config, args.set, flags), log_level=args.log_level)
     return 0
 
 

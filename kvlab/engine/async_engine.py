@@ -82,6 +82,11 @@ class AsyncLLM:
         """End a request; its stream yields a final output with finish_reason "abort"."""
         self._submit(request_id, lambda: self._abort_now(request_id))
 
+    @property
+    def is_running(self) -> bool:
+        """False once shut down, or once the driver task died (a bug): nothing will be served any more."""
+        return not self._closed and not (self._task is not None and self._task.done())
+
     def get_stats(self) -> EngineStats:
         """Running/waiting counts, block usage, prefix-cache hit rate, preemptions, tokens/s."""
         return self.engine.get_stats()

@@ -17,7 +17,7 @@ from kvlab.engine.compression import RequestPress, run_presses
 from kvlab.engine.config import EngineConfig
 from kvlab.engine.detokenizer import OutputText
 from kvlab.engine.model_runner import ModelRunner
-from kvlab.engine.request import Request, RequestStatus, SamplingParams
+from kvlab.engine.request import Request, RequestStatus, SamplingParams, TokenLogprobs
 from kvlab.engine.scheduler import Scheduler, SchedulerOutput
 from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.models.loader import LoadedModel, load_model, resolve_device, resolve_dtype
@@ -39,6 +39,9 @@ class RequestOutput:
     text: str
     finish_reason: str | None = None
     new_text: str = ""  # what this step added to `text`: a stream's pieces concatenate to the final text
+    # One per output token when the request's SamplingParams ask for logprobs, else None; this step's
+    # are the last len(new_token_ids).
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +60,7 @@ class EngineStats:
     generation_tokens_per_s: float
     num_press_evicted_tokens: int = 0  # cached tokens dropped by requests' presses (blocks freed)
     num_prompt_tokens: int = 0  # prefill tokens computed so far (recompute included)
+    num_generated_tokens: int = 0  # tokens sampled so far (aborted requests' included)
 
     @property
     def block_usage(self) -> float:
@@ -82,8 +86,10 @@ class LLMEngine:
         runner: ModelRunner,
         tokenizer,
         eos_token_id: int | Sequence[int] | None,
+        vocab_size: int | None = None,
     ):
-        """eos_token_id: the id, or ids (a `generation_config` list), that end a request."""
+        """eos_token_id: the id, or ids (a `generation_config` list), that end a request; vocab_size:
+        when known, prompt token ids outside [0, vocab_size) are refused (else they fail a step)."""
         if config.max_model_len is None:
             raise ValueError("LLMEngine needs a resolved config.max_model_len")
         self.config = config
@@ -91,6 +97,7 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_ids(eos_token_id)
+        self.vocab_size = vocab_size
         self._counters = _Counters()
         # AsyncLLM tokenises new prompts on the event loop while a step detokenises in its worker
         # thread; HF fast tokenizers are not safe to use from two threads at once.
@@ -136,7 +143,12 @@ class LLMEngine:
             kv_quant=kv_quant,
         )
         return cls(
-            config, Scheduler(config, num_blocks), runner, loaded.tokenizer, model_eos_ids(loaded.model)
+            config,
+            Scheduler(config, num_blocks),
+            runner,
+            loaded.tokenizer,
+            model_eos_ids(loaded.model),
+            vocab_size=getattr(loaded.model.config, "vocab_size", None),
         )
 
     def make_request(
@@ -150,11 +162,14 @@ class LLMEngine:
         compresses the request's K/V once its prefill completes (see compression.py)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            with self._tokenizer_lock:
-                token_ids = self.tokenizer.encode(prompt)
+            token_ids = self.tokenize(prompt)
             text = prompt
         else:
             text, token_ids = None, [int(t) for t in prompt]
+            if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in token_ids):
+                raise ConfigError(
+                    f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary"
+                )
         if not token_ids:
             raise PromptTooLongError("the prompt is empty after tokenisation")
         if len(token_ids) >= self.config.max_model_len:
@@ -194,6 +209,18 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request.request_id
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's ids for `text` (what a text prompt becomes), safe from any thread.
+        `add_special_tokens=False` for text that already holds them (a rendered chat template)."""
+        with self._tokenizer_lock:
+            if add_special_tokens:
+                return list(self.tokenizer.encode(text))
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` as outputs show it (special tokens skipped), safe from any thread."""
+        return self._decode(token_ids)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request; its final output, or None if it was unknown or had already finished."""
         for request in self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED):
@@ -219,6 +246,7 @@ class LLMEngine:
         sampled = self.runner.execute(scheduled)
         with phase(PHASE_COMMIT):
             finished = {r.request_id for r in self.scheduler.update(scheduled, sampled)}
+            self._append_logprobs(scheduled)
             self._run_presses(scheduled)
         self._counters.num_press_evicted_tokens += sum(s.overwrites_slot for s in scheduled.scheduled)
         self._counters.step_seconds += time.perf_counter() - started
@@ -239,6 +267,18 @@ class LLMEngine:
                 self._texts.pop(request.request_id, None)
             outputs.append(_output(request, [sampled[request.request_id]], text))
         return outputs
+
+    def _append_logprobs(self, scheduled: SchedulerOutput) -> None:
+        """Give each request the logprobs of the token this step appended to it (if it asked)."""
+        step_logprobs = self.runner.step_logprobs
+        if not step_logprobs:
+            return
+        for item in scheduled.scheduled:
+            request = item.request
+            logprobs = step_logprobs.get(request.request_id)
+            # update() skips a request that stopped running during the step: no token, no logprobs.
+            if logprobs is not None and len(request.output_logprobs) < len(request.output_token_ids):
+                request.output_logprobs.append(logprobs)
 
     def _text_of(self, request: Request) -> OutputText:
         text = self._texts.get(request.request_id)
@@ -288,6 +328,7 @@ class LLMEngine:
             generation_tokens_per_s=counters.num_generated_tokens / seconds,
             num_press_evicted_tokens=counters.num_press_evicted_tokens,
             num_prompt_tokens=counters.num_prompt_tokens,
+            num_generated_tokens=counters.num_generated_tokens,
         )
 
 
@@ -301,4 +342,5 @@ def _output(request: Request, new_token_ids: list[int], text: OutputText) -> Req
         text=text.text,
         finish_reason=request.status.finish_reason,
         new_text=text.new_text,
+        logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
     )

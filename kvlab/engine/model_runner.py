@@ -13,7 +13,7 @@ import torch
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.engine.compression import QueryRecorder
-from kvlab.engine.request import Request
+from kvlab.engine.request import Request, TokenLogprobs
 from kvlab.engine.scheduler import SchedulerOutput
 from kvlab.models.native import EngineModel
 from kvlab.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
@@ -62,6 +62,9 @@ class ModelRunner:
         # request id -> per layer the post-RoPE query chunks of its prompt, for presses that score by
         # attention (see compression.py); taken by the engine once the prefill completes.
         self.recorded_queries: dict[str, list[list[torch.Tensor]]] = {}
+        # request id -> the log-probabilities of the token the last `execute` sampled for it, for the
+        # requests whose SamplingParams ask for logprobs (the engine appends them to the request).
+        self.step_logprobs: dict[str, TokenLogprobs] = {}
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -107,7 +110,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of each request with `samples` set."""
+        """Run one step; returns the sampled token of each request with `samples` set (and fills
+        `step_logprobs` for those that ask for logprobs)."""
+        self.step_logprobs = {}
         if output.is_empty:
             return {}
         for request_id in output.preempted_request_ids:  # recomputed from scratch: its chunks restart
@@ -126,6 +131,7 @@ class ModelRunner:
         with phase(PHASE_SAMPLE):
             requests = [output.scheduled[i].request for i in rows]
             tokens = self.sample(logits, requests)
+            self.step_logprobs = token_logprobs(logits, tokens, requests)
             return {r.request_id: t for r, t in zip(requests, tokens.tolist(), strict=True)}
 
     def _backend_for(self, output: SchedulerOutput) -> AttentionBackend:
@@ -156,3 +162,26 @@ class ModelRunner:
         """Forget a finished request's sampling state and recorded queries."""
         self.generators.pop(request_id, None)
         self.recorded_queries.pop(request_id, None)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]
+) -> dict[str, TokenLogprobs]:
+    """logits (N, vocab), tokens (N,) -> the sampled tokens' log-probabilities and each request's
+    `logprobs` most likely alternatives, for the requests that ask (none computed otherwise). They are
+    of the model's distribution, log_softmax(logits), not of the temperature-scaled one sampled from."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+    if not rows:
+        return {}
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen_ids = tokens[rows]
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
+    num_top = max(requests[i].sampling_params.logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # k = 0 gives empty rows
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    result = {}
+    for j, (i, token_id) in enumerate(zip(rows, chosen_ids.tolist(), strict=True)):
+        k = requests[i].sampling_params.logprobs
+        top = tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True))
+        result[requests[i].request_id] = TokenLogprobs(token_id, chosen[j], top)
+    return result

@@ -45,9 +45,25 @@ class RequestStatus(enum.Enum):
         return self.value if self.is_finished else None
 
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely tokens' at its position, under the model's
+    own distribution (log-softmax of the logits, before temperature, top-k and top-p reshape it)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) pairs, most likely first
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request generation settings: how to pick tokens (`SamplingConfig`) and when to stop."""
+    """Per-request generation settings: how to pick tokens (`SamplingConfig`) and when to stop.
+
+    logprobs: None for none; k >= 0 to get each sampled token's log-probability and the k most likely
+    tokens' (`RequestOutput.logprobs`), k at most MAX_LOGPROBS."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -57,6 +73,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         _ = self.sampling_config  # validates temperature / top_k / top_p with SamplingConfig's messages
@@ -69,6 +86,14 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if any(s == "" for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ConfigError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
 
     @property
     def sampling_config(self) -> SamplingConfig:
@@ -87,6 +112,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token if asked
     num_computed_tokens: int = 0
     num_evicted_tokens: int = 0
     # Hashes of this request's full blocks, chained (block i's hash covers tokens[: (i+1) * block_size]).
