@@ -135,6 +135,14 @@ def serve_replicas(
 ) -> Iterator[str]:
     """Run the application on the caller's Ray runtime (kvlab.scale.cluster.ray_session) until the
     block ends; yields the proxy's base URL once every replica is up. Serve is shut down on exit."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if num_replicas * replica_cpus > cpus:  # Serve would wait for the CPUs forever
+        raise ConfigError(
+            f"{num_replicas} replicas of {replica_cpus} CPU(s) need {num_replicas * replica_cpus} CPUs; "
+            f"the Ray cluster has {cpus:g}"
+        )
     serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
     try:
         serve.run(

@@ -138,3 +138,12 @@ def test_rays_cancellation_reaches_the_app_as_an_asgi_disconnect():
     asyncio.run(ReplicaAdapter(app, "r1 pid 1")({"type": "http"}, cancelled_receive, send))
     assert seen == [{"type": "http.disconnect"}]
     assert (REPLICA_HEADER.encode(), b"r1 pid 1") in sent[0]["headers"]
+
+
+def test_more_replicas_than_the_cluster_has_cpus_is_an_error_not_a_wait(replicas, tiny_llama_dir):
+    from kvlab.errors import ConfigError
+    from kvlab.scale.ray_serve import serve_replicas
+
+    with pytest.raises(ConfigError, match="need 3 CPUs; the Ray cluster has 2"):
+        with serve_replicas({"model": str(tiny_llama_dir)}, num_replicas=3, port=free_port()):
+            pass

@@ -1,6 +1,7 @@
 """Configuration of the serving (HTTP load) bench, layered defaults < configs/serving/<level>.yaml <
 --set < flags and validated before a server starts."""
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class LoadBenchConfig(ExperimentConfig):
             )
         for count in self.ray_replicas:
             positive("ray_replicas[]", count)
+        if self.ray_replicas and importlib.util.find_spec("ray") is None:
+            raise ConfigError("ray_replicas needs Ray: pip install 'kvlab[ray]' (or set ray_replicas: [])")
         if self.ray_cpus is not None:
             positive("ray_cpus", self.ray_cpus)
         positive("replica_cpus", self.replica_cpus)
