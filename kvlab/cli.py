@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sweep", metavar="KEY=V1,V2,...", help="one experiment per value, plus a sweep table and plot"
     )
+    bench.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the sweep's cells as Ray tasks, one per worker ($RAY_ADDRESS or local)",
+    )
+    bench.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster (default: all cores)")
     bench.add_argument("--results-dir", default="results")
     _add_model_args(bench, with_dtype=False)
 
@@ -187,14 +193,19 @@ def bench_flags(args) -> dict:
 def cmd_bench(args, argv) -> int:
     from kvlab.bench.core import writer
     from kvlab.bench.core.datasets import load_text
-    from kvlab.bench.generate import runner
     from kvlab.bench.generate.config import resolve
     from kvlab.bench.generate.registry import known_techniques
     from kvlab.bench.report.markdown import write_report
 
     command = "kvlab " + " ".join(shlex.quote(a) for a in argv)
+    if (args.ray or args.ray_cpus is not None) and not args.sweep:
+        raise KvlabError("--ray runs the cells of a sweep as Ray tasks; give --sweep KEY=V1,V2,...")
     standalone = _standalone_bench(args.technique)
     if standalone is not None:
+        if args.sweep:
+            raise KvlabError(
+                f"--sweep is for generation techniques; {args.technique!r} is a bench of its own (use --set)"
+            )
         resolve_config, run_bench = standalone
         config = resolve_config(args.batch_level, args.config, args.set or [], bench_flags(args))
         out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
@@ -204,6 +215,7 @@ def cmd_bench(args, argv) -> int:
         return 0
     flags = bench_flags(args)
     from kvlab.bench.eval.perplexity import tokenize
+    from kvlab.bench.generate.experiment import measure_experiment
     from kvlab.bench.generate.sweep import parse_sweep, write_sweep
     from kvlab.models.loader import load_tokenizer
 
@@ -219,10 +231,18 @@ def cmd_bench(args, argv) -> int:
         configs.append((config, out_dir))
     text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
     tokens = tokenize(load_tokenizer(configs[0][0].model), text.text)
-    token_ids = tokens[0]
-    for config, out_dir in configs:
-        ppl_fn = _bench_ppl(config, text, tokens) if config.ppl.enabled else None
-        path = write_report(runner.run(config, token_ids, ppl_fn), out_dir, command)
+    if args.ray:
+        from kvlab.scale.cluster import ray_session
+        from kvlab.scale.tasks import run_as_tasks
+
+        with ray_session(args.ray_cpus):
+            cells = [(config,) for config, _ in configs]
+            cpus = [config.threads or 1 for config, _ in configs]
+            results = run_as_tasks(measure_experiment, cells, cpus, shared=(text, tokens))
+    else:  # one cell after another, each report written as soon as it is measured
+        results = (measure_experiment(config, text, tokens) for config, _ in configs)
+    for (_, out_dir), result in zip(configs, results, strict=True):
+        path = write_report(result, out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
     if sweep_key:
         name = configs[0][0].experiment_name.rsplit("-", 1)[0]
@@ -233,13 +253,18 @@ def cmd_bench(args, argv) -> int:
 
 
 def _standalone_bench(technique: str):
-    """(resolve the config, run and report) of a bench of its own (the paged serving bench, the kernel
-    micro-benchmark, the quantization bench), or None for a generation technique."""
+    """(resolve the config, run and report) of a bench of its own (the paged serving bench, the HTTP
+    load bench, the kernel micro-benchmark, the quantization bench), or None for a generation technique."""
     if technique == "paged":
         from kvlab.bench.serving.config import resolve
         from kvlab.bench.serving.runs import run_paged_bench
 
         return resolve, run_paged_bench
+    if technique == "serving":
+        from kvlab.bench.loadgen.config import resolve
+        from kvlab.bench.loadgen.runs import run_load_bench
+
+        return resolve, run_load_bench
     if technique == "kernels":
         from kvlab.bench.kernels.config import resolve
         from kvlab.bench.kernels.runs import run_kernels_bench
@@ -253,21 +278,6 @@ def _standalone_bench(technique: str):
 
         return resolve, run_quant_bench
     return None
-
-
-def _bench_ppl(config, text, tokens):
-    import dataclasses
-
-    from kvlab.bench.eval.perplexity import bench_perplexity
-
-    def measure(loaded):
-        result = bench_perplexity(loaded, text, config.ppl, tokens)
-        return dataclasses.asdict(result) | {
-            "protocol": result.protocol,
-            "tokens_scored": result.num_tokens_scored,
-        }
-
-    return measure
 
 
 def cmd_ppl(args, argv) -> int:

@@ -151,3 +151,14 @@ def tiny_llama(pristine_tiny_llama):
     """A private copy of tiny-llama (random weights, seed 0) that a test may quantize in place;
     copying is much cheaper than building the model and its tokenizer again."""
     return dataclasses.replace(pristine_tiny_llama, model=copy.deepcopy(pristine_tiny_llama.model))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """tiny-llama with context-dependent outputs (load_tiny) saved as a model directory, for code that
+    loads a model by name in another process: `kvlab serve --model DIR`, Ray Serve replicas."""
+    loaded = load_tiny("tiny-llama")
+    path = tmp_path_factory.mktemp("tiny-llama-contextful")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path

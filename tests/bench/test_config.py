@@ -100,17 +100,25 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
     from kvlab.bench.generate.config import BenchConfig
     from kvlab.bench.generate.registry import TECHNIQUES
     from kvlab.bench.kernels.config import KernelsConfig
+    from kvlab.bench.loadgen.config import PRESETS as load_presets
+    from kvlab.bench.loadgen.config import LoadBenchConfig
     from kvlab.bench.quant.config import QuantBenchConfig
     from kvlab.bench.serving.config import ServingConfig
     from kvlab.engine.config import EngineConfig
 
     checked = 0
     for directory in sorted(p for p in CONFIG_ROOT.iterdir() if p.is_dir()):
+        if directory.name == "serve":
+            continue  # kvlab serve's example serve.yaml, not a bench's presets
         for level in BATCH_LEVELS:
             data = read_yaml(directory / f"{level}.yaml")
             if directory.name == "paged":
                 defaults = dataclasses.asdict(ServingConfig()) | {
                     "engine": dataclasses.asdict(EngineConfig())
+                }
+            elif directory.name == "serving":
+                defaults = merge(dataclasses.asdict(LoadBenchConfig()), load_presets) | {
+                    "engine": dataclasses.asdict(EngineConfig()) | load_presets["engine"]
                 }
             elif directory.name == "kernels":
                 defaults = dataclasses.asdict(KernelsConfig())
@@ -121,7 +129,7 @@ def test_shipped_presets_hold_only_what_differs_from_the_defaults():
                 defaults = merge(dataclasses.asdict(BenchConfig()), technique.presets(level))
             assert _differs(data, defaults) == [], f"{directory.name}/{level}.yaml repeats defaults"
             checked += 1
-    assert checked >= 27
+    assert checked >= 30
 
 
 def test_press_presets_live_in_code_and_resolve_per_level():

@@ -5,8 +5,9 @@ from kvlab.bench.generate import press_technique, static_cache
 from kvlab.bench.generate.technique import Technique
 
 # Benches of their own, not generation techniques: the serving engine (kvlab.bench.serving), the
-# kernel micro-benchmark (kvlab.bench.kernels) and quantization (kvlab.bench.quant; alias 量化).
-STANDALONE_BENCHES = ("paged", "kernels", "quantization", "量化")
+# HTTP server under load (kvlab.bench.loadgen), the kernel micro-benchmark (kvlab.bench.kernels) and
+# quantization (kvlab.bench.quant; alias 量化).
+STANDALONE_BENCHES = ("paged", "serving", "kernels", "quantization", "量化")
 
 TECHNIQUES: dict[str, Technique] = {
     "static-cache": static_cache.TECHNIQUE,

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.floor import Floor, measure_floor
-from kvlab.bench.core.machine import prepare_kernels
+from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
 from kvlab.bench.generate.config import BenchConfig
@@ -78,6 +78,7 @@ class BenchResult:
     agreement: list[Agreement]
     ppl: dict | None = None
     quality: dict | None = None  # technique-specific quality (e.g. compressed-cache PPL vs full cache)
+    machine: dict | None = None  # where it ran (core.machine.machine_info), read where it ran
 
 
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
@@ -214,4 +215,5 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         agreement=agreements,
         ppl=ppl,
         quality=quality,
+        machine=machine_info(device),  # a sweep cell may run on a Ray worker, with its own threads
     )

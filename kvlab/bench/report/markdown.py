@@ -17,7 +17,7 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
     payload = {
         "schema_version": SCHEMA_VERSION,
         "command": command,
-        "machine": machine_info(resolve_device(result.config.device)),
+        "machine": result.machine or machine_info(resolve_device(result.config.device)),
         "model": {
             "name": result.model_name,
             "source": result.model_source,
