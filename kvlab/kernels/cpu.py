@@ -374,8 +374,8 @@ def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | N
     )
 
 
-def quant_dequantize(weight, rows: Tensor | None = None) -> Tensor:
-    """float32 rows of a QuantizedWeight (all, or those `rows` indexes)."""
+def quant_dequantize(weight, rows: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """float32 rows of a QuantizedWeight (all, or those `rows` indexes), into `out` when given."""
     return _op().quant_dequantize(
-        weight.data, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.in_features, rows
+        weight.data, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.in_features, rows, out
     )

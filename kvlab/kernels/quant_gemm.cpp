@@ -253,7 +253,8 @@ void dequantize_row(const Format& f, const uint8_t* codes, const at::Half* scale
 }
 
 at::Tensor quant_dequantize(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& offsets,
-                            int64_t bits, int64_t group_size, int64_t in_features, const std::optional<at::Tensor>& rows) {
+                            int64_t bits, int64_t group_size, int64_t in_features, const std::optional<at::Tensor>& rows,
+                            const std::optional<at::Tensor>& out_buffer) {
   const Format f = check_format(data, scales, offsets, bits, group_size, in_features);
   at::Tensor index;
   if (rows.has_value()) {
@@ -266,7 +267,15 @@ at::Tensor quant_dequantize(const at::Tensor& data, const at::Tensor& scales, co
     index = at::arange(f.N, data.options().dtype(at::kLong));
   }
   const int64_t R = index.numel();
-  at::Tensor out = at::empty({R, f.K}, scales.options().dtype(at::kFloat));
+  at::Tensor out;
+  if (out_buffer.has_value()) {
+    TORCH_CHECK(out_buffer->scalar_type() == at::kFloat && out_buffer->is_contiguous() && out_buffer->device().is_cpu() &&
+                    out_buffer->sizes() == at::IntArrayRef({R, f.K}),
+                "quant_dequantize: out must be a contiguous float32 CPU tensor (", R, ", ", f.K, ")");
+    out = *out_buffer;
+  } else {
+    out = at::empty({R, f.K}, scales.options().dtype(at::kFloat));
+  }
   const int64_t* idx = index.const_data_ptr<int64_t>();
   const auto* codes = static_cast<const uint8_t*>(data.const_data_ptr());
   const int64_t row_bytes = f.bits == 8 ? f.K : f.Kp / 2;
@@ -290,7 +299,7 @@ TORCH_LIBRARY_FRAGMENT(kvlab, m) {
       "int in_features, Tensor? bias, str variant) -> Tensor");
   m.def(
       "quant_dequantize(Tensor data, Tensor scales, Tensor? offsets, int bits, int group_size, "
-      "int in_features, Tensor? rows) -> Tensor");
+      "int in_features, Tensor? rows, Tensor(a!)? out=None) -> Tensor");
   m.def("quant_variants() -> str[]", &quant_variants);
 }
 

@@ -7,6 +7,8 @@ small fraction of the GEMM, and bounding the slab keeps the temporary small (the
 is 49,152 x 576: 108 MiB in float32 at once, 8 MiB per slab).
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,22 +39,44 @@ def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = N
 
 
 def _slab_linear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None) -> Tensor:
-    n = weight.out_features
-    slab = max(1, SLAB_ELEMENTS // weight.in_features)
+    n, k = weight.out_features, weight.in_features
+    slab = max(1, SLAB_ELEMENTS // k)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     for start in range(0, n, slab):
         rows = slice(start, min(n, start + slab))
-        dense = dequantize(weight, x.dtype, rows)
+        dense = dequantize(weight, x.dtype, rows, reuse_buffer=True)
         out[:, rows] = F.linear(x, dense, None if bias is None else bias[rows])
     return out
 
 
-def dequantize(weight: QuantizedWeight, dtype: torch.dtype, rows: slice | Tensor | None = None) -> Tensor:
-    """The float rows of `weight` (all, a slice or an index tensor), by the C++ op where it runs."""
+# One float32 slab per thread, reused by every slab of every prefill: a fresh 8 MiB tensor per slab is
+# returned to the OS when freed wherever the allocator maps large blocks (glibc above its mmap
+# threshold), and faulting its pages in again costs about as much as the dequantization itself.
+_slabs = threading.local()
+
+
+def _slab_buffer(rows: int, columns: int) -> Tensor:
+    buffer = getattr(_slabs, "buffer", None)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = _slabs.buffer = torch.empty(max(rows * columns, SLAB_ELEMENTS))
+    return buffer[: rows * columns].view(rows, columns)
+
+
+def dequantize(
+    weight: QuantizedWeight,
+    dtype: torch.dtype,
+    rows: slice | Tensor | None = None,
+    reuse_buffer: bool = False,
+) -> Tensor:
+    """The float rows of `weight` (all, a slice or an index tensor), by the C++ op where it runs.
+    reuse_buffer: a float32 slice may come back in this thread's slab buffer (valid until the next call)."""
     if weight.device.type == "cpu" and cpu_kernels.available():
+        out = None
         if isinstance(rows, slice):
+            if reuse_buffer and dtype == torch.float32:
+                out = _slab_buffer(rows.stop - rows.start, weight.in_features)
             rows = torch.arange(rows.start, rows.stop)
-        return cpu_kernels.quant_dequantize(weight, rows).to(dtype)
+        return cpu_kernels.quant_dequantize(weight, rows, out).to(dtype)
     return weight.dequantize(dtype, rows)
 
 

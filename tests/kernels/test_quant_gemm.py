@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.quant import QuantSpec, quantize_weight, quantized_linear
+from kvlab.quant import QuantSpec, linear, quantize_weight, quantized_linear
 from kvlab.quant.formats import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(
@@ -54,11 +54,24 @@ def test_dequantize_op_equals_the_python_reference(spec):
     assert torch.equal(cpu_kernels.quant_dequantize(q, rows), q.dequantize()[rows])
 
 
-def test_many_rows_take_the_slab_path_and_agree():
-    q = quantize_weight(torch.randn(300, 96), QuantSpec.parse("int4-g32-asym"))
-    x = torch.randn(70, 96)
-    expected = x.double() @ q.dequantize(torch.float64).T
-    assert torch.allclose(quantized_linear(x, q).double(), expected, rtol=1e-4, atol=1e-3)
+def test_dequantize_op_writes_into_a_given_buffer():
+    q = quantize_weight(torch.randn(21, 200), QuantSpec.parse("int4-g64-asym"))
+    rows = torch.arange(3, 11)
+    buffer = torch.full((8, 200), float("nan"))
+    assert cpu_kernels.quant_dequantize(q, rows, buffer).data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, q.dequantize()[rows])
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpu_kernels.quant_dequantize(q, rows, torch.empty(8, 199))
+
+
+def test_many_rows_take_the_slab_path_and_agree(monkeypatch):
+    """Several slabs per matrix (each dequantized into the one reused buffer), and a second matrix after."""
+    monkeypatch.setattr(linear, "SLAB_ELEMENTS", 64 * 96)
+    for shape in [(300, 96), (130, 160)]:
+        q = quantize_weight(torch.randn(*shape), QuantSpec.parse("int4-g32-asym"))
+        x = torch.randn(70, shape[1])
+        expected = x.double() @ q.dequantize(torch.float64).T
+        assert torch.allclose(quantized_linear(x, q).double(), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_malformed_weights_are_refused():
