@@ -1,13 +1,15 @@
 """What the servers' /metrics say about a load run, set against what the clients counted.
 
 Every replica is scraped before and after the run (through Ray's proxy, a scrape lands on any one
-replica; the replica header tells which, so scraping repeats until each has answered). After the run
+replica; the replica header tells which, so scraping repeats, a few scrapes at once, until each has
+answered). After the run
 the bench waits until no request runs and no KV block is in use, or a timeout passes: the server
 learns of a client that left only at its next write, so a short wait is normal, a block still in use
 after it is a leak.
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvlab.bench.loadgen.client import COMPLETIONS, RequestRecord
@@ -29,11 +31,14 @@ def scrape_replicas(url: str, num_replicas: int, replica_header: str | None) -> 
     if replica_header is None:
         return {SERVER: scrape(url)[0]}
     found: dict[str, Scrape] = {}
-    for _ in range(50 * num_replicas):
-        parsed, response = scrape(url)
-        found[response.headers.get(replica_header, SERVER)] = parsed
-        if len(found) == num_replicas:
-            return found
+    # Scrapes go out a few at a time: Ray's router picks the replica with fewer requests in flight, so
+    # one scrape after another can land on the same idle replica every time, concurrent ones cannot.
+    with ThreadPoolExecutor(max_workers=2 * num_replicas) as pool:
+        for _ in range(25):
+            for parsed, response in pool.map(lambda _: scrape(url), range(2 * num_replicas)):
+                found[response.headers.get(replica_header, SERVER)] = parsed
+            if len(found) == num_replicas:
+                return found
     raise KvlabError(f"/metrics at {url} reached {len(found)} of {num_replicas} replicas: {sorted(found)}")
 
 
