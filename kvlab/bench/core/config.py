@@ -130,6 +130,23 @@ def check_keys(prefix: str, data: dict[str, Any], cls: type) -> None:
             )
 
 
+def take_section(data: dict[str, Any], name: str, cls: type):
+    """Pops the nested mapping `name` from a config dict (absent: {}), checks its keys against `cls`'s
+    fields and builds it."""
+    values = data.pop(name, None) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} must be a mapping, got {values!r}")
+    check_keys(f"{name}.", values, cls)
+    return cls(**values)
+
+
+def as_lists(data: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A scalar given where a list is expected (`--set dtypes=float32`) becomes a one-element list."""
+    for key in keys:
+        if key in data and not isinstance(data[key], list):
+            data[key] = [data[key]]
+
+
 def preset_path(technique: str, batch_level: str) -> Path:
     return CONFIG_ROOT / technique / f"{batch_level}.yaml"
 

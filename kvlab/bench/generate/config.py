@@ -9,11 +9,13 @@ from typing import Any
 from kvlab.bench.core.config import (
     METHODS,
     ExperimentConfig,
+    as_lists,
     check_batch_level,
     check_keys,
     layer,
     non_negative,
     positive,
+    take_section,
 )
 from kvlab.errors import ConfigError
 
@@ -76,15 +78,10 @@ class BenchConfig(ExperimentConfig):
 def from_dict(data: dict[str, Any]) -> BenchConfig:
     """Build a BenchConfig, rejecting unknown keys at any level."""
     data = dict(data)
-    ppl = data.pop("ppl", None) or {}
-    if not isinstance(ppl, dict):
-        raise ConfigError(f"ppl must be a mapping, got {ppl!r}")
+    ppl = take_section(data, "ppl", PplConfig)
     check_keys("", data, BenchConfig)
-    check_keys("ppl.", ppl, PplConfig)
-    for key in ("dtypes", "prompt_lengths"):
-        if key in data and not isinstance(data[key], list):
-            data[key] = [data[key]]
-    return BenchConfig(**data, ppl=PplConfig(**ppl))
+    as_lists(data, ("dtypes", "prompt_lengths"))
+    return BenchConfig(**data, ppl=ppl)
 
 
 def resolve(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, positive
+from kvlab.bench.core.config import ExperimentConfig, as_lists, check_keys, layer, positive, take_section
 from kvlab.errors import ConfigError
 
 TECHNIQUE = "kernels"
@@ -49,15 +49,10 @@ class KernelsConfig(ExperimentConfig):
 
 def from_dict(data: dict[str, Any]) -> KernelsConfig:
     data = dict(data)
-    attention = data.pop("attention", None) or {}
-    if not isinstance(attention, dict):
-        raise ConfigError(f"attention must be a mapping, got {attention!r}")
-    check_keys("attention.", attention, AttentionShape)
+    attention = take_section(data, "attention", AttentionShape)
     check_keys("", data, KernelsConfig)
-    for key in ("rows", "dtypes"):
-        if key in data and not isinstance(data[key], list):
-            data[key] = [data[key]]
-    return KernelsConfig(**data, attention=AttentionShape(**attention))
+    as_lists(data, ("rows", "dtypes"))
+    return KernelsConfig(**data, attention=attention)
 
 
 def resolve(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, positive
+from kvlab.bench.core.config import ExperimentConfig, as_lists, check_keys, layer, positive, take_section
 from kvlab.engine.config import EngineConfig
 from kvlab.errors import ConfigError
 
@@ -118,18 +118,13 @@ class LoadBenchConfig(ExperimentConfig):
 def from_dict(data: dict[str, Any]) -> LoadBenchConfig:
     """Build a LoadBenchConfig, rejecting unknown keys at any level."""
     data = dict(data)
-    load = data.pop("load", None) or {}
-    if not isinstance(load, dict):
-        raise ConfigError(f"load must be a mapping, got {load!r}")
-    check_keys("load.", load, LoadWorkload)
+    load = take_section(data, "load", LoadWorkload)
     check_keys("", data, LoadBenchConfig)
-    for key in ("dtypes", "ray_replicas"):
-        if key in data and not isinstance(data[key], list):
-            data[key] = [data[key]]
+    as_lists(data, ("dtypes", "ray_replicas"))
     for key in ("engine", "server"):
         if not isinstance(data.get(key, {}), dict):
             raise ConfigError(f"{key} must be a mapping, got {data[key]!r}")
-    return LoadBenchConfig(**data, load=LoadWorkload(**load))
+    return LoadBenchConfig(**data, load=load)
 
 
 def resolve(

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, non_negative, positive
+from kvlab.bench.core.config import (
+    ExperimentConfig,
+    as_lists,
+    check_keys,
+    layer,
+    non_negative,
+    positive,
+    take_section,
+)
 from kvlab.bench.generate.config import PplConfig
 from kvlab.errors import ConfigError
 
@@ -83,17 +91,12 @@ class QuantBenchConfig(ExperimentConfig):
 
 def from_dict(data: dict[str, Any]) -> QuantBenchConfig:
     data = dict(data)
-    sections = {}
-    for key, cls in (("ppl", PplConfig), ("calibration", CalibrationConfig)):
-        section = data.pop(key, None) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{key} must be a mapping, got {section!r}")
-        check_keys(f"{key}.", section, cls)
-        sections[key] = cls(**section)
+    sections = {
+        key: take_section(data, key, cls)
+        for key, cls in (("ppl", PplConfig), ("calibration", CalibrationConfig))
+    }
     check_keys("", data, QuantBenchConfig)
-    for key in ("methods", "prompt_lengths", "dtypes"):
-        if key in data and not isinstance(data[key], list):
-            data[key] = [data[key]]
+    as_lists(data, ("methods", "prompt_lengths", "dtypes"))
     if data.get("technique") in ALIASES:
         data["technique"] = TECHNIQUE
     return QuantBenchConfig(**data, **sections)

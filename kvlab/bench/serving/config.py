@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import ExperimentConfig, check_keys, layer, non_negative, positive
+from kvlab.bench.core.config import (
+    ExperimentConfig,
+    as_lists,
+    check_keys,
+    layer,
+    non_negative,
+    positive,
+    take_section,
+)
 from kvlab.engine.config import EngineConfig
 from kvlab.errors import ConfigError
 
@@ -118,16 +126,9 @@ class ServingConfig(ExperimentConfig):
 def from_dict(data: dict[str, Any]) -> ServingConfig:
     """Build a ServingConfig, rejecting unknown keys at any level."""
     data = dict(data)
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = data.pop(name, None) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name} must be a mapping, got {values!r}")
-        check_keys(f"{name}.", values, cls)
-        sections[name] = cls(**values)
+    sections = {name: take_section(data, name, cls) for name, cls in SECTIONS.items()}
     check_keys("", data, ServingConfig)
-    if "dtypes" in data and not isinstance(data["dtypes"], list):
-        data["dtypes"] = [data["dtypes"]]
+    as_lists(data, ("dtypes",))
     if not isinstance(data.get("engine", {}), dict):
         raise ConfigError(f"engine must be a mapping of EngineConfig fields, got {data['engine']!r}")
     return ServingConfig(**data, **sections)
