@@ -15,6 +15,7 @@ calibration run once per build, CPU, torch version and thread count (calibrate.p
 `KVLAB_FUSED_DECODE=0` runs Llama decode steps op by op instead of as one op (decode_step.cpp).
 """
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -256,11 +257,46 @@ def paged_decode_attention(
     )
 
 
+STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in decode_step.cpp's order
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepWeights:
+    """decode_step's per-layer arguments, built once per model (a step only passes them on).
+
+    tensors: input_norm, post_norm and the seven matrices, each a per-layer list (a quantized matrix
+    as its codes); scales / offsets / group_sizes: seven entries per layer (None / 0 for a dense
+    matrix), empty when no matrix is quantized."""
+
+    tensors: dict[str, list[Tensor]]
+    scales: list[Tensor | None]
+    offsets: list[Tensor | None]
+    group_sizes: list[int]
+
+    @classmethod
+    def from_layers(cls, layers: dict[str, list]) -> "StepWeights":
+        """`layers` maps input_norm, post_norm and each matrix name to its per-layer list (a matrix: a
+        tensor or a QuantizedWeight)."""
+        flat = [w for layer in zip(*(layers[name] for name in STEP_MATRICES), strict=True) for w in layer]
+        if all(isinstance(w, Tensor) for w in flat):
+            return cls(dict(layers), [], [], [])
+        quantized = [None if isinstance(w, Tensor) else w for w in flat]
+        tensors = dict(layers) | {
+            name: [w if isinstance(w, Tensor) else w.data for w in layers[name]] for name in STEP_MATRICES
+        }
+        return cls(
+            tensors,
+            [None if q is None else q.scales for q in quantized],
+            [None if q is None else q.offsets for q in quantized],
+            [0 if q is None else q.group_size for q in quantized],
+        )
+
+
 def decode_step(
     embedded: Tensor,
     cos: Tensor,
     sin: Tensor,
-    layers,
+    weights: StepWeights,
     final_norm: Tensor,
     caches,
     metadata,
@@ -269,49 +305,37 @@ def decode_step(
     scale: float,
     variant: str,
 ) -> Tensor:
-    """One whole Llama decode step (kvlab/kernels/decode_step.cpp): `layers` maps each of input_norm, q,
-    k, v, o, post_norm, gate, up, down to its per-layer list (a matrix: a tensor or a QuantizedWeight);
-    `caches` is (key caches, value caches); `metadata` one AttentionMetadata per layer. -> final-normed
-    hidden (M, hidden)."""
-    matrices = {name: [_codes(w) for w in layers[name]] for name in STEP_MATRICES}
-    per_layer = list(zip(*(layers[name] for name in STEP_MATRICES), strict=True))
-    quantized = any(not isinstance(w, Tensor) for layer in per_layer for w in layer)
-    flat = [w for layer in per_layer for w in layer] if quantized else []
+    """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` is (key caches, value
+    caches); `metadata` one AttentionMetadata per layer. -> final-normed hidden (M, hidden)."""
+    layers = weights.tensors
     return _op().decode_step(
         embedded,
         cos.contiguous(),
         sin.contiguous(),
         layers["input_norm"],
-        matrices["q"],
-        matrices["k"],
-        matrices["v"],
-        matrices["o"],
+        layers["q"],
+        layers["k"],
+        layers["v"],
+        layers["o"],
         layers["post_norm"],
-        matrices["gate"],
-        matrices["up"],
-        matrices["down"],
+        layers["gate"],
+        layers["up"],
+        layers["down"],
         final_norm,
         caches[0],
         caches[1],
         [m.slot_mapping for m in metadata],
         [m.seq_lens for m in metadata],
         [m.block_tables for m in metadata],
-        [None if isinstance(w, Tensor) else w.scales for w in flat],
-        [None if isinstance(w, Tensor) else w.offsets for w in flat],
-        [0 if isinstance(w, Tensor) else w.group_size for w in flat],
+        weights.scales,
+        weights.offsets,
+        weights.group_sizes,
         num_heads,
         eps,
         scale,
         variant,
-        quant_variant() if quantized else "",
+        quant_variant() if weights.scales else "",
     )
-
-
-STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in decode_step.cpp's order
-
-
-def _codes(weight) -> Tensor:
-    return weight if isinstance(weight, Tensor) else weight.data
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -377,5 +401,12 @@ def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | N
 def quant_dequantize(weight, rows: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """float32 rows of a QuantizedWeight (all, or those `rows` indexes), into `out` when given."""
     return _op().quant_dequantize(
-        weight.data, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.in_features, rows, out
+        weight.data,
+        weight.scales,
+        weight.offsets,
+        weight.bits,
+        weight.group_size,
+        weight.in_features,
+        rows,
+        out,
     )

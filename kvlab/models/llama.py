@@ -84,7 +84,7 @@ class LlamaEngineModel(EngineModel):
             for b in (layer.qkv_bias, layer.o_bias, layer.gate_up_bias, layer.down_bias)
         )
         self.quantized = self.is_quantized
-        self._step_weights: dict[str, list[Tensor]] | None = None
+        self._step_weights: cpu_kernels.StepWeights | None = None
 
     @staticmethod
     def _fuse(layer, fuse: bool) -> LlamaLayer:
@@ -184,7 +184,7 @@ class LlamaEngineModel(EngineModel):
             variant,
         )
 
-    def _split_step_weights(self) -> dict[str, list[Tensor]]:
+    def _split_step_weights(self) -> cpu_kernels.StepWeights:
         """Per-layer q, k, v, gate, up (row views of fused matrices: no copies) and the rest."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         step: dict[str, list[Tensor]] = {
@@ -199,7 +199,7 @@ class LlamaEngineModel(EngineModel):
                 strict=True,
             ):
                 step[name].append(tensor)
-        return step
+        return cpu_kernels.StepWeights.from_layers(step)
 
 
 def _halves(gate_up: Tensor | QuantizedWeight) -> list:
