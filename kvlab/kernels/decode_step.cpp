@@ -79,11 +79,12 @@ void multiply(const Gemm& gemm, const Matrix& w, const float* xf, const void* xk
   }
   // Each thread sums its own copy of the few input values per group (the offsets' share of the product,
   // quant_tile.h): cheaper than a barrier. K is a multiple of 32 here, so x needs no padding.
+  // int8 is symmetric: its offsets are zero and the sums unused (but read, so zeroed).
   const int64_t G = (K + w.group_size - 1) / w.group_size;
   std::vector<float>& sums = *gemm.group_sums;
   sums.assign(M * G, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sums[m * G + k / w.group_size] += xf[m * K + k];
+  if (w.bits == 4)
+    for (int64_t m = 0; m < M; ++m) kvlab::group_sums(xf + m * K, K, w.group_size, sums.data() + m * G);
   gemm.quantized(qt::Problem{xf, w.w, w.scales, w.offsets, sums.data(), y, M, K, K, N, w.group_size, G, w.bits}, lo,
                  hi);
 }

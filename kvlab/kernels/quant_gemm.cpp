@@ -16,6 +16,7 @@
 
 #include "quant_variants.h"
 #include "skinny_dispatch.h"
+#include "vec.h"
 
 namespace {
 
@@ -181,8 +182,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& data, const at::T
   if (f.bits == 4 && !integer_inputs) {
     const float* xs = xin.const_data_ptr<float>();
     float* sums = xsum.mutable_data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < f.K; ++k) sums[m * f.G + k / f.group_size] += xs[m * f.Kp + k];
+    for (int64_t m = 0; m < M; ++m) kvlab::group_sums(xs + m * f.Kp, f.K, f.group_size, sums + m * f.G);
   }
   at::Tensor y = at::empty({M, f.N}, x.options().dtype(at::kFloat));
   const QuantizedInputs quantized = integer_inputs ? quantize_inputs(xin, f) : QuantizedInputs{};
