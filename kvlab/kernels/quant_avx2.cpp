@@ -11,6 +11,7 @@ namespace {
 struct Avx2 {
   using V = __m256;
   static constexpr int kLanes = 8;
+  static constexpr int kInt4Zero = 0;  // codes<4> returns q as stored
   template <int MR>
   static constexpr int weight_rows() { return MR >= 4 ? 2 : 4; }
   static V zero() { return _mm256_setzero_ps(); }

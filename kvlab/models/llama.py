@@ -85,6 +85,7 @@ class LlamaEngineModel(EngineModel):
         )
         self.quantized = self.is_quantized
         self._step_weights: cpu_kernels.StepWeights | None = None
+        self._whole_blocks: bool | None = None  # every quantized matrix has whole 32-column blocks
 
     @staticmethod
     def _fuse(layer, fuse: bool) -> LlamaLayer:
@@ -163,7 +164,11 @@ class LlamaEngineModel(EngineModel):
         32-column blocks); the integer variant rounds each GEMM's inputs, so it runs op by op."""
         if cpu_kernels.quant_variant() in cpu_kernels.INTEGER_VARIANTS:
             return False
-        return all(w.in_features % 32 == 0 for w in self.matmul_weights() if isinstance(w, QuantizedWeight))
+        if self._whole_blocks is None:  # once per model, as the step's weights are (not per token)
+            self._whole_blocks = all(
+                w.in_features % 32 == 0 for w in self.matmul_weights() if isinstance(w, QuantizedWeight)
+            )
+        return self._whole_blocks
 
     def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
         if self._step_weights is None:
