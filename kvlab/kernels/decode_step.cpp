@@ -79,7 +79,7 @@ void multiply(const Gemm& gemm, const Matrix& w, const float* xf, const void* xk
   }
   // Each thread sums its own copy of the few input values per group (the offsets' share of the product,
   // quant_tile.h): cheaper than a barrier. K is a multiple of 32 here, so x needs no padding.
-  // int8 is symmetric: its offsets are zero and the sums unused (but read, so zeroed).
+  // int8 is symmetric: no offsets, so no sums (the kernel skips the term).
   const int64_t G = (K + w.group_size - 1) / w.group_size;
   std::vector<float>& sums = *gemm.group_sums;
   sums.assign(M * G, 0.0f);

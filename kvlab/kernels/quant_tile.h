@@ -64,9 +64,10 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) total[m][r] = T::zero();
   float offset_sum[MR][NR] = {};
-  // Symmetric int4 read as q - 8 (T::kInt4Zero == 8: the codes' own zero) needs no offset term at all,
-  // which saves a scalar multiply-add per group, row and input row.
-  const bool centred = BITS == 4 && p.offsets == nullptr && T::kInt4Zero == 8;
+  // Codes read centred on their zero need no offset term when none is stored, which saves a scalar
+  // multiply-add per group, row and input row: int8 (always symmetric), and symmetric int4 (q + 8
+  // stored) where the traits read it as q - 8 (T::kInt4Zero == 8).
+  const bool centred = p.offsets == nullptr && (BITS == 8 || T::kInt4Zero == 8);
   RawBlock raw[NR];
   for (int64_t g = 0; g < p.groups; ++g) {
     typename T::V part_storage[GROUPED ? MR : 1][GROUPED ? NR : 1];
@@ -119,10 +120,9 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
         for (int m = 0; m < MR; ++m) total[m][r] = T::fma(total[m][r], part[m][r], T::set1(scale));
       }
       if (centred) continue;
-      // int8 is symmetric (no offset); symmetric int4 stores q + 8, so its offset is -8 * scale; codes
-      // read as q - zero carry zero * scale of it.
-      const float offset = (p.offsets != nullptr ? half_to_float(p.offsets[at]) : (BITS == 4 ? -8.0f * scale : 0.0f)) +
-                           (BITS == 4 ? T::kInt4Zero * scale : 0.0f);
+      // int4 only from here (int8 is centred): symmetric int4 stores q + 8, so its offset is -8 * scale;
+      // codes read as q - kInt4Zero carry kInt4Zero * scale of it.
+      const float offset = (p.offsets != nullptr ? half_to_float(p.offsets[at]) : -8.0f * scale) + T::kInt4Zero * scale;
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) offset_sum[m][r] += offset * p.xsum[(m0 + m) * p.groups + g];
     }
