@@ -385,28 +385,14 @@ def quant_serves(x: Tensor, weight) -> bool:
 
 def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | None = None) -> Tensor:
     """x (M, K) @ dequantize(weight).T + bias for a kvlab.quant QuantizedWeight, in x's dtype."""
-    return _op().quant_linear(
-        x,
-        weight.data,
-        weight.scales,
-        weight.offsets,
-        weight.bits,
-        weight.group_size,
-        weight.in_features,
-        bias,
-        variant or quant_variant(),
-    )
+    return _op().quant_linear(x, *_packed(weight), bias, variant or quant_variant())
 
 
 def quant_dequantize(weight, rows: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """float32 rows of a QuantizedWeight (all, or those `rows` indexes), into `out` when given."""
-    return _op().quant_dequantize(
-        weight.data,
-        weight.scales,
-        weight.offsets,
-        weight.bits,
-        weight.group_size,
-        weight.in_features,
-        rows,
-        out,
-    )
+    return _op().quant_dequantize(*_packed(weight), rows, out)
+
+
+def _packed(weight) -> tuple:
+    """A QuantizedWeight as the quantized ops take it: codes, scales, offsets, bits, group size, K."""
+    return weight.data, weight.scales, weight.offsets, weight.bits, weight.group_size, weight.in_features
