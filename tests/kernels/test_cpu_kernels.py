@@ -139,6 +139,26 @@ def test_paged_attention_ignores_table_padding_past_the_sequence():
     torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("first", [0, 30, 34])
+def test_paged_attention_equals_softmax_with_extreme_scores_anywhere(first):
+    """Scores of 200, 199 and 150 at three adjacent positions among small ones, over 37 positions: the
+    result is the float64 softmax only if the maximum subtracted before the exponentials saw those
+    positions (at the start, across the end of a 32-wide pass, in the tail); one that missed them
+    would saturate e^(s - max) and weigh them alike."""
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(10, 4, 1, 8, generator=generator)
+    values = torch.randn_like(keys)
+    query = torch.zeros(1, 1, 8)
+    query[0, 0, 0] = 1.0
+    for position, score in zip(range(first, first + 3), (200.0, 199.0, 150.0)):
+        keys[position // 4, position % 4, 0, 0] = score
+    table = torch.arange(10, dtype=torch.int32)[None]
+    out = cpu_kernels.paged_decode_attention(query, keys, values, table, torch.tensor([37], dtype=torch.int32), 1.0)
+    k, v = keys.reshape(40, 8)[:37].double(), values.reshape(40, 8)[:37].double()
+    expected = torch.softmax(k @ query[0, 0].double(), dim=-1) @ v
+    torch.testing.assert_close(out[0, 0].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_rms_norm_rejects_a_non_contiguous_weight():
     x = torch.randn(3, 16)
     strided_weight = torch.randn(32)[::2]  # (16,) with stride 2: read with unit stride it is wrong
