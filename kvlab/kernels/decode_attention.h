@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -308,6 +309,17 @@ inline void merge_shares(int64_t shares, int64_t G, int64_t D, const float* cons
     }
     for (int64_t d = 0; d < D; ++d) out[g * D + d] /= total;
   }
+}
+
+constexpr int64_t kMinShare = 32;  // positions: a shorter share costs more in its merge than it saves
+constexpr int64_t kMaxShares = 16;
+
+// Into how many shares (flash-decoding) each of `items` (request, kv head) contexts is split, so that
+// every one of `threads` threads gets the same number of shares (e.g. 3 kv heads of one request on 2
+// threads: 2 shares each, 3 per thread), none shorter than `min_share` positions (at least kMinShare).
+inline int64_t context_shares(int64_t items, int64_t threads, int64_t max_len, int64_t min_share = kMinShare) {
+  const int64_t balanced = threads / std::gcd(items, threads);
+  return std::max<int64_t>(1, std::min<int64_t>({balanced, max_len / std::max(min_share, kMinShare), kMaxShares}));
 }
 
 // out (G x D) = softmax(q k^T) v over the whole context, for the G query heads q (G x D, already

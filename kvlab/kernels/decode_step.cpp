@@ -38,9 +38,6 @@ namespace {
 namespace sk = kvlab::skinny;
 namespace qt = kvlab::quant;
 
-constexpr int64_t kMinShare = 32;  // positions: a shorter share costs more in its merge than it saves
-constexpr int64_t kMaxShares = 16;
-
 template <typename T>
 inline float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
@@ -178,12 +175,9 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     for (int64_t m = 0; m < M; ++m) max_len = std::max<int64_t>(max_len, c.seq_lens[m]);
 
   const int threads = std::max(1, at::get_num_threads());
-  // Attention is split into shares of each (request, kv head) context, so that every thread gets
-  // the same number (e.g. 3 kv heads of one request on 2 threads: 2 shares each, 3 per thread),
-  // none shorter than kMinShare positions.
+  // Attention is split into shares of each (request, kv head) context, an equal number per thread.
   const int64_t items = M * KH;
-  const int64_t shares = std::max<int64_t>(
-      1, std::min<int64_t>({threads / std::gcd<int64_t>(items, threads), max_len / kMinShare, kMaxShares}));
+  const int64_t shares = kvlab::context_shares(items, threads, max_len);
   const int64_t units = items * shares, share_len = (max_len + shares - 1) / shares + 1;
   // Shared between threads (each writes a disjoint part between two barriers).
   std::vector<float> q(M * q_size), k(M * kv_size), v(M * kv_size), o(M * hidden);
@@ -276,9 +270,9 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       // Every thread merges all shares into its own copy of the attention output (a few thousand
       // multiply-adds), which its o_proj share then reads: no barrier between the two.
       for (int64_t item = 0; item < items; ++item) {
-        const float* accs[kMaxShares];
-        const float* maxes[kMaxShares];
-        const float* sums[kMaxShares];
+        const float* accs[kvlab::kMaxShares];
+        const float* maxes[kvlab::kMaxShares];
+        const float* sums[kvlab::kMaxShares];
         for (int64_t share = 0; share < shares; ++share) {
           const int64_t unit = item * shares + share;
           accs[share] = part_acc.data() + unit * G * D;

@@ -1,7 +1,8 @@
 // Paged decode attention for CPU: each request's one new query token attends to its whole context,
 // read in place through its block table (no gather into a padded batch), in float32 math over a
-// float32 or bfloat16 cache. Work is split by (request, kv head); each item is one GQA group
-// (decode_attention.h: the group's heads share every K/V load; vectorised exp).
+// float32 or bfloat16 cache. Work is split by (request, kv head), and a long context also along its
+// positions; each item is one GQA group (decode_attention.h: the group's heads share every K/V load;
+// vectorised exp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,28 +15,63 @@
 
 namespace {
 
+// Work below this many multiply-adds per thread runs on one thread: waking the others costs more.
+constexpr int64_t kMinWork = int64_t{1} << 18;
+
 template <typename T>
 void decode_attention(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
                       const int32_t* seq_lens, T* out, int64_t num_reqs, int64_t H, int64_t KH, int64_t D,
                       int64_t block_size, int64_t table_width, float scale) {
-  const int64_t G = H / KH;
+  const int64_t G = H / KH, items = num_reqs * KH;
   int64_t max_len = 1;
   for (int64_t r = 0; r < num_reqs; ++r) max_len = std::max<int64_t>(max_len, seq_lens[r]);
-  // Small steps (one short request) run on one thread: waking the others costs more than the work.
-  const int64_t items_per_thread = std::max<int64_t>(1, (int64_t{1} << 18) / (max_len * G * D));
-  at::parallel_for(0, num_reqs * KH, items_per_thread, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(G * D), acc(G * D), scores(G * max_len);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / KH, kh = item % KH;
-      const T* q_in = query + (r * H + kh * G) * D;  // the group's G heads are adjacent
+  // Few long contexts (one request's 3 kv heads on 2 threads) are split along the sequence
+  // (flash-decoding), so every thread gets the same share of the work; a share is at least kMinWork.
+  const int64_t shares = kvlab::context_shares(items, at::get_num_threads(), max_len, kMinWork / (G * D));
+  const int64_t units = items * shares;
+  const auto context = [&](int64_t r) {
+    return kvlab::PagedContext<T>{key_cache, value_cache, block_tables + r * table_width, seq_lens[r],
+                                  block_size, KH, D};
+  };
+  const auto write = [&](int64_t item, const float* o_in) {
+    T* o = out + ((item / KH) * H + (item % KH) * G) * D;  // the group's G heads are adjacent
+    for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(o_in[i]);
+  };
+  std::vector<float> part_acc(shares > 1 ? units * G * D : 0), part_max(shares > 1 ? units * G : 0),
+      part_sum(shares > 1 ? units * G : 0);
+  const int64_t units_per_thread = std::max<int64_t>(1, kMinWork / (max_len / shares * G * D));
+  at::parallel_for(0, units, units_per_thread, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(G * D), acc(G * D), scores(G * ((max_len + shares - 1) / shares + 1));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t item = unit / shares, share = unit % shares, r = item / KH, kh = item % KH, L = seq_lens[r];
+      const T* q_in = query + (r * H + kh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) q[i] = static_cast<float>(q_in[i]) * scale;
-      const kvlab::PagedContext<T> context{key_cache, value_cache, block_tables + r * table_width, seq_lens[r],
-                                           block_size, KH, D};
-      kvlab::attend_group(context, kh, q.data(), G, scores.data(), acc.data());
-      T* o = out + (r * H + kh * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(acc[i]);
+      if (shares == 1) {
+        kvlab::attend_group(context(r), kh, q.data(), G, scores.data(), acc.data());
+        write(item, acc.data());
+      } else {
+        kvlab::attend_share(context(r), kh, q.data(), G, L * share / shares, L * (share + 1) / shares,
+                            scores.data(), part_acc.data() + unit * G * D, part_max.data() + unit * G,
+                            part_sum.data() + unit * G);
+      }
     }
   });
+  if (shares == 1) return;
+  // The merge is a few thousand multiply-adds per item: on this thread, no second parallel region.
+  std::vector<float> merged(G * D);
+  for (int64_t item = 0; item < items; ++item) {
+    const float* accs[kvlab::kMaxShares];
+    const float* maxes[kvlab::kMaxShares];
+    const float* sums[kvlab::kMaxShares];
+    for (int64_t share = 0; share < shares; ++share) {
+      const int64_t unit = item * shares + share;
+      accs[share] = part_acc.data() + unit * G * D;
+      maxes[share] = part_max.data() + unit * G;
+      sums[share] = part_sum.data() + unit * G;
+    }
+    kvlab::merge_shares(shares, G, D, accs, maxes, sums, merged.data());
+    write(item, merged.data());
+  }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache,

@@ -75,6 +75,31 @@ def test_paged_decode_attention_on_long_contexts_equals_reference(dtype, paged_c
     torch.testing.assert_close(outputs[1].float(), outputs[0].float(), **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_split_along_one_long_context_equals_reference(dtype, paged_case):
+    """One request's 3 kv heads on 2 threads: the op splits each context into shares (flash-decoding)
+    and merges them; the result is the reference's, and within rounding of the unsplit one-thread run."""
+    import math
+
+    query, new_keys, new_values, key_cache, value_cache, metadata = paged_case(
+        [(3000, 1)], num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype
+    )
+    reference, kernel = get_backend("reference"), get_backend("cpu_paged")
+    reference.write_kv(new_keys, new_values, key_cache, value_cache, metadata.slot_mapping)
+    expected = reference.forward(query, key_cache, value_cache, metadata, 1 / math.sqrt(64))
+    threads = torch.get_num_threads()
+    outputs = {}
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            outputs[count] = kernel.forward(query, key_cache, value_cache, metadata, 1 / math.sqrt(64))
+    finally:
+        torch.set_num_threads(threads)
+    tolerance = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outputs[2].float(), expected.float(), **tolerance)
+    torch.testing.assert_close(outputs[2].float(), outputs[1].float(), **tolerance)
+
+
 def test_without_the_kernels_kvlab_falls_back_to_torch():
     """KVLAB_CPU_KERNELS=0: reports say so, linear and auto attention use torch's kernels."""
     code = (
