@@ -92,12 +92,10 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
       // prefetch_step says why). One request per row at the same column instead: over SmolLM2's
       // matrices, alternated in one process on a 2-core Sapphire Rapids VM, decode steps 6% (int8)
       // and 10% (int4-g128) longer by the median of 14 generations each; the op streamed 4-17% less.
-      {
-        constexpr int kStepBytes = NR * kBlockColumns * BITS / 8;
-        const char* at = ahead + c / kBlockColumns * kStepBytes;
+      constexpr int kStepBytes = NR * kBlockColumns * BITS / 8;
 #pragma GCC unroll 8
-        for (int line = 0; line < (kStepBytes + 63) / 64; ++line) _mm_prefetch(at + 64 * line, _MM_HINT_T1);
-      }
+      for (int line = 0; line < (kStepBytes + 63) / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+      ahead += kStepBytes;
 #pragma GCC unroll 4
       for (int v = 0; v < kVectors; ++v) {
         typename T::V q[NR];

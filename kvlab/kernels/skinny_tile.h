@@ -31,9 +31,8 @@ using kvlab::skinny::Problem;
 // shorter by the median of 8-14 generations each; the bf16 widening kernel also stops requesting
 // each line twice.)
 template <class T, int NR>
-inline void prefetch_step(const typename T::W* w, int64_t K, int64_t k) {
+inline void prefetch_step(const char* ahead) {
   constexpr int kStepBytes = NR * T::kStep * static_cast<int>(sizeof(typename T::W));
-  const char* ahead = reinterpret_cast<const char*>(w + 2 * kBlockRows * K) + k / T::kStep * kStepBytes;
 #pragma GCC unroll 16
   for (int line = 0; line < (kStepBytes + 63) / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
 }
@@ -46,11 +45,12 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[m][r] = T::zero();
   int64_t k = 0;
-  for (; k + T::kStep <= K; k += T::kStep) {
+  const char* ahead = reinterpret_cast<const char*>(w + 2 * kBlockRows * K);
+  for (; k + T::kStep <= K; k += T::kStep, ahead += NR * T::kStep * sizeof(typename T::W)) {
     typename T::WV wv[NR];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) wv[r] = T::load_w(w + r * K + k);
-    prefetch_step<T, NR>(w, K, k);
+    prefetch_step<T, NR>(ahead);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const typename T::XV xv = T::load_x(x + m * K + k);
