@@ -292,20 +292,21 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
   }
 }
 
-// out (G x D) = the softmax-weighted values of shares (max, sum, acc as attend_share gives them),
-// rescaled to their common maximum and normalised.
-inline void merge_shares(int64_t shares, int64_t G, int64_t D, const float* const* acc, const float* const* max,
-                         const float* const* sum, float* out) {
+// out (G x D) = the softmax-weighted values of one context's shares as attend_share gives them, laid
+// out one after another (acc: shares x G x D, max and sum: shares x G), rescaled to their common
+// maximum and normalised.
+inline void merge_shares(int64_t shares, int64_t G, int64_t D, const float* acc, const float* max, const float* sum,
+                         float* out) {
   for (int64_t g = 0; g < G; ++g) {
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < shares; ++c) top = std::max(top, max[c][g]);
+    for (int64_t c = 0; c < shares; ++c) top = std::max(top, max[c * G + g]);
     float total = 0.f;
     std::fill(out + g * D, out + (g + 1) * D, 0.f);
     for (int64_t c = 0; c < shares; ++c) {
-      if (sum[c][g] == 0.f) continue;
-      const float weight = std::exp(max[c][g] - top);
-      total += weight * sum[c][g];
-      for (int64_t d = 0; d < D; ++d) out[g * D + d] += weight * acc[c][g * D + d];
+      if (sum[c * G + g] == 0.f) continue;
+      const float weight = std::exp(max[c * G + g] - top);
+      total += weight * sum[c * G + g];
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += weight * acc[(c * G + g) * D + d];
     }
     for (int64_t d = 0; d < D; ++d) out[g * D + d] /= total;
   }

@@ -270,17 +270,10 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       // Every thread merges all shares into its own copy of the attention output (a few thousand
       // multiply-adds), which its o_proj share then reads: no barrier between the two.
       for (int64_t item = 0; item < items; ++item) {
-        const float* accs[kvlab::kMaxShares];
-        const float* maxes[kvlab::kMaxShares];
-        const float* sums[kvlab::kMaxShares];
-        for (int64_t share = 0; share < shares; ++share) {
-          const int64_t unit = item * shares + share;
-          accs[share] = part_acc.data() + unit * G * D;
-          maxes[share] = part_max.data() + unit * G;
-          sums[share] = part_sum.data() + unit * G;
-        }
+        const int64_t first = item * shares;  // the item's shares are units first .. first + shares - 1
         float* a = attn.data() + (item / KH) * q_size + (item % KH) * G * D;
-        kvlab::merge_shares(shares, G, D, accs, maxes, sums, a);
+        kvlab::merge_shares(shares, G, D, part_acc.data() + first * G * D, part_max.data() + first * G,
+                            part_sum.data() + first * G, a);
         for (int64_t i = 0; i < G * D; ++i) a[i] = round_to<T>(a[i]);
       }
       if (bf16_inputs) to_bf16(attn.data(), attn_b.data(), M * q_size);

@@ -60,16 +60,9 @@ void decode_attention(const T* query, const T* key_cache, const T* value_cache, 
   // The merge is a few thousand multiply-adds per item: on this thread, no second parallel region.
   std::vector<float> merged(G * D);
   for (int64_t item = 0; item < items; ++item) {
-    const float* accs[kvlab::kMaxShares];
-    const float* maxes[kvlab::kMaxShares];
-    const float* sums[kvlab::kMaxShares];
-    for (int64_t share = 0; share < shares; ++share) {
-      const int64_t unit = item * shares + share;
-      accs[share] = part_acc.data() + unit * G * D;
-      maxes[share] = part_max.data() + unit * G;
-      sums[share] = part_sum.data() + unit * G;
-    }
-    kvlab::merge_shares(shares, G, D, accs, maxes, sums, merged.data());
+    const int64_t first = item * shares;  // the item's shares are units first .. first + shares - 1
+    kvlab::merge_shares(shares, G, D, part_acc.data() + first * G * D, part_max.data() + first * G,
+                        part_sum.data() + first * G, merged.data());
     write(item, merged.data());
   }
 }

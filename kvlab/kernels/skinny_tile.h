@@ -30,11 +30,13 @@ using kvlab::skinny::Problem;
 // one process alternating the two, SmolLM2 decode steps were 2.6% (float32) and 4% (bfloat16)
 // shorter by the median of 8-14 generations each; the bf16 widening kernel also stops requesting
 // each line twice.)
+// Returns where the next step's share begins.
 template <class T, int NR>
-inline void prefetch_step(const char* ahead) {
+inline const char* prefetch_step(const char* ahead) {
   constexpr int kStepBytes = NR * T::kStep * static_cast<int>(sizeof(typename T::W));
 #pragma GCC unroll 16
   for (int line = 0; line < (kStepBytes + 63) / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+  return ahead + kStepBytes;
 }
 
 template <class T, int MR, int NR>
@@ -46,11 +48,11 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
     for (int r = 0; r < NR; ++r) acc[m][r] = T::zero();
   int64_t k = 0;
   const char* ahead = reinterpret_cast<const char*>(w + 2 * kBlockRows * K);
-  for (; k + T::kStep <= K; k += T::kStep, ahead += NR * T::kStep * sizeof(typename T::W)) {
+  for (; k + T::kStep <= K; k += T::kStep) {
     typename T::WV wv[NR];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) wv[r] = T::load_w(w + r * K + k);
-    prefetch_step<T, NR>(ahead);
+    ahead = prefetch_step<T, NR>(ahead);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const typename T::XV xv = T::load_x(x + m * K + k);
