@@ -120,9 +120,10 @@ def bitsandbytes_variant(method: Method, float_model, config):
 
 def gguf_variant(config):
     """The configured model's GGUF tensors loaded in their own quantized formats (no re-quantization)."""
+    from kvlab.models.loader import resolve_device
     from kvlab.quant.gguf import load_gguf_quantized
 
-    return load_gguf_quantized(config.model).model
+    return load_gguf_quantized(config.model, device=resolve_device(config.device).type).model
 
 
 def quantize_loaded(loaded, method_name: str, include_embeddings: bool = True, **calibration):

@@ -5,6 +5,9 @@ present (CI); run on a GPU machine with `pytest tests/quant/test_quant_cuda.py`.
 
 import copy
 import dataclasses
+import importlib.util
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +18,13 @@ from kvlab.engine.request import SamplingParams
 from kvlab.generate import generate
 from kvlab.quant import QuantSpec, quantize_model
 from kvlab.quant.kv_quant import KVQuantSpec
+from kvlab.quant.methods import build_variant, parse_method
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SPECS = ["int8", "int4-g32", "int4-g64-asym"]
+needs_bitsandbytes = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"
+)
 
 
 def quantized_pair(name: str, spec: str):
@@ -76,3 +83,72 @@ def test_kivi_cache_on_cuda_decodes_what_it_decodes_on_the_cpu():
     expected = generate(cpu_model, ids, 12, kv_quant=spec).tokens
     got = generate(gpu_model, ids.cuda(), 12, kv_quant=spec).tokens.cpu()
     assert torch.equal(got, expected)
+
+
+def bitsandbytes_dequantized(module) -> torch.Tensor:
+    """The float weight a bitsandbytes linear layer computes with, from its codes and scales."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
+    return bnb.functional.int8_vectorwise_dequant(codes, weight.SCB).float()
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize(
+    ("method", "error_band"),
+    # Gaussian weights: row-wise absmax int8 loses ~0.6% (RMS, relative), NF4 in blocks of 64 ~9%.
+    [("bnb-int8", (1e-3, 1.5e-2)), ("bnb-nf4", (5e-2, 0.12))],
+)
+def test_bitsandbytes_quantizes_the_float_weights_and_decodes_through_kvlab_generate(method, error_band):
+    import bitsandbytes as bnb
+
+    float_model = on_cuda(load_tiny("tiny-llama")).model
+    model = build_variant(parse_method(method), float_model, None, SimpleNamespace(device="cuda"))
+    kind = bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+    assert len(quantized) == 7 * float_model.config.num_hidden_layers
+    float_modules = dict(float_model.named_modules())
+    for name, module in quantized.items():
+        expected = float_modules[name].weight.float()
+        error = ((bitsandbytes_dequantized(module) - expected).norm() / expected.norm()).item()
+        assert error_band[0] < error < error_band[1], (name, error)
+    prompt = torch.randint(0, 200, (1, 20), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.inference_mode():
+        direct = generate(model, prompt, 8, path="hf").tokens
+        reference = model.generate(
+            prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt)
+        )[:, prompt.shape[1] :]
+    assert torch.equal(direct, reference)
+
+
+@needs_bitsandbytes
+def test_the_quantization_bench_on_cuda_runs_bitsandbytes_beside_float32(tmp_path):
+    from kvlab.cli import main
+
+    args = [
+        *("bench", "--technique", "quantization", "--model", "tiny-llama", "--experiment-name", "cuda"),
+        *("--set", "device=cuda", "--set", "methods=[float32,bfloat16,int8,bnb-int8,bnb-nf4]"),
+        *("--set", "repeats=1", "--set", "warmup=0", "--set", "new_tokens=6", "--set", "prompt_lengths=[24]"),
+        *("--set", "ppl.max_tokens=200", "--set", "ppl.max_length=64", "--set", "ppl.stride=32"),
+        *("--results-dir", str(tmp_path)),
+    ]
+    assert main(args) == 0
+    payload = json.loads((tmp_path / "quantization" / "cuda" / "results.json").read_text())
+    assert payload["skipped"] == {} and payload["device"] == "cuda"
+    assert list(payload["speed"][0]["runs"]) == [
+        "baseline",
+        "float32",
+        "bfloat16",
+        "int8",
+        "bnb-int8",
+        "bnb-nf4",
+    ]
+    full = payload["methods_baseline_weight_bytes"]
+    for name in ("bnb-int8", "bnb-nf4"):
+        assert payload["methods"][name]["ppl"]["ppl"] > 1
+        assert payload["methods"][name]["weight_bytes_per_token"] < full
+    assert payload["methods"]["int8"]["engine"]["identical"]
+    assert payload["speed"][0]["runs"]["baseline"][0]["memory_kind"] == "cuda max_memory_allocated"

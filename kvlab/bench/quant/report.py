@@ -106,7 +106,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     lines = [
         *title_lines(config, payload["command"]),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
-        f"{machine['ram_gib']} GiB RAM; torch {machine['torch']}. Kernels: {machine['kernels']}.",
+        f"{machine['ram_gib']} GiB RAM; torch {machine['torch']}"
+        f"{'; GPU ' + machine['gpu'] if payload.get('device') == 'cuda' else ''}. Kernels: {machine['kernels']}.",
         "",
         f"Model `{payload['model']['name']}` ({payload['model']['source']}). Baseline: float32 "
         "`model.generate()`; every method runs kvlab.generate on its own model, the same prompts "

@@ -44,7 +44,8 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
     device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    prepare_kernels()
+    if device.type == "cpu":
+        prepare_kernels()
     methods = [parse_method(name) for name in config.methods]
     skipped = {
         m.name: "bitsandbytes needs CUDA; this run is on the CPU"
@@ -73,6 +74,7 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
     payload: dict[str, Any] = {
         "command": command,
         "machine": machine_info(device),
+        "device": device.type,
         "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
         "config": config.to_dict(),
         "skipped": skipped,
@@ -103,10 +105,12 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
         payload["methods"][method.name]["engine"] = engine_agreement(
             config, loaded, variants[method.name], method, tokens[0]
         )
-    print("kvlab: quantization bench: kernels", flush=True)
-    payload["kernels"] = compare_kernels(
-        {m.name: variants[m.name] for m in methods if m.kind in ("weights", "gguf")}, config.kernel_repeats
-    )
+    # The kernel comparison times kvlab's CPU kernels against torch's; a CUDA run has none of them.
+    payload["kernels"] = {}
+    if device.type == "cpu":
+        print("kvlab: quantization bench: kernels", flush=True)
+        quantized = {m.name: variants[m.name] for m in methods if m.kind in ("weights", "gguf")}
+        payload["kernels"] = compare_kernels(quantized, config.kernel_repeats)
     return write_quant_report(payload, out_dir)
 
 
@@ -200,9 +204,10 @@ def engine_agreement(config: QuantBenchConfig, loaded: LoadedModel, model, metho
 
     prompt = token_ids[: config.prompt_lengths[0]]
     variant = dataclasses.replace(loaded, model=model)
-    llm = LLM(variant, dtype=str(next(p for p in model.parameters()).dtype).removeprefix("torch."))
+    parameter = next(p for p in model.parameters())
+    llm = LLM(variant, dtype=str(parameter.dtype).removeprefix("torch."), device=parameter.device.type)
     engine = llm.generate([prompt.tolist()], SamplingParams(max_tokens=config.new_tokens, ignore_eos=True))
     with torch.inference_mode():
-        direct = generate(model, prompt[None], config.new_tokens).tokens[0].tolist()
+        direct = generate(model, prompt[None].to(parameter.device), config.new_tokens).tokens[0].tolist()
     got = engine[0].output_token_ids
     return {"checked": True, "identical": got == direct, "matching_prefix": matching_prefix(got, direct)}
