@@ -19,7 +19,7 @@ from kvlab.models.native import EngineModel
 from kvlab.phases import PHASE_FORWARD, PHASE_LOGITS, PHASE_PREPARE, PHASE_SAMPLE, phase
 from kvlab.quant import paged_kv
 from kvlab.quant.kv_quant import KVQuantSpec
-from kvlab.sampling import sample
+from kvlab.sampling import greedy, sample
 
 
 class ModelRunner:
@@ -148,7 +148,7 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits (N, vocab) -> (N,) token ids; greedy rows in one argmax, others with their own seeds."""
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy(logits)
         for i, request in enumerate(requests):
             config = request.sampling_params.sampling_config
             if config.is_greedy:

@@ -25,6 +25,7 @@ OP_SOURCES = (
     "rms_norm.cpp",
     "rotary.cpp",
     "decode_step.cpp",
+    "argmax.cpp",
 )
 OP_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")  # -fopenmp: at::parallel_for uses OpenMP
 # source -> its own ISA flags; the CPU check before each call lives in skinny_gemm.cpp.

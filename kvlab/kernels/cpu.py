@@ -353,6 +353,12 @@ def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     ops().rotary_(x, cos, sin)
 
 
+def argmax_rows(logits: Tensor) -> Tensor:
+    """The first index of each row's maximum, as logits.max(dim=-1).indices: logits (rows, vocab),
+    float32 or bfloat16, in one vectorised pass per row (argmax.cpp)."""
+    return ops().argmax_rows(logits.contiguous())
+
+
 @functools.cache
 def quant_variants() -> tuple[str, ...]:
     """The quantized GEMM variants this CPU runs, best first (quant_gemm.cpp)."""
