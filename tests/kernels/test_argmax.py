@@ -1,6 +1,7 @@
 """The greedy argmax op (kvlab/kernels/argmax.cpp) picks what torch.max(dim=-1).indices picks: the
 first index of each row's largest value, a NaN counting as the largest, on rows whose length is no
-multiple of the vector or the block, with ties inside a block, across blocks and in the tail."""
+multiple of the vector or the block, with ties inside a block, across blocks, in the tail and across
+the column ranges the threads split a long row into."""
 
 import pytest
 import torch
@@ -52,6 +53,26 @@ def test_the_largest_value_in_a_later_block_beats_an_earlier_near_tie():
     logits[0, 10] = 1.0
     logits[0, 700] = 1.0 + 2**-20
     assert cpu_kernels.argmax_rows(logits).item() == 700
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({100: 5.0, 40000: 5.0}, 100),  # a tie across the threads' column ranges: the first
+        ({100: 5.0, 40000: 6.0}, 40000),
+        ({100: 9.0, 40000: float("nan")}, 40000),  # a NaN in a later range beats any number
+        ({30000: float("nan"), 45000: float("nan")}, 30000),
+        ({49151: 1.0}, 49151),
+    ],
+)
+def test_long_rows_split_between_threads_agree_with_torch(threads, values, expected):
+    torch.set_num_threads(threads)
+    logits = torch.zeros(3, 49152)
+    for position, value in values.items():
+        logits[1, position] = value
+    got = cpu_kernels.argmax_rows(logits)
+    assert got[1].item() == expected and torch.equal(got, reference(logits))
 
 
 def test_greedy_sampling_takes_it_on_cpu_and_equals_torch():
