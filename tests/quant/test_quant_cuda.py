@@ -23,7 +23,8 @@ from kvlab.quant.methods import build_variant, parse_method
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SPECS = ["int8", "int4-g32", "int4-g64-asym"]
 needs_bitsandbytes = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs a CUDA device and bitsandbytes",
 )
 
 
