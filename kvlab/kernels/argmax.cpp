@@ -20,26 +20,17 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using kvlab::horizontal_max;
+using kvlab::load8;
 
 constexpr int64_t kBlock = 256;  // a multiple of the 8 lanes
 
 inline float value_at(const float* row, int64_t i) { return row[i]; }
 inline float value_at(const c10::BFloat16* row, int64_t i) { return static_cast<float>(row[i]); }
-
-// 8 consecutive values of the row as float32.
-inline __m256 load8(const float* row, int64_t i) { return _mm256_loadu_ps(row + i); }
-inline __m256 load8(const c10::BFloat16* row, int64_t i) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-inline float horizontal_max(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
 
 // The first position of the largest value of row[0, n), that value, and whether the range holds a NaN
 // (then `index` is the first NaN's).
@@ -56,10 +47,10 @@ Candidate first_argmax(const T* row, int64_t n) {
   bool any_nan = false;
   int64_t begin = 0;
   for (; begin + kBlock <= n; begin += kBlock) {
-    __m256 block_max = load8(row, begin);
+    __m256 block_max = load8(row + begin);
     __m256 unordered = _mm256_cmp_ps(block_max, block_max, _CMP_UNORD_Q);
     for (int64_t i = begin + 8; i < begin + kBlock; i += 8) {
-      const __m256 v = load8(row, i);
+      const __m256 v = load8(row + i);
       block_max = _mm256_max_ps(block_max, v);
       unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }

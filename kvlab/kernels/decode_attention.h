@@ -49,10 +49,7 @@ inline float max_of(const float* s, int64_t n) {
   for (; i + 32 <= n; i += 32)
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(s + i + 8 * j));
-  const __m256 all = _mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3]));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  float result = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  float result = horizontal_max(_mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3])));
   for (; i < n; ++i) result = std::max(result, s[i]);
   return result;
 }

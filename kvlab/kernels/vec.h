@@ -1,4 +1,4 @@
-// AVX2 helpers shared by the CPU kernels: 8-lane float32 loads from float32 or bfloat16 memory, sums.
+// AVX2 helpers shared by the CPU kernels: 8-lane float32 loads from float32 or bfloat16 memory, sums, maxima.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -22,6 +22,13 @@ inline float horizontal_sum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
 }
 
 // sums[g] = the sum of x over columns [g * group_size, (g + 1) * group_size) of its K (the last group
