@@ -355,7 +355,7 @@ def rotary_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 def argmax_rows(logits: Tensor) -> Tensor:
     """The first index of each row's maximum, as logits.max(dim=-1).indices: logits (rows, vocab),
-    float32 or bfloat16, in one vectorised pass per row (argmax.cpp)."""
+    float32 or bfloat16, in one vectorised pass, the threads splitting the columns (argmax.cpp)."""
     return ops().argmax_rows(logits.contiguous())
 
 
