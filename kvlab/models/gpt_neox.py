@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 
 from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.models.native import EngineModel, embedding, linear
+from kvlab.models.native import EngineModel, embedding, linear, place_layer_weights
 from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.quant.formats import QuantizedWeight
 from kvlab.quant.modules import quantized_weight_of
@@ -57,6 +57,7 @@ class GPTNeoXEngineModel(EngineModel):
         self.final_norm = (final.weight.detach(), final.bias.detach())
         self.rotary = RotaryEmbedding(config, int(self.head_dim * rotary_pct), self.dtype, self.device)
         self.layers = [self._fuse(layer) for layer in hf_model.gpt_neox.layers]
+        place_layer_weights(self.layers, ("qkv",))  # regrouped rows: a copy made here
 
     def _fuse(self, layer) -> GPTNeoXLayer:
         attn, mlp = layer.attention, layer.mlp

@@ -20,7 +20,15 @@ from kvlab.attention.backends.base import AttentionBackend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.models.native import EngineModel, add_rms_norm_, embedding, join_rows, linear, rms_norm
+from kvlab.models.native import (
+    EngineModel,
+    add_rms_norm_,
+    embedding,
+    join_rows,
+    linear,
+    place_layer_weights,
+    rms_norm,
+)
 from kvlab.phases import PHASE_ATTENTION, phase
 from kvlab.quant.formats import QuantizedWeight
 from kvlab.quant.modules import quantized_weight_of
@@ -76,6 +84,8 @@ class LlamaEngineModel(EngineModel):
         self.final_norm = hf_model.model.norm.weight.detach()
         self.rotary = RotaryEmbedding(config, self.head_dim, self.dtype, self.device)
         self.layers = [self._fuse(layer, fuse_projections) for layer in hf_model.model.layers]
+        if fuse_projections:  # the fused matrices are copies made here; the rest are the HF model's
+            place_layer_weights(self.layers, ("qkv", "gate_up"))
         # The norm that follows each layer's MLP: the next layer's input norm, then the final norm.
         self.next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
         self.has_bias = any(

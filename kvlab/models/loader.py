@@ -103,6 +103,10 @@ def load_model(
         placed = apply_gguf_weights(loaded.model, gguf_file)
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(placed.items()))
         loaded.source += f", GGUF tensors as stored: {counts}"
+    if torch_device.type == "cpu":
+        from kvlab.quant.modules import place_weights
+
+        place_weights(loaded.model)
     return loaded
 
 

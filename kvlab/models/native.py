@@ -9,6 +9,7 @@ One module per architecture (llama.py, gpt_neox.py); this file holds what they s
 norms, the linear dispatch) and the dispatch by `config.model_type`; RoPE lives in kvlab/rope.py.
 """
 
+import dataclasses
 import importlib
 
 import torch
@@ -20,6 +21,7 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models import huge_pages
 from kvlab.quant import paged_kv
 from kvlab.quant.formats import QuantizedWeight
 from kvlab.quant.kv_quant import KVQuantSpec
@@ -88,6 +90,28 @@ def join_rows(weights: list[Tensor | QuantizedWeight]) -> Tensor | QuantizedWeig
     if any(isinstance(w, QuantizedWeight) for w in weights):
         return tuple(weights)
     return torch.cat(weights)
+
+
+def place_layer_weights(layers: list, names: tuple[str, ...]) -> None:
+    """Moves the matrices `names` of every layer (dataclasses; copies the engine model made, such as
+    fused q|k|v) into one huge-page arena in layer order (kvlab.models.huge_pages), in place. The
+    weights it shares with the HF model were placed when that was loaded. A tuple of unfused parts
+    stays where it is."""
+    fields = [
+        (layer, name) for layer in layers for name in names if not isinstance(getattr(layer, name), tuple)
+    ]
+    weights = [getattr(layer, name) for layer, name in fields]
+    flat = [t for w in weights for t in (w.tensors() if isinstance(w, QuantizedWeight) else [w])]
+    placed = iter(huge_pages.place_tensors(flat))
+    for (layer, name), weight in zip(fields, weights, strict=True):
+        if isinstance(weight, QuantizedWeight):
+            moved = {"data": next(placed), "scales": next(placed)}
+            if weight.offsets is not None:
+                moved["offsets"] = next(placed)
+            weight = dataclasses.replace(weight, **moved)
+        else:
+            weight = next(placed)
+        setattr(layer, name, weight)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

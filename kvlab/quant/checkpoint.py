@@ -35,6 +35,7 @@ from kvlab.quant.modules import (
     QuantizedEmbedding,
     QuantizedLinear,
     default_embedding_spec,
+    place_weights,
     quantize_model,
     replace_module,
 )
@@ -120,6 +121,7 @@ def load_quantized(base_model: nn.Module, directory: str | os.PathLike) -> nn.Mo
         replace_module(base_model, name, module)
     _load_float_tensors(base_model, tensors)
     base_model.config.kvlab_quantization = info.get("spec")
+    place_weights(base_model)
     return base_model
 
 

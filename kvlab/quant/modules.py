@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from kvlab.models import huge_pages
 from kvlab.quant.formats import QuantizedWeight, QuantSpec
 from kvlab.quant.linear import quantized_embedding, quantized_linear
 from kvlab.quant.rtn import quantize_weight
@@ -126,7 +127,18 @@ def quantize_model(
                 qweight = quantize(name, module.weight)
             replace_module(model, name, QuantizedLinear(qweight, module.bias))
     model.config.kvlab_quantization = spec.name
+    place_weights(model)  # the new codes, and no longer the float weights they replace
     return model
+
+
+def place_weights(model: nn.Module) -> None:
+    """kvlab.models.huge_pages.place_module, after which a tied head and embedding still hold one
+    QuantizedWeight (each module rebuilds its own from the moved buffers; the first is kept)."""
+    huge_pages.place_module(model)
+    shared: dict[int, QuantizedWeight] = {}
+    for module in model.modules():
+        if isinstance(module, _QuantizedModule):
+            module._qweight = shared.setdefault(id(module.qdata), module.qweight)
 
 
 def default_embedding_spec(spec: QuantSpec) -> QuantSpec:

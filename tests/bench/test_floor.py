@@ -22,8 +22,11 @@ def test_measured_floor_on_a_model_runs_every_probe():
     assert floor.bandwidth_bytes_per_s == max(floor.probes.values()) > 0
     assert floor.weight_bytes_per_token == decode_weight_bytes(model)
     from kvlab.kernels import cpu as cpu_kernels
+    from kvlab.models import huge_pages
 
     assert ("kvlab skinny" in floor.probes) == cpu_kernels.available()
+    # where the model's weights sit in huge pages, the stream is also read from them
+    assert ("stream dot (2 MiB pages)" in floor.probes) == huge_pages.enabled()
 
 
 def test_a_tpot_below_the_floor_is_a_measurement_error():

@@ -175,7 +175,7 @@ def test_paged_attention_equals_softmax_with_extreme_scores_anywhere(first):
     values = torch.randn_like(keys)
     query = torch.zeros(1, 1, 8)
     query[0, 0, 0] = 1.0
-    for position, score in zip(range(first, first + 3), (200.0, 199.0, 150.0)):
+    for position, score in zip(range(first, first + 3), (200.0, 199.0, 150.0), strict=True):
         keys[position // 4, position % 4, 0, 0] = score
     table = torch.arange(10, dtype=torch.int32)[None]
     out = cpu_kernels.paged_decode_attention(query, keys, values, table, torch.tensor([37], dtype=torch.int32), 1.0)

@@ -24,7 +24,7 @@ from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import calibrate
 from kvlab.kernels import cpu as cpu_kernels
-from kvlab.models import native
+from kvlab.models import huge_pages, native
 from kvlab.models.loader import load_model, resolve_dtype
 from kvlab.models.native import build_engine_model
 
@@ -92,7 +92,10 @@ def matmul_peak_flops(dtype: torch.dtype) -> float:
 
 def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str) -> dict[str, Any]:
     dtype = resolve_dtype(dtype_name)
-    weights = [w.to(dtype).contiguous() for w in build_engine_model(model).matmul_weights()]
+    # In 2 MiB pages and in the order a step reads them, as a model loaded at this dtype holds them.
+    weights = huge_pages.place_tensors(
+        w.to(dtype).contiguous() for w in build_engine_model(model).matmul_weights()
+    )
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     params = sum(w.numel() for w in weights)
     generator = torch.Generator().manual_seed(config.seed)

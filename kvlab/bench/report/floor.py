@@ -32,7 +32,9 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         "bandwidth is the best of several probes measured in this run (fastest of 8 timed passes each): reading "
         "a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot product of its halves "
         "(stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch matvec) and by kvlab's "
-        "skinny GEMM (kvlab skinny, where it runs). The best probe sets the floor.",
+        "skinny GEMM (kvlab skinny, where it runs). On a CPU with transparent huge pages the stream probes run "
+        'again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in them, as kvlab keeps '
+        "model weights there. The best probe sets the floor.",
         "",
         "| dtype | weight MiB per token | "
         + " | ".join(f"{name} GB/s" for name in names)
