@@ -114,8 +114,8 @@ def _copies(tensors: list[Tensor], release: bool = False):
     """(identity, copy in a new arena) for each distinct movable tensor, in order. With `release`,
     `tensors` is emptied as it goes so that the caller holds no original once it has rebound it."""
     movable: dict[tuple, Tensor] = {}
-    for tensor in tensors:
-        if enabled() and tensor.device.type == "cpu" and tensor.numel():
+    for tensor in tensors if enabled() else []:
+        if tensor.device.type == "cpu" and tensor.numel():
             movable.setdefault(_identity(tensor), tensor)
     if release:
         tensors.clear()
