@@ -57,7 +57,8 @@ class GPTNeoXEngineModel(EngineModel):
         self.final_norm = (final.weight.detach(), final.bias.detach())
         self.rotary = RotaryEmbedding(config, int(self.head_dim * rotary_pct), self.dtype, self.device)
         self.layers = [self._fuse(layer) for layer in hf_model.gpt_neox.layers]
-        place_layer_weights(self.layers, ("qkv",))  # regrouped rows: a copy made here
+        if fuse_projections:  # a long-lived engine model; kvlab.generate's per-call twin skips the copy
+            place_layer_weights(self.layers, ("qkv",))  # regrouped rows: a copy made here
 
     def _fuse(self, layer) -> GPTNeoXLayer:
         attn, mlp = layer.attention, layer.mlp

@@ -52,7 +52,7 @@ def empty(numel: int, dtype: torch.dtype) -> Tensor:
     where they are off)."""
     if not enabled():
         return torch.empty(numel, dtype=dtype)
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     return _arena(nbytes)[:nbytes].view(dtype)
 
 
@@ -91,14 +91,18 @@ def place_module(model: nn.Module) -> int:
     model's own. Tensors already in an arena move too: an arena is one mapping, freed only with its
     last tensor, so after a module swap (quantization) the replaced weights' arena would otherwise
     stay resident for the sake of the few tensors left in it. Returns the bytes moved."""
-    slots: dict[tuple, list] = {}
+    slots: dict[tuple, list] = {}  # identity -> where the tensor is bound
+    tensors = []  # one per identity, in module order
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             for name, tensor in getattr(module, kind).items():
-                if tensor is not None:
-                    slots.setdefault(_identity(tensor), []).append((module, kind, name))
+                if tensor is None:
+                    continue
+                key = _identity(tensor)
+                if key not in slots:
+                    tensors.append(tensor.detach())
+                slots.setdefault(key, []).append((module, kind, name))
     moved = 0
-    tensors = [_tensor_at(*places[0]) for places in slots.values()]
     with torch.no_grad():
         for key, copy in _copies(tensors, release=True):
             for module, kind, name in slots[key]:
@@ -133,11 +137,6 @@ def _copies(tensors: list[Tensor], release: bool = False):
         copy.copy_(tensor)
         del tensor
         yield key, copy
-
-
-def _tensor_at(module: nn.Module, kind: str, name: str) -> Tensor:
-    tensor = getattr(module, kind)[name]
-    return tensor.data if kind == "_parameters" else tensor
 
 
 def _identity(tensor: Tensor) -> tuple:
