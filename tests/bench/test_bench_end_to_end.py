@@ -74,6 +74,17 @@ def test_results_hold_raw_samples_agreement_and_floor(experiment):
     assert "engine-native twin" in (experiment[0] / "report.md").read_text()
 
 
+def test_each_row_is_measured_against_the_weights_and_the_kv_its_steps_read(experiment):
+    payload = json.loads((experiment[0] / "results.json").read_text())
+    floor = payload["floors"]["float32"]
+    for run in payload["runs"]:
+        # the timed steps attend prompt + 1 .. prompt + new_tokens - 1 positions: on average prompt + new / 2
+        positions = run["prompt_len"] + run["new_tokens"] / 2
+        read = floor["weight_bytes_per_token"] + positions * floor["kv_bytes_per_position"]
+        assert run["floor_tpot_s"] == pytest.approx(read / floor["bandwidth_bytes_per_s"])
+        assert run["tpot_over_floor"] == pytest.approx(run["tpot_s"]["median"] / run["floor_tpot_s"])
+
+
 def test_existing_experiment_is_not_overwritten_silently(experiment, capsys):
     path, root = experiment
     before = (path / "results.json").read_text()

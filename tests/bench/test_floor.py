@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from kvlab.bench.core.floor import Floor, decode_weight_bytes, measure_floor
+from kvlab.bench.core.floor import (
+    Floor,
+    decode_weight_bytes,
+    kv_bytes_per_position,
+    mean_decode_context,
+    measure_floor,
+)
 from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.models.loader import load_model
 
@@ -15,12 +21,34 @@ def test_the_best_probe_sets_the_floor():
     assert floor.to_dict()["probes_bytes_per_s"]["torch matvec"] == 9e9
 
 
+def test_the_floor_counts_the_kv_every_attended_position_costs():
+    floor = Floor.from_probes(1_000_000, {"stream sum": 10e9}, kv_bytes_per_position=1_000)
+    assert floor.tpot_s == pytest.approx(1e6 / 10e9)  # the weights alone: no position attended
+    assert floor.tpot_at(200) == pytest.approx((1e6 + 200 * 1_000) / 10e9)
+    assert floor.tpot_at(200, batch=4) == pytest.approx((1e6 + 4 * 200 * 1_000) / 10e9)
+    assert floor.to_dict()["kv_bytes_per_position"] == 1_000
+
+
+def test_mean_decode_context_averages_the_positions_the_timed_steps_attend():
+    # prompt 10, 4 new tokens: the three decode steps feed tokens 1..3 and attend 11, 12 and 13 positions
+    assert mean_decode_context(10, 4) == pytest.approx((11 + 12 + 13) / 3)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("tiny-llama", "float32"), ("tiny-gpt-neox", "bfloat16")])
+def test_kv_bytes_per_position_equal_one_cached_token_of_the_engine(name, dtype):
+    from kvlab.models.native import build_engine_model
+
+    model = load_model(name, dtype=dtype).model
+    assert kv_bytes_per_position(model) == build_engine_model(model).kv_bytes_per_token()
+
+
 def test_measured_floor_on_a_model_runs_every_probe():
     model = load_model("tiny-llama", dtype="float32").model
     floor = measure_floor(model)
     assert {"stream sum", "stream dot", "torch matvec"} <= set(floor.probes)
     assert floor.bandwidth_bytes_per_s == max(floor.probes.values()) > 0
     assert floor.weight_bytes_per_token == decode_weight_bytes(model)
+    assert floor.kv_bytes_per_position == kv_bytes_per_position(model) > 0
     from kvlab.kernels import cpu as cpu_kernels
     from kvlab.models import huge_pages
 

@@ -35,6 +35,10 @@ def test_press_technique_shrinks_the_cache_and_reports_quality(press, tmp_path):
     payload = json.loads((tmp_path / press / "t" / "results.json").read_text())
     runs = {r["method"]: r for r in payload["runs"]}
     assert runs["optimized"]["kv_cache_bytes"] < 0.6 * runs["baseline"]["kv_cache_bytes"]
+    # The full cache's floor counts the K/V its steps read; the press keeps fewer, so its floor is the
+    # weights' alone (still a floor for it).
+    weights_floor = payload["floors"]["float32"]["floor_tpot_s"]
+    assert runs["optimized"]["floor_tpot_s"] == weights_floor < runs["baseline"]["floor_tpot_s"]
     quality = payload["quality"]
     assert quality["press_kv_bytes"] < quality["full_kv_bytes"] and quality["press_ppl"] > 0
     assert "Quality under compression" in (tmp_path / press / "t" / "report.md").read_text()

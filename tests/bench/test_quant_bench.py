@@ -45,6 +45,11 @@ def test_every_method_has_a_speed_row_a_ppl_and_its_bytes(experiment):
         < payload["methods"]["int8"]["weight_bytes_per_token"]
     )
     assert all(len(samples) == 1 and samples[0]["tpot_s"] > 0 for samples in runs.values())
+    # A step also reads the K/V of the positions it attends: float32 K/V for the weight methods, the
+    # quantized cache's codes and scales (fewer bytes) for KV int8.
+    kv = {name: entry["kv_bytes_per_position"] for name, entry in payload["methods"].items()}
+    assert kv["int8"] == kv["float32"] == payload["methods_baseline_kv_bytes_per_position"] > 0
+    assert kv["bfloat16"] == kv["float32"] // 2 and 0 < kv["kv-int8"] < 0.5 * kv["float32"]
 
 
 def test_bitsandbytes_is_skipped_on_the_cpu_with_one_line(experiment):

@@ -1,7 +1,10 @@
-"""The physical floor of batch-1 decode: weight bytes read per token / the memory's bandwidth.
+"""The physical floor of batch-1 decode: the bytes a step must read / the memory's bandwidth.
 
-Each decode step of a batch of one must stream every weight from memory once, so no correct
-implementation decodes faster than `weight_bytes_per_token / bandwidth`. The bandwidth must be the
+Each decode step of a batch of one must stream every weight from memory once, and exact attention
+must read the cached K and V of every position it attends, in every layer. So no correct
+implementation decodes faster than `(weight bytes + KV bytes per position x positions) / bandwidth`,
+the positions averaged over the measured steps (`mean_decode_context`). A step that keeps fewer
+positions (a press) reads less; its floor then counts the weights alone (`Floor.tpot_s`). The bandwidth must be the
 best the memory delivers, not what one kernel reaches: torch's matrix-vector product is compute-bound
 for bf16 (and for float32 on some CPUs) and then understates it (issue 10 measured a "floor" above
 the TPOT it bounds). So the bandwidth here is the best of several probes, all measured in the run:
@@ -54,6 +57,23 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
         table = sum(t.numel() * t.element_size() for t in embedding_tensors)
         total -= table - table // rows
     return total
+
+
+def kv_bytes_per_position(model: torch.nn.Module) -> int:
+    """K and V bytes one cached position holds over all layers, at the model's dtype: what exact
+    attention reads per attended position in a decode step (a batch-1 row, full-precision cache)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def mean_decode_context(prompt_len: int, new_tokens: int) -> float:
+    """Positions a decode step attends, averaged over the steps TPOT times: the step that feeds token
+    k (k = 1 .. new_tokens - 1; token 0 comes from the prefill) attends prompt_len + k positions."""
+    return prompt_len + new_tokens / 2
 
 
 def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -159,25 +179,35 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device) -> dict[str, floa
 
 @dataclass(slots=True)
 class Floor:
-    """weight bytes per token / the best probe's bandwidth; `probes` keeps every probe's GB/s."""
+    """Bytes a decode step reads / the best probe's bandwidth; `probes` keeps every probe's GB/s."""
 
     weight_bytes_per_token: int
     bandwidth_bytes_per_s: float
     probe: str = ""
     probes: dict[str, float] = field(default_factory=dict)
+    kv_bytes_per_position: int = 0
 
     @property
     def tpot_s(self) -> float:
-        return self.weight_bytes_per_token / self.bandwidth_bytes_per_s
+        """The weights' share alone: the floor of a step that attends no cached position."""
+        return self.tpot_at(0.0)
+
+    def tpot_at(self, context: float, batch: int = 1) -> float:
+        """The floor of a step of `batch` rows that each attend `context` cached positions."""
+        kv_bytes = batch * context * self.kv_bytes_per_position
+        return (self.weight_bytes_per_token + kv_bytes) / self.bandwidth_bytes_per_s
 
     @classmethod
-    def from_probes(cls, weight_bytes_per_token: int, probes: dict[str, float]) -> "Floor":
+    def from_probes(
+        cls, weight_bytes_per_token: int, probes: dict[str, float], kv_bytes_per_position: int = 0
+    ) -> "Floor":
         probe = max(probes, key=probes.__getitem__)
-        return cls(weight_bytes_per_token, probes[probe], probe, dict(probes))
+        return cls(weight_bytes_per_token, probes[probe], probe, dict(probes), kv_bytes_per_position)
 
     def to_dict(self) -> dict:
         return {
             "weight_bytes_per_token": self.weight_bytes_per_token,
+            "kv_bytes_per_position": self.kv_bytes_per_position,
             "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
             "floor_tpot_s": self.tpot_s,
             "probe": self.probe,
@@ -188,7 +218,7 @@ class Floor:
 def measure_floor(model: torch.nn.Module) -> Floor:
     """The floor of batch-1 decode for `model` (its dtype and device), measured now."""
     probes = bandwidth_probes(model.dtype, model.device)
-    return Floor.from_probes(decode_weight_bytes(model), probes)
+    return Floor.from_probes(decode_weight_bytes(model), probes, kv_bytes_per_position(model))
 
 
 def below_floor(tpot_s: float, floor_tpot_s: float) -> bool:

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
-from kvlab.bench.core.floor import Floor, measure_floor
+from kvlab.bench.core.floor import Floor, mean_decode_context, measure_floor
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
@@ -51,6 +51,7 @@ class RunRecord:
     memory_kind: str
     kv_cache_bytes: int
     tpot_over_floor: float
+    floor_tpot_s: float  # the floor this row is compared with (weights, plus the KV it must read)
     forward_path: str = "hf"
     tokens: list[list[int]] = field(default_factory=list)
 
@@ -111,8 +112,14 @@ def summarize(
     samples: list[Sample],
     floor: Floor,
     model_resident: int,
+    full_cache: bool,
 ) -> RunRecord:
+    """full_cache: the run attends every position (model.generate, a static cache), so its floor counts
+    the K/V reads; a press keeps fewer, and its floor counts the weights alone."""
     batch, prompt_len = input_ids.shape
+    new_tokens = len(samples[0].token_times)
+    context = mean_decode_context(prompt_len, new_tokens) if full_cache else 0.0
+    floor_tpot = floor.tpot_at(context, batch)
     ttft = [ttft_s(s.token_times) for s in samples]
     tpot = [tpot_s(s.token_times) for s in samples]
     return RunRecord(
@@ -120,7 +127,7 @@ def summarize(
         dtype=dtype,
         batch_size=batch,
         prompt_len=prompt_len,
-        new_tokens=len(samples[0].token_times),
+        new_tokens=new_tokens,
         ttft_s=Summary.of(ttft),
         tpot_s=Summary.of(tpot),
         output_tokens_per_s=Summary.of([batch * len(s.token_times) / s.token_times[-1] for s in samples]),
@@ -132,7 +139,8 @@ def summarize(
         ),
         memory_kind=samples[0].memory_kind,
         kv_cache_bytes=samples[0].kv_cache_bytes,
-        tpot_over_floor=Summary.of(tpot).median / floor.tpot_s,
+        tpot_over_floor=Summary.of(tpot).median / floor_tpot,
+        floor_tpot_s=floor_tpot,
         forward_path=samples[0].forward_path,
         tokens=samples[0].tokens,
     )
@@ -194,8 +202,11 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                         samples[method].append(sample)
                     progress.update()
             for method in methods:
+                full_cache = method == "baseline" or TECHNIQUES[config.technique].press is None
                 runs.append(
-                    summarize(method, dtype, input_ids, samples[method], floors[dtype], resident[dtype])
+                    summarize(
+                        method, dtype, input_ids, samples[method], floors[dtype], resident[dtype], full_cache
+                    )
                 )
             if len(methods) == 2:
                 agreements.append(

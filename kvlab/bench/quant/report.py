@@ -5,6 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.core.floor import mean_decode_context
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, format_mib, format_ms, title_lines
 
@@ -113,7 +114,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         "`model.generate()`; every method runs kvlab.generate on its own model, the same prompts "
         f"(wikitext-2 test windows), batch {config['batch_size']}, {config['new_tokens']} new tokens, median "
         f"of {config['repeats']} rounds after {config['warmup']} warm-up, methods interleaved round by round. "
-        f"Floor = the method's weight bytes per token / the best read bandwidth of this run ({probe}, "
+        "Floor = (the method's weight bytes + its K/V bytes per position x the positions a timed step attends, "
+        f"prompt + new tokens / 2 per row) / the best read bandwidth of this run ({probe}, "
         f"{bytes_per_s / 1e9:.1f} GB/s).",
         "",
         "## Bars (issue 12)",
@@ -123,13 +125,14 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     if payload["skipped"]:
         lines += ["", *[f"Skipped {name}: {reason}." for name, reason in payload["skipped"].items()]]
     for cell in payload["speed"]:
-        lines += speed_section(cell, methods, full, bytes_per_s)
+        full_kv = payload.get("methods_baseline_kv_bytes_per_position", 0)
+        lines += speed_section(cell, methods, full, full_kv, bytes_per_s)
     lines += ppl_section(methods)
     lines += kernel_section(payload.get("kernels", {}), bytes_per_s)
     return "\n".join(lines) + "\n"
 
 
-def speed_section(cell: dict, methods: dict, full: int, bytes_per_s: float) -> list[str]:
+def speed_section(cell: dict, methods: dict, full: int, full_kv: int, bytes_per_s: float) -> list[str]:
     runs = cell["runs"]
     float_tpot = median_of(runs["float32"], "tpot_s") if "float32" in runs else None
     lines = [
@@ -141,8 +144,11 @@ def speed_section(cell: dict, methods: dict, full: int, bytes_per_s: float) -> l
     ]
     for name, samples in runs.items():
         weight_bytes = full if name == BASELINE else methods[name]["weight_bytes_per_token"]
+        kv_bytes = full_kv if name == BASELINE else methods[name].get("kv_bytes_per_position", 0)
+        rows, new_tokens = len(samples[0]["tokens"]), len(samples[0]["tokens"][0])
+        positions = rows * mean_decode_context(cell["prompt_len"], new_tokens)
         tpot = median_of(samples, "tpot_s")
-        floor = weight_bytes / bytes_per_s
+        floor = (weight_bytes + kv_bytes * positions) / bytes_per_s
         ratio = f"{tpot / float_tpot:.2f}x" if float_tpot else "n/a"
         label = "baseline: float32 `model.generate()`" if name == BASELINE else name
         lines.append(

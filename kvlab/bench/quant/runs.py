@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.datasets import load_text
-from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes
+from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes, kv_bytes_per_position
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
@@ -35,6 +35,8 @@ from kvlab.bench.quant.report import write_quant_report
 from kvlab.engine.request import SamplingParams
 from kvlab.generate import generate
 from kvlab.models.loader import LoadedModel, load_model, resolve_device
+from kvlab.quant import paged_kv
+from kvlab.quant.kv_quant import KVQuantSpec
 from kvlab.quant.methods import Method, build_variant, parse_method
 
 BASELINE = "baseline"
@@ -88,10 +90,12 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
         payload["methods"][method.name] = {
             "kind": method.kind,
             "weight_bytes_per_token": decode_weight_bytes(model),
+            "kv_bytes_per_position": method_kv_bytes_per_position(method, model),
             "build_s": build_seconds[method.name],
             "forward": generate_kwargs(method).get("path", "auto"),
         }
     payload["methods_baseline_weight_bytes"] = decode_weight_bytes(loaded.model)
+    payload["methods_baseline_kv_bytes_per_position"] = kv_bytes_per_position(loaded.model)
     with torch.inference_mode():
         for prompt_len in config.prompt_lengths:
             payload["speed"].append(
@@ -112,6 +116,18 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
         quantized = {m.name: variants[m.name] for m in methods if m.kind in ("weights", "gguf")}
         payload["kernels"] = compare_kernels(quantized, config.kernel_repeats)
     return write_quant_report(payload, out_dir)
+
+
+def method_kv_bytes_per_position(method: Method, model) -> int:
+    """K/V bytes a decode step reads per attended position: the model's dtype, or a quantized cache's
+    codes and scales (a lower bound there: its newest tokens wait in full precision)."""
+    if method.kind != "kv":
+        return kv_bytes_per_position(model)
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    spec = KVQuantSpec(bits=method.kv_bits)
+    return paged_kv.bytes_per_token(spec, config.num_hidden_layers, kv_heads, head_dim)
 
 
 def generate_kwargs(method: Method) -> dict[str, Any]:

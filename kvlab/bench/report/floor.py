@@ -22,13 +22,22 @@ def below_floor_warning(cells: list[tuple[str, float]]) -> list[str]:
     ]
 
 
+def decode_floor(run: dict) -> float:
+    """A serving bench dtype's batch-1 decode floor: the weights plus the K/V its timed steps attend
+    (results written before the floor counted K/V hold the weights' alone)."""
+    return run.get("decode_floor_tpot_s", run["floor_tpot_s"])
+
+
 def floor_lines(floors: dict[str, dict]) -> list[str]:
     """The floor section: per dtype, weight bytes, every probe's bandwidth, the best and the floor."""
     names = sorted({name for floor in floors.values() for name in floor.get("probes_bytes_per_s", {})})
     lines = [
         "## The physical floor of batch-1 decode",
         "",
-        "Each decode step must read every weight once, so TPOT >= weight bytes / memory bandwidth. The "
+        "Each decode step must read every weight once, and exact attention the cached K and V of every position "
+        "it attends, so TPOT >= (weight bytes + KV bytes per position x positions attended) / memory bandwidth, "
+        "the positions averaged over the timed steps (prompt + new tokens / 2 at batch 1; a row's floor ms). A "
+        "press keeps fewer positions: its rows count the weights alone. The "
         "bandwidth is the best of several probes measured in this run (fastest of 8 timed passes each): reading "
         "a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot product of its halves "
         "(stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch matvec) and by kvlab's "
@@ -36,16 +45,17 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         'again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in them, as kvlab keeps '
         "model weights there. The best probe sets the floor.",
         "",
-        "| dtype | weight MiB per token | "
+        "| dtype | weight MiB per token | KV KiB per position | "
         + " | ".join(f"{name} GB/s" for name in names)
-        + " | best probe | floor TPOT ms |",
-        "|---|---:|" + "---:|" * len(names) + "---|---:|",
+        + " | best probe | weights' floor ms |",
+        "|---|---:|---:|" + "---:|" * len(names) + "---|---:|",
     ]
     for dtype, floor in floors.items():
         probes = floor.get("probes_bytes_per_s", {})
         cells = [f"{probes[name] / 1e9:.1f}" if name in probes else "" for name in names]
         lines.append(
             f"| {dtype} | {format_mib(floor['weight_bytes_per_token'])} | "
+            f"{floor.get('kv_bytes_per_position', 0) / 1024:.1f} | "
             + " | ".join(cells)
             + f" | {floor.get('probe', '')} ({floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s) "
             f"| {format_ms(floor['floor_tpot_s'])} |"

@@ -47,9 +47,9 @@ def _cell(summary: dict, scale=format_ms) -> str:
 def comparison_rows(payload: dict) -> list[str]:
     """One row per (dtype, prompt length, method), with optimized/baseline ratios on the optimized row."""
     rows = [
-        "| dtype | batch | prompt | method | TTFT ms | TPOT ms | TPOT / floor | out tok/s | prefill tok/s "
+        "| dtype | batch | prompt | method | TTFT ms | TPOT ms | floor ms | TPOT / floor | out tok/s | prefill tok/s "
         "| peak MiB | rise over model MiB | rise over start MiB | KV MiB | TPOT ratio | TTFT ratio | KV ratio |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runs = payload["runs"]
     by_key = {(r["dtype"], r["prompt_len"], r["method"]): r for r in runs}
@@ -64,7 +64,7 @@ def comparison_rows(payload: dict) -> list[str]:
             ]
         rows.append(
             f"| {r['dtype']} | {r['batch_size']} | {r['prompt_len']} | {r['method']} | {_cell(r['ttft_s'])} "
-            f"| {_cell(r['tpot_s'])} | {over_floor(r['tpot_over_floor'])} | {r['output_tokens_per_s']['median']:.1f} "
+            f"| {_cell(r['tpot_s'])} | {format_ms(r['floor_tpot_s']) if r.get('floor_tpot_s') else 'n/a'} | {over_floor(r['tpot_over_floor'])} | {r['output_tokens_per_s']['median']:.1f} "
             f"| {r['prefill_tokens_per_s']['median']:.0f} | {format_mib(r['peak_memory_bytes']['median'])} "
             f"| {format_mib((r.get('peak_memory_rise_bytes') or {}).get('median'))} "
             f"| {format_mib(r['peak_memory_delta_bytes']['median'])} | {format_mib(r['kv_cache_bytes'])} | "

@@ -4,6 +4,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.report.floor import decode_floor
+
 
 def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
     import matplotlib
@@ -44,7 +46,7 @@ def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
             )
         ax.bar(
             i + len(paths) * width,
-            run["floor_tpot_s"] * 1000,
+            decode_floor(run) * 1000,
             width,
             label="floor" if i == 0 else None,
             color="grey",

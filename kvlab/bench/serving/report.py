@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
-from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
+from kvlab.bench.report.floor import below_floor_warning, decode_floor, floor_lines, over_floor
 from kvlab.bench.report.format import format_mib as _mib
 from kvlab.bench.report.format import format_ms as _ms
 from kvlab.bench.report.format import title_lines
@@ -40,7 +40,7 @@ def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
         "prefix_ttft_ratio": statistics.median(prefix["without_cache"]["ttft_s"][1:])
         / statistics.median(prefix["with_cache"]["ttft_s"][1:]),
         "bf16_decode_over_floor": (
-            statistics.median(decode["bfloat16"]["tpot_s"]["engine"]) / decode["bfloat16"]["floor_tpot_s"]
+            statistics.median(decode["bfloat16"]["tpot_s"]["engine"]) / decode_floor(decode["bfloat16"])
             if "bfloat16" in decode
             else None
         ),
@@ -159,7 +159,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     ]
     cells = []
     for dtype, run in decode["by_dtype"].items():
-        floor = run["floor_tpot_s"]
+        floor = decode_floor(run)
         medians = [statistics.median(run["tpot_s"][p]) for p in DECODE_PATHS]
         cells += [(f"{dtype} {path}", m / floor) for path, m in zip(DECODE_PATHS, medians, strict=True)]
         lines.append(

@@ -270,7 +270,7 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
-    from kvlab.bench.core.floor import measure_floor
+    from kvlab.bench.core.floor import mean_decode_context, measure_floor
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
@@ -290,7 +290,9 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
                 times = run()
                 if round_index >= workload.warmup:
                     samples[name].append(tpot_s(times))
-        results[dtype] = measure_floor(loaded.model).to_dict() | {"tpot_s": samples}
+        floor = measure_floor(loaded.model)
+        context = mean_decode_context(len(prompt), workload.new_tokens)
+        results[dtype] = floor.to_dict() | {"decode_floor_tpot_s": floor.tpot_at(context), "tpot_s": samples}
         loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
     return {"prompt_len": len(prompt), "new_tokens": workload.new_tokens, "by_dtype": results}
 
