@@ -262,7 +262,8 @@ STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in deco
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepWeights:
-    """decode_step's per-layer arguments, built once per model (a step only passes them on).
+    """decode_step's per-layer weights, handed to the C++ op once per model (`native`, a torch custom
+    class): a step passes that one object, not nine lists of a tensor per layer.
 
     tensors: input_norm, post_norm and the seven matrices, each a per-layer list (a quantized matrix
     as its codes); scales / offsets / group_sizes: seven entries per layer (None / 0 for a dense
@@ -272,24 +273,32 @@ class StepWeights:
     scales: list[Tensor | None]
     offsets: list[Tensor | None]
     group_sizes: list[int]
+    native: torch.ScriptObject
 
     @classmethod
     def from_layers(cls, layers: dict[str, list]) -> "StepWeights":
         """`layers` maps input_norm, post_norm and each matrix name to its per-layer list (a matrix: a
         tensor or a QuantizedWeight)."""
         flat = [w for layer in zip(*(layers[name] for name in STEP_MATRICES), strict=True) for w in layer]
-        if all(isinstance(w, Tensor) for w in flat):
-            return cls(dict(layers), [], [], [])
-        quantized = [None if isinstance(w, Tensor) else w for w in flat]
-        tensors = dict(layers) | {
-            name: [w if isinstance(w, Tensor) else w.data for w in layers[name]] for name in STEP_MATRICES
-        }
-        return cls(
-            tensors,
-            [None if q is None else q.scales for q in quantized],
-            [None if q is None else q.offsets for q in quantized],
-            [0 if q is None else q.group_size for q in quantized],
+        tensors = dict(layers)
+        scales: list[Tensor | None] = []
+        offsets: list[Tensor | None] = []
+        group_sizes: list[int] = []
+        if not all(isinstance(w, Tensor) for w in flat):
+            quantized = [None if isinstance(w, Tensor) else w for w in flat]
+            tensors |= {
+                name: [w if isinstance(w, Tensor) else w.data for w in layers[name]] for name in STEP_MATRICES
+            }
+            scales = [None if q is None else q.scales for q in quantized]
+            offsets = [None if q is None else q.offsets for q in quantized]
+            group_sizes = [0 if q is None else q.group_size for q in quantized]
+        native = torch.classes.kvlab.StepWeights(
+            *(tensors[name] for name in STEP_ORDER), scales, offsets, group_sizes
         )
+        return cls(tensors, scales, offsets, group_sizes, native)
+
+
+STEP_ORDER = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")  # StepWeights' arguments
 
 
 def decode_step(
@@ -307,29 +316,19 @@ def decode_step(
 ) -> Tensor:
     """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` is (key caches, value
     caches); `metadata` one AttentionMetadata per layer. -> final-normed hidden (M, hidden)."""
-    layers = weights.tensors
+    if all(m is metadata[0] for m in metadata):  # every layer reads the same slots: pass them once
+        metadata = metadata[:1]
     return _op().decode_step(
         embedded,
         cos.contiguous(),
         sin.contiguous(),
-        layers["input_norm"],
-        layers["q"],
-        layers["k"],
-        layers["v"],
-        layers["o"],
-        layers["post_norm"],
-        layers["gate"],
-        layers["up"],
-        layers["down"],
+        weights.native,
         final_norm,
         caches[0],
         caches[1],
         [m.slot_mapping for m in metadata],
         [m.seq_lens for m in metadata],
         [m.block_tables for m in metadata],
-        weights.scales,
-        weights.offsets,
-        weights.group_sizes,
         num_heads,
         eps,
         scale,

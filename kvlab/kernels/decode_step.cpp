@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -349,23 +350,49 @@ void check_vector(const at::Tensor& w, int64_t n, at::ScalarType dtype, const ch
               " must be a contiguous (", n, ",) tensor in the model's dtype");
 }
 
-// embedded (M, hidden): the new tokens' embeddings; cos/sin (M, rotary_dim / 2); per layer: the
-// weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)), the norms, the K/V
-// caches (num_blocks, block_size, KH, D) and that layer's slot_mapping (M,) int64, seq_lens (M,)
-// and block_tables (M, width) int32 (layers of a press may hold different slots). -> final-normed
-// hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice). A quantized
-// model passes its matrices' codes as q ... down, and per layer seven entries (q, k, v, o, gate, up,
-// down) of `scales`, `offsets` and `group_sizes` (a None scale: that matrix is dense); `quant_variant`
-// names the quantized GEMM kernel (a float one: the integer variant rounds inputs per GEMM call).
+}  // namespace
+
+// A model's per-layer step weights, handed to C++ once per model (a torch custom class): each step then
+// passes one object where it passed nine lists of a tensor per layer and, for a quantized model, three
+// lists of seven entries per layer. Converting those lists from Python cost 50 us per step in float32
+// and 160 us in int8 (SmolLM2, 2-core Sapphire Rapids), 2% of an int8 token.
+struct StepWeights : torch::CustomClassHolder {
+  std::vector<at::Tensor> input_norms, q, k, v, o, post_norms, gate, up, down;
+  c10::List<std::optional<at::Tensor>> scales, offsets;  // 7 per layer (q ... down), or empty: all dense
+  std::vector<int64_t> group_sizes;
+
+  StepWeights(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> q, std::vector<at::Tensor> k,
+              std::vector<at::Tensor> v, std::vector<at::Tensor> o, std::vector<at::Tensor> post_norms,
+              std::vector<at::Tensor> gate, std::vector<at::Tensor> up, std::vector<at::Tensor> down,
+              c10::List<std::optional<at::Tensor>> scales, c10::List<std::optional<at::Tensor>> offsets,
+              std::vector<int64_t> group_sizes)
+      : input_norms(std::move(input_norms)), q(std::move(q)), k(std::move(k)), v(std::move(v)), o(std::move(o)),
+        post_norms(std::move(post_norms)), gate(std::move(gate)), up(std::move(up)), down(std::move(down)),
+        scales(std::move(scales)), offsets(std::move(offsets)), group_sizes(std::move(group_sizes)) {}
+};
+
+namespace {
+
+// embedded (M, hidden): the new tokens' embeddings; cos/sin (M, rotary_dim / 2); `step_weights` per
+// layer: the weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)) and the norms;
+// per layer: the K/V caches (num_blocks, block_size, KH, D) and that layer's slot_mapping (M,) int64,
+// seq_lens (M,) and block_tables (M, width) int32 (layers of a press may hold different slots). ->
+// final-normed hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
+// A quantized model's step weights hold its matrices' codes as q ... down, and per layer seven entries
+// (q, k, v, o, gate, up, down) of scales, offsets and group sizes (a None scale: that matrix is dense);
+// `quant_variant` names the quantized GEMM kernel (a float one: the integer variant rounds inputs per
+// GEMM call).
 at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
-                       at::TensorList input_norms, at::TensorList q, at::TensorList k, at::TensorList v,
-                       at::TensorList o, at::TensorList post_norms, at::TensorList gate, at::TensorList up,
-                       at::TensorList down, const at::Tensor& final_norm, at::TensorList key_caches,
-                       at::TensorList value_caches, at::TensorList slot_mappings, at::TensorList seq_lens,
-                       at::TensorList block_tables, const c10::List<std::optional<at::Tensor>>& scales,
-                       const c10::List<std::optional<at::Tensor>>& offsets, at::IntArrayRef group_sizes,
-                       int64_t num_heads, double eps, double scale, c10::string_view variant_name,
-                       c10::string_view quant_variant_name) {
+                       const c10::intrusive_ptr<StepWeights>& step_weights, const at::Tensor& final_norm,
+                       at::TensorList key_caches, at::TensorList value_caches, at::TensorList slot_mappings,
+                       at::TensorList seq_lens, at::TensorList block_tables, int64_t num_heads, double eps,
+                       double scale, c10::string_view variant_name, c10::string_view quant_variant_name) {
+  const StepWeights& sw = *step_weights;
+  const at::TensorList input_norms = sw.input_norms, q = sw.q, k = sw.k, v = sw.v, o = sw.o,
+                       post_norms = sw.post_norms, gate = sw.gate, up = sw.up, down = sw.down;
+  const c10::List<std::optional<at::Tensor>>& scales = sw.scales;
+  const c10::List<std::optional<at::Tensor>>& offsets = sw.offsets;
+  const at::IntArrayRef group_sizes = sw.group_sizes;
   const sk::Variant& variant = sk::find_variant(std::string(variant_name));
   const bool quantized = !scales.empty();
   TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
@@ -374,9 +401,13 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_step: float32 or bfloat16 only, got ", dtype);
   const int64_t L = static_cast<int64_t>(q.size());
   TORCH_CHECK(L >= 1, "decode_step: no layers");
-  for (const at::TensorList list : {input_norms, k, v, o, post_norms, gate, up, down, key_caches, value_caches,
-                                    slot_mappings, seq_lens, block_tables})
+  for (const at::TensorList list : {input_norms, k, v, o, post_norms, gate, up, down, key_caches, value_caches})
     TORCH_CHECK(static_cast<int64_t>(list.size()) == L, "decode_step: every per-layer list needs ", L, " entries");
+  // The metadata: one entry per layer, or one that every layer reads (a cache without a press).
+  const bool shared_metadata = slot_mappings.size() == 1;
+  for (const at::TensorList list : {slot_mappings, seq_lens, block_tables})
+    TORCH_CHECK(static_cast<int64_t>(list.size()) == (shared_metadata ? 1 : L),
+                "decode_step: slot_mappings, seq_lens and block_tables need one entry, or one per layer (", L, ")");
   const int64_t M = embedded.size(0), hidden = embedded.size(1);
   TORCH_CHECK(key_caches[0].dim() == 4, "decode_step: caches must be (num_blocks, block_size, kv_heads, head_dim)");
   const int64_t KH = key_caches[0].size(2), D = key_caches[0].size(3), H = num_heads;
@@ -421,20 +452,21 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
                 "decode_step: layer ", l, "'s caches must be (num_blocks, block_size, ", KH, ", ", D, ")");
     TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == dtype && vc.scalar_type() == dtype,
                 "decode_step: caches must be contiguous, in the model's dtype");
-    const at::Tensor& slots = slot_mappings[l];
+    const int64_t ml = shared_metadata ? 0 : l;
+    const at::Tensor& slots = slot_mappings[ml];
     TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
                 "decode_step: slot_mapping must be (M,) int64");
-    TORCH_CHECK(seq_lens[l].numel() == M, "decode_step: seq_lens must be (M,)");
+    TORCH_CHECK(seq_lens[ml].numel() == M, "decode_step: seq_lens must be (M,)");
     const int64_t NB = kc.size(0), BS = kc.size(1);
-    kvlab::check_paged_metadata("decode_step", seq_lens[l], block_tables[l], NB, BS);
+    kvlab::check_paged_metadata("decode_step", seq_lens[ml], block_tables[ml], NB, BS);
     const int64_t* slot = slots.const_data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m)
       TORCH_CHECK(slot[m] >= 0 && slot[m] < NB * BS, "decode_step: slot_mapping[", m, "] = ", slot[m],
                   " is outside the cache's ", NB * BS, " slots");
     weights.push_back({mq, mk, mv, mo, mgate, mup, mdown, input_norms[l].const_data_ptr(),
                        post_norms[l].const_data_ptr()});
-    caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[l].const_data_ptr<int32_t>(),
-                      block_tables[l].const_data_ptr<int32_t>(), block_tables[l].size(1)});
+    caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[ml].const_data_ptr<int32_t>(),
+                      block_tables[ml].const_data_ptr<int32_t>(), block_tables[ml].size(1)});
   }
   at::Tensor out = at::empty_like(embedded);
   if (dtype == at::kFloat)
@@ -452,11 +484,16 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvlab, m) {
-  m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, Tensor[] input_norms, Tensor[] q, Tensor[] k, "
-        "Tensor[] v, Tensor[] o, Tensor[] post_norms, Tensor[] gate, Tensor[] up, Tensor[] down, Tensor final_norm, "
-        "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor[] slot_mappings, Tensor[] seq_lens, "
-        "Tensor[] block_tables, Tensor?[] scales, Tensor?[] offsets, int[] group_sizes, int num_heads, float eps, "
-        "float scale, str variant, str quant_variant) -> Tensor");
+  m.class_<StepWeights>("StepWeights")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       c10::List<std::optional<at::Tensor>>, c10::List<std::optional<at::Tensor>>,
+                       std::vector<int64_t>>());
+  m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, __torch__.torch.classes.kvlab.StepWeights weights, "
+        "Tensor final_norm, Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor[] slot_mappings, "
+        "Tensor[] seq_lens, Tensor[] block_tables, int num_heads, float eps, float scale, str variant, "
+        "str quant_variant) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvlab, CPU, m) { m.impl("decode_step", &decode_step); }

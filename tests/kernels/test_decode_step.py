@@ -191,3 +191,41 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tiny_lla
     ):
         model(torch.tensor([5]), torch.tensor([2]), caches, metadata, get_backend("cpu_paged"))
     assert all(not cache.any() for pair in caches for cache in pair)
+
+
+def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
+    model = build_engine_model(tiny_llama.model)
+    caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+    model(
+        torch.tensor([5, 6]),
+        torch.tensor([0, 1]),
+        caches,
+        AttentionMetadata.from_lists([2], [2], [[1]], BLOCK_SIZE),
+        get_backend("cpu_paged"),
+    )
+    metadata = AttentionMetadata.from_lists([1], [3], [[1]], BLOCK_SIZE)
+    model._step_weights = model._step_weights or model._split_step_weights()
+    cos, sin = model.rotary.tables(torch.tensor([2]))
+    variant = cpu_kernels.fused_decode_variant(torch.float32, 1)
+
+    def step(per_layer):
+        keys, values = zip(*caches, strict=True)
+        return cpu_kernels.decode_step(
+            model.embed[torch.tensor([7])],
+            cos,
+            sin,
+            model._step_weights,
+            model.final_norm,
+            (list(keys), list(values)),
+            per_layer,
+            model.num_heads,
+            model.eps,
+            model.scale,
+            variant,
+        )
+
+    layers = model.num_layers
+    shared = step([metadata] * layers)  # one object for every layer: the op is handed it once
+    assert torch.equal(shared, step([copy.copy(metadata) for _ in range(layers)]))
+    with pytest.raises(RuntimeError, match=rf"need one entry, or one per layer \({layers}\)"):
+        step([copy.copy(metadata) for _ in range(layers + 1)])
