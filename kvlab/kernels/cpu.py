@@ -301,21 +301,29 @@ class StepWeights:
 STEP_ORDER = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")  # StepWeights' arguments
 
 
+def step_caches(kv_caches: list[tuple[Tensor, Tensor]]) -> torch.ScriptObject:
+    """A forward's per-layer (key, value) caches as the one object decode_step takes (built once per
+    cache set: passed as lists, each step paid for walking them)."""
+    keys, values = zip(*kv_caches, strict=True)
+    return torch.classes.kvlab.StepCaches(list(keys), list(values))
+
+
 def decode_step(
     embedded: Tensor,
     cos: Tensor,
     sin: Tensor,
     weights: StepWeights,
     final_norm: Tensor,
-    caches,
+    caches: torch.ScriptObject,
     metadata,
     num_heads: int,
     eps: float,
     scale: float,
     variant: str,
 ) -> Tensor:
-    """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` is (key caches, value
-    caches); `metadata` one AttentionMetadata per layer. -> final-normed hidden (M, hidden)."""
+    """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` the per-layer K/V caches
+    as `step_caches` holds them; `metadata` one AttentionMetadata per layer. -> final-normed hidden
+    (M, hidden)."""
     if all(m is metadata[0] for m in metadata):  # every layer reads the same slots: pass them once
         metadata = metadata[:1]
     return _op().decode_step(
@@ -324,8 +332,7 @@ def decode_step(
         sin.contiguous(),
         weights.native,
         final_norm,
-        caches[0],
-        caches[1],
+        caches,
         [m.slot_mapping for m in metadata],
         [m.seq_lens for m in metadata],
         [m.block_tables for m in metadata],

@@ -371,20 +371,31 @@ struct StepWeights : torch::CustomClassHolder {
         scales(std::move(scales)), offsets(std::move(offsets)), group_sizes(std::move(group_sizes)) {}
 };
 
+// A forward's per-layer K/V caches, handed over once per cache set like StepWeights: passed as two
+// lists, torch's Python op call walks every element of them on each step (checking for fake script
+// objects, ~20 us) once any argument is a script object. The op writes into these caches: eager
+// inference only (no autograd, no functionalization sees the writes).
+struct StepCaches : torch::CustomClassHolder {
+  std::vector<at::Tensor> keys, values;
+
+  StepCaches(std::vector<at::Tensor> keys, std::vector<at::Tensor> values)
+      : keys(std::move(keys)), values(std::move(values)) {}
+};
+
 namespace {
 
 // embedded (M, hidden): the new tokens' embeddings; cos/sin (M, rotary_dim / 2); `step_weights` per
 // layer: the weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)) and the norms;
-// per layer: the K/V caches (num_blocks, block_size, KH, D) and that layer's slot_mapping (M,) int64,
-// seq_lens (M,) and block_tables (M, width) int32 (layers of a press may hold different slots). ->
-// final-normed hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
+// `step_caches` per layer: the K/V caches (num_blocks, block_size, KH, D); per layer, or one entry all
+// layers read: slot_mapping (M,) int64, seq_lens (M,) and block_tables (M, width) int32 (layers of a
+// press may hold different slots). -> final-normed hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
 // A quantized model's step weights hold its matrices' codes as q ... down, and per layer seven entries
 // (q, k, v, o, gate, up, down) of scales, offsets and group sizes (a None scale: that matrix is dense);
 // `quant_variant` names the quantized GEMM kernel (a float one: the integer variant rounds inputs per
 // GEMM call).
 at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                        const c10::intrusive_ptr<StepWeights>& step_weights, const at::Tensor& final_norm,
-                       at::TensorList key_caches, at::TensorList value_caches, at::TensorList slot_mappings,
+                       const c10::intrusive_ptr<StepCaches>& step_caches, at::TensorList slot_mappings,
                        at::TensorList seq_lens, at::TensorList block_tables, int64_t num_heads, double eps,
                        double scale, c10::string_view variant_name, c10::string_view quant_variant_name) {
   const StepWeights& sw = *step_weights;
@@ -393,6 +404,7 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   const c10::List<std::optional<at::Tensor>>& scales = sw.scales;
   const c10::List<std::optional<at::Tensor>>& offsets = sw.offsets;
   const at::IntArrayRef group_sizes = sw.group_sizes;
+  const at::TensorList key_caches = step_caches->keys, value_caches = step_caches->values;
   const sk::Variant& variant = sk::find_variant(std::string(variant_name));
   const bool quantized = !scales.empty();
   TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
@@ -490,8 +502,9 @@ TORCH_LIBRARY_FRAGMENT(kvlab, m) {
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        c10::List<std::optional<at::Tensor>>, c10::List<std::optional<at::Tensor>>,
                        std::vector<int64_t>>());
+  m.class_<StepCaches>("StepCaches").def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>());
   m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, __torch__.torch.classes.kvlab.StepWeights weights, "
-        "Tensor final_norm, Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor[] slot_mappings, "
+        "Tensor final_norm, __torch__.torch.classes.kvlab.StepCaches caches, Tensor[] slot_mappings, "
         "Tensor[] seq_lens, Tensor[] block_tables, int num_heads, float eps, float scale, str variant, "
         "str quant_variant) -> Tensor");
 }

@@ -95,6 +95,8 @@ class LlamaEngineModel(EngineModel):
         )
         self.quantized = self.is_quantized
         self._step_weights: cpu_kernels.StepWeights | None = None
+        # The caches the last fused step read, and their one-object form (kept while they are the same list).
+        self._step_caches: tuple[list, torch.ScriptObject] | None = None
         self._whole_blocks: bool | None = None  # every quantized matrix has whole 32-column blocks
 
     @staticmethod
@@ -183,16 +185,17 @@ class LlamaEngineModel(EngineModel):
     def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
         if self._step_weights is None:
             self._step_weights = self._split_step_weights()
+        if self._step_caches is None or self._step_caches[0] is not kv_caches:
+            self._step_caches = (kv_caches, cpu_kernels.step_caches(kv_caches))
         cos, sin = self.rotary.tables(positions)
-        keys, values = zip(*kv_caches, strict=True)
         return cpu_kernels.decode_step(
             embedding(input_ids, self.embed, self.dtype),
             cos,
             sin,
             self._step_weights,
             self.final_norm,
-            (list(keys), list(values)),
-            [backend.layer_metadata(key_cache, metadata) for key_cache in keys],
+            self._step_caches[1],
+            [backend.layer_metadata(key_cache, metadata) for key_cache, _ in kv_caches],
             self.num_heads,
             self.eps,
             self.scale,

@@ -178,7 +178,9 @@ def test_paged_attention_equals_softmax_with_extreme_scores_anywhere(first):
     for position, score in zip(range(first, first + 3), (200.0, 199.0, 150.0), strict=True):
         keys[position // 4, position % 4, 0, 0] = score
     table = torch.arange(10, dtype=torch.int32)[None]
-    out = cpu_kernels.paged_decode_attention(query, keys, values, table, torch.tensor([37], dtype=torch.int32), 1.0)
+    out = cpu_kernels.paged_decode_attention(
+        query, keys, values, table, torch.tensor([37], dtype=torch.int32), 1.0
+    )
     k, v = keys.reshape(40, 8)[:37].double(), values.reshape(40, 8)[:37].double()
     expected = torch.softmax(k @ query[0, 0].double(), dim=-1) @ v
     torch.testing.assert_close(out[0, 0].double(), expected, atol=1e-5, rtol=1e-5)

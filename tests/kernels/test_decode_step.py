@@ -209,14 +209,13 @@ def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
     variant = cpu_kernels.fused_decode_variant(torch.float32, 1)
 
     def step(per_layer):
-        keys, values = zip(*caches, strict=True)
         return cpu_kernels.decode_step(
             model.embed[torch.tensor([7])],
             cos,
             sin,
             model._step_weights,
             model.final_norm,
-            (list(keys), list(values)),
+            cpu_kernels.step_caches(caches),
             per_layer,
             model.num_heads,
             model.eps,
@@ -229,3 +228,40 @@ def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
     assert torch.equal(shared, step([copy.copy(metadata) for _ in range(layers)]))
     with pytest.raises(RuntimeError, match=rf"need one entry, or one per layer \({layers}\)"):
         step([copy.copy(metadata) for _ in range(layers + 1)])
+
+
+def test_new_caches_are_handed_to_the_step_anew(tiny_llama, fused_calls):
+    """The step keeps the one-object form of the caches it last read; another cache list (the next
+    kvlab.generate call of a long-lived engine model) must not decode against the old buffers."""
+    model = build_engine_model(tiny_llama.model)
+    backend = get_backend("cpu_paged")
+    outputs = []
+    for prompt in ([5, 6, 7], [9, 8, 7]):
+        caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+        model(
+            torch.tensor(prompt),
+            torch.arange(3),
+            caches,
+            AttentionMetadata.from_lists([3], [3], [[1]], BLOCK_SIZE),
+            backend,
+        )
+        metadata = AttentionMetadata.from_lists([1], [4], [[1]], BLOCK_SIZE)
+        outputs.append(model(torch.tensor([4]), torch.tensor([3]), caches, metadata, backend))
+    fresh = build_engine_model(tiny_llama.model)
+    caches = fresh.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+    fresh(
+        torch.tensor([9, 8, 7]),
+        torch.arange(3),
+        caches,
+        AttentionMetadata.from_lists([3], [3], [[1]], BLOCK_SIZE),
+        backend,
+    )
+    expected = fresh(
+        torch.tensor([4]),
+        torch.tensor([3]),
+        caches,
+        AttentionMetadata.from_lists([1], [4], [[1]], BLOCK_SIZE),
+        backend,
+    )
+    assert torch.equal(outputs[1], expected) and not torch.equal(outputs[0], outputs[1])
+    assert len(fused_calls) == 3  # every decode step above ran as the one op
