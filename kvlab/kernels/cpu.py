@@ -263,29 +263,22 @@ STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in deco
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepWeights:
     """decode_step's per-layer weights, handed to the C++ op once per model (`native`, a torch custom
-    class): a step passes that one object, not nine lists of a tensor per layer.
+    class that holds them): a step passes that one object, not nine lists of a tensor per layer.
+    `quantized`: some matrix is quantized (the op then also runs the quantized GEMM)."""
 
-    tensors: input_norm, post_norm and the seven matrices, each a per-layer list (a quantized matrix
-    as its codes); scales / offsets / group_sizes: seven entries per layer (None / 0 for a dense
-    matrix), empty when no matrix is quantized."""
-
-    tensors: dict[str, list[Tensor]]
-    scales: list[Tensor | None]
-    offsets: list[Tensor | None]
-    group_sizes: list[int]
     native: torch.ScriptObject
+    quantized: bool
 
     @classmethod
     def from_layers(cls, layers: dict[str, list]) -> "StepWeights":
         """`layers` maps input_norm, post_norm and each matrix name to its per-layer list (a matrix: a
-        tensor or a QuantizedWeight)."""
+        tensor or a QuantizedWeight). A quantized matrix goes as its codes, with seven scale, offset and
+        group-size entries per layer (None / 0 for a dense matrix); all three are empty when none is."""
         flat = [w for layer in zip(*(layers[name] for name in STEP_MATRICES), strict=True) for w in layer]
+        quantized = [None if isinstance(w, Tensor) else w for w in flat]
         tensors = dict(layers)
-        scales: list[Tensor | None] = []
-        offsets: list[Tensor | None] = []
-        group_sizes: list[int] = []
-        if not all(isinstance(w, Tensor) for w in flat):
-            quantized = [None if isinstance(w, Tensor) else w for w in flat]
+        scales, offsets, group_sizes = [], [], []
+        if any(q is not None for q in quantized):
             tensors |= {
                 name: [w if isinstance(w, Tensor) else w.data for w in layers[name]] for name in STEP_MATRICES
             }
@@ -295,7 +288,7 @@ class StepWeights:
         native = torch.classes.kvlab.StepWeights(
             *(tensors[name] for name in STEP_ORDER), scales, offsets, group_sizes
         )
-        return cls(tensors, scales, offsets, group_sizes, native)
+        return cls(native, bool(scales))
 
 
 STEP_ORDER = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")  # StepWeights' arguments
@@ -340,7 +333,7 @@ def decode_step(
         eps,
         scale,
         variant,
-        quant_variant() if weights.scales else "",
+        quant_variant() if weights.quantized else "",
     )
 
 

@@ -59,15 +59,19 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def kv_bytes_per_position(model: torch.nn.Module) -> int:
-    """K and V bytes one cached position holds over all layers, at the model's dtype: what exact
-    attention reads per attended position in a decode step (a batch-1 row, full-precision cache)."""
-    config = model.config
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder's KV cache, from its HF config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_bytes_per_position(model: torch.nn.Module) -> int:
+    """K and V bytes one cached position holds over all layers, at the model's dtype: what exact
+    attention reads per attended position in a decode step (a batch-1 row, full-precision cache)."""
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 def mean_decode_context(prompt_len: int, new_tokens: int) -> float:

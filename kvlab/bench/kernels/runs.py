@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kvlab.attention.backends.registry import get_backend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.bench.core.floor import bandwidth_probes, best_seconds
+from kvlab.bench.core.floor import bandwidth_probes, best_seconds, kv_shape
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
 from kvlab.bench.kernels.report import MODEL_PATH, TORCH, write_kernels_report
@@ -125,10 +125,8 @@ def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype
     """Decode inputs of the model's attention shape: every request `context_len` tokens deep, its blocks
     scattered over the pool (a shuffled block order, as a long-running engine leaves them)."""
     shape = config.attention
-    text_config = model.config
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    heads = model.config.num_attention_heads
+    _, kv_heads, head_dim = kv_shape(model.config)
     per_request = -(-shape.context_len // shape.block_size)
     num_blocks = shape.num_requests * per_request + 1
     generator = torch.Generator().manual_seed(config.seed)

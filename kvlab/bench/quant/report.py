@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.floor import mean_decode_context
+from kvlab.bench.core.floor import Floor, mean_decode_context
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, format_mib, format_ms, title_lines
 
@@ -124,8 +124,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     ]
     if payload["skipped"]:
         lines += ["", *[f"Skipped {name}: {reason}." for name, reason in payload["skipped"].items()]]
+    full_kv = payload.get("methods_baseline_kv_bytes_per_position", 0)
     for cell in payload["speed"]:
-        full_kv = payload.get("methods_baseline_kv_bytes_per_position", 0)
         lines += speed_section(cell, methods, full, full_kv, bytes_per_s)
     lines += ppl_section(methods)
     lines += kernel_section(payload.get("kernels", {}), bytes_per_s)
@@ -146,9 +146,9 @@ def speed_section(cell: dict, methods: dict, full: int, full_kv: int, bytes_per_
         weight_bytes = full if name == BASELINE else methods[name]["weight_bytes_per_token"]
         kv_bytes = full_kv if name == BASELINE else methods[name].get("kv_bytes_per_position", 0)
         rows, new_tokens = len(samples[0]["tokens"]), len(samples[0]["tokens"][0])
-        positions = rows * mean_decode_context(cell["prompt_len"], new_tokens)
+        context = mean_decode_context(cell["prompt_len"], new_tokens)
         tpot = median_of(samples, "tpot_s")
-        floor = (weight_bytes + kv_bytes * positions) / bytes_per_s
+        floor = Floor(weight_bytes, bytes_per_s, kv_bytes_per_position=kv_bytes).tpot_at(context, rows)
         ratio = f"{tpot / float_tpot:.2f}x" if float_tpot else "n/a"
         label = "baseline: float32 `model.generate()`" if name == BASELINE else name
         lines.append(

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.datasets import load_text
-from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes, kv_bytes_per_position
+from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes, kv_bytes_per_position, kv_shape
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
@@ -123,11 +123,7 @@ def method_kv_bytes_per_position(method: Method, model) -> int:
     codes and scales (a lower bound there: its newest tokens wait in full precision)."""
     if method.kind != "kv":
         return kv_bytes_per_position(model)
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    spec = KVQuantSpec(bits=method.kv_bits)
-    return paged_kv.bytes_per_token(spec, config.num_hidden_layers, kv_heads, head_dim)
+    return paged_kv.bytes_per_token(KVQuantSpec(bits=method.kv_bits), *kv_shape(model.config))
 
 
 def generate_kwargs(method: Method) -> dict[str, Any]:
