@@ -78,10 +78,10 @@ def test_raw_samples_and_block_accounting(experiment):
     assert (
         set(decode["tpot_s"]) == {"engine", "kvlab.generate", "model.generate"} and decode["floor_tpot_s"] > 0
     )
-    # the floor is the best probe of the run, named; the engine's peak rise over the loaded model is real
-    assert decode["probe"] in decode["probes_bytes_per_s"] and decode["bandwidth_bytes_per_s"] == max(
-        decode["probes_bytes_per_s"].values()
-    )
+    # the floor comes from probes taken beside the timed rounds, named; the engine's peak rise over the
+    # loaded model is real
+    assert decode["probe"] in decode["probes_bytes_per_s"] and decode["probe_rounds"] >= 1
+    assert 0 < decode["bandwidth_bytes_per_s"] <= decode["fastest_probe_bytes_per_s"]
     assert (
         payload["model_resident_bytes"] > 0 and engine["peak_memory_bytes"] > payload["model_resident_bytes"]
     )

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
-from kvlab.bench.core.floor import Floor, mean_decode_context, measure_floor
+from kvlab.bench.core.floor import Floor, floor_of_rounds, mean_decode_context, probe_round
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
@@ -182,7 +182,6 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                 f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
                 f"{config.model}'s context of {loaded.context_length} tokens"
             )
-        floors[dtype] = measure_floor(loaded.model)
         if ppl is None and ppl_fn is not None:
             ppl = ppl_fn(loaded)
         quality_fn = TECHNIQUES[config.technique].quality
@@ -192,15 +191,24 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         progress = tqdm(
             total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run"
         )
+        # The memory's bandwidth is probed at the start of every round, so the floor describes the
+        # minutes the timed runs saw (kvlab.bench.core.floor).
+        probe_rounds: list[dict[str, float]] = []
+        cell_samples: list[tuple[torch.Tensor, dict[str, list[Sample]]]] = []
         for prompt_len in config.prompt_lengths:
             input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
             samples: dict[str, list[Sample]] = {method: [] for method in methods}
             for round_index in range(config.warmup + config.repeats):
+                if round_index >= config.warmup:
+                    probe_rounds.append(probe_round(loaded.model))
                 for method in methods:
                     sample = measure(method, loaded, input_ids, config)
                     if round_index >= config.warmup:
                         samples[method].append(sample)
                     progress.update()
+            cell_samples.append((input_ids, samples))
+        floors[dtype] = floor_of_rounds(loaded.model, probe_rounds)
+        for input_ids, samples in cell_samples:
             for method in methods:
                 full_cache = method == "baseline" or TECHNIQUES[config.technique].press is None
                 runs.append(
@@ -211,7 +219,10 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
             if len(methods) == 2:
                 agreements.append(
                     agreement(
-                        dtype, prompt_len, samples["baseline"][0].tokens, samples["optimized"][0].tokens
+                        dtype,
+                        input_ids.shape[1],
+                        samples["baseline"][0].tokens,
+                        samples["optimized"][0].tokens,
                     )
                 )
         progress.close()

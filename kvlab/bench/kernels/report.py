@@ -5,6 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from kvlab.bench.core.floor import round_bandwidth
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, title_lines
 from kvlab.kernels.calibrate import TIE
@@ -14,11 +15,22 @@ MODEL_PATH = "kvlab.models"  # what the model's linear layers run: the calibrati
 
 # (rows, target): the model path's pass at `rows` rows may cost at most `target` x its pass at one row.
 ROW_BARS = ((16, 2.0), (32, 3.5))
-FLOOR_BAR = 1.15  # one row's pass / (weight bytes / best read bandwidth)
+FLOOR_BAR = 1.15  # one row's pass / (weight bytes / read bandwidth, floor_bandwidth)
 
 
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
+
+
+def floor_bandwidth(gemm: dict[str, Any]) -> tuple[str, float]:
+    """(probe, bytes/s) of the floor: each probe round's best, median over the rounds (results written
+    before the bench probed per round hold one set of probes)."""
+    return round_bandwidth(gemm.get("probe_rounds") or [gemm["probes_bytes_per_s"]])
+
+
+def probe_medians(gemm: dict[str, Any]) -> dict[str, float]:
+    rounds = gemm.get("probe_rounds") or [gemm["probes_bytes_per_s"]]
+    return {name: median([r[name] for r in rounds if name in r]) for name in rounds[0]}
 
 
 def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
@@ -29,7 +41,7 @@ def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
         if str(rows) in by_rows:
             ratio = median(by_rows[str(rows)]["seconds"][MODEL_PATH]) / one
             bars.append(bar(f"{dtype}: {rows} rows / 1 row (what the model runs)", "<=", target, ratio))
-    bandwidth = max(gemm["probes_bytes_per_s"].values())
+    _, bandwidth = floor_bandwidth(gemm)
     bars.append(
         bar(
             f"{dtype}: 1 row / read-bandwidth floor",
@@ -77,19 +89,22 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
 
 
 def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
-    probes = gemm["probes_bytes_per_s"]
-    best_probe = max(probes, key=probes.__getitem__)
-    floor_s = gemm["weight_bytes"] / probes[best_probe]
+    probes = probe_medians(gemm)
+    best_probe, bandwidth = floor_bandwidth(gemm)
+    rounds = gemm.get("probe_rounds") or [probes]
+    fastest = max(max(r.values()) for r in rounds)
+    floor_s = gemm["weight_bytes"] / bandwidth
     names = list(next(iter(gemm["by_rows"].values()))["seconds"])
     lines = [
         "",
         f"## Skinny GEMM, {dtype}",
         "",
         f"{gemm['num_matrices']} matrices, {gemm['params'] / 1e6:.1f}M parameters, "
-        f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth (best probe of this run, "
-        f"{best_probe}): {probes[best_probe] / 1e9:.1f} GB/s "
-        f"({', '.join(f'{name} {value / 1e9:.1f}' for name, value in probes.items())}), so one pass "
-        f"cannot take less than {floor_s * 1e3:.2f} ms. Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
+        f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth, probed before each of the "
+        f"{len(rounds)} timed one-row rounds (each round's best probe, median over the rounds; best most "
+        f"often: {best_probe}): {bandwidth / 1e9:.1f} GB/s (each probe's median: "
+        f"{', '.join(f'{name} {value / 1e9:.1f}' for name, value in probes.items())}; the fastest probe of any "
+        f"round {fastest / 1e9:.1f}), so one pass cannot take less than {floor_s * 1e3:.2f} ms. Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
         f"{gemm['matmul_peak_flops'] / 1e9:.0f} GFLOP/s.",
         "",
         "| rows | "

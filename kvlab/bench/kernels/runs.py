@@ -8,6 +8,7 @@ kernels interleaved pass by pass so that a busy spell of the machine hits them a
 """
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from kvlab.attention.backends.registry import get_backend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.bench.core.floor import bandwidth_probes, best_seconds, kv_shape
+from kvlab.bench.core.floor import ROUND_ITERS, bandwidth_probes, best_seconds, kv_shape
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
 from kvlab.bench.kernels.report import MODEL_PATH, TORCH, write_kernels_report
@@ -57,10 +58,19 @@ def model_path_kernel(dtype: torch.dtype, rows: int) -> str:
     return TORCH
 
 
-def time_passes(kernels: dict[str, Any], weights: list[torch.Tensor], inputs: dict, repeats: int) -> dict:
-    """Seconds per full pass over `weights`, per kernel: `repeats` samples after one warm-up pass."""
+def time_passes(
+    kernels: dict[str, Any],
+    weights: list[torch.Tensor],
+    inputs: dict,
+    repeats: int,
+    before_round: Callable[[], object] | None = None,
+) -> dict:
+    """Seconds per full pass over `weights`, per kernel: `repeats` samples after one warm-up pass;
+    `before_round` runs before each timed round (the bandwidth probes)."""
     samples: dict[str, list[float]] = {name: [] for name in kernels}
     for index in range(repeats + 1):
+        if index and before_round is not None:
+            before_round()
         for name, run in kernels.items():
             start = time.perf_counter()
             for w in weights:
@@ -100,12 +110,19 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
     params = sum(w.numel() for w in weights)
     generator = torch.Generator().manual_seed(config.seed)
     by_rows = {}
+    # The read bandwidth is probed before every round of the one-row passes, which the floor bounds,
+    # so it describes the minutes they ran in (kvlab.bench.core.floor).
+    probe_rounds: list[dict[str, float]] = []
+
+    def probe() -> None:
+        probe_rounds.append(bandwidth_probes(dtype, torch.device("cpu"), iters=ROUND_ITERS))
+
     for rows in config.rows:
         inputs = {
             k: torch.randn(rows, k, generator=generator).to(dtype) for k in {w.shape[1] for w in weights}
         }
         kernels = candidates(dtype)
-        samples = time_passes(kernels, weights, inputs, config.repeats)
+        samples = time_passes(kernels, weights, inputs, config.repeats, probe if rows == 1 else None)
         by_rows[str(rows)] = {
             "seconds": samples,
             "relative_error": max_error(kernels, weights, inputs),
@@ -115,7 +132,7 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
         "num_matrices": len(weights),
         "weight_bytes": weight_bytes,
         "params": params,
-        "probes_bytes_per_s": bandwidth_probes(dtype, torch.device("cpu")),
+        "probe_rounds": probe_rounds or [bandwidth_probes(dtype, torch.device("cpu"))],
         "matmul_peak_flops": matmul_peak_flops(dtype),
         "by_rows": by_rows,
     }

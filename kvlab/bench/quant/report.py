@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.floor import Floor, mean_decode_context
+from kvlab.bench.core.floor import Floor, mean_decode_context, round_bandwidth
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, format_mib, format_ms, title_lines
 
@@ -22,9 +22,9 @@ def median_of(samples: list[dict], key: str) -> float:
 
 
 def bandwidth(payload: dict) -> tuple[str, float]:
-    probes = payload["probes_bytes_per_s"]
-    name = max(probes, key=probes.__getitem__)
-    return name, probes[name]
+    """(probe, bytes/s) of the floors: each timed round's best probe, median over the rounds (results
+    written before the bench probed per round hold one set of probes)."""
+    return round_bandwidth(payload.get("probe_rounds") or [payload["probes_bytes_per_s"]])
 
 
 def issue_bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -115,8 +115,8 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         f"(wikitext-2 test windows), batch {config['batch_size']}, {config['new_tokens']} new tokens, median "
         f"of {config['repeats']} rounds after {config['warmup']} warm-up, methods interleaved round by round. "
         "Floor = (the method's weight bytes + its K/V bytes per position x the positions a timed step attends, "
-        f"prompt + new tokens / 2 per row) / the best read bandwidth of this run ({probe}, "
-        f"{bytes_per_s / 1e9:.1f} GB/s).",
+        "prompt + new tokens / 2 per row) / the read bandwidth, probed before every timed round (each "
+        f"round's best probe, median over the rounds; best most often: {probe}, {bytes_per_s / 1e9:.1f} GB/s).",
         "",
         "## Bars (issue 12)",
         "",

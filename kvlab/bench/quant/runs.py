@@ -22,7 +22,14 @@ from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
 from kvlab.bench.core.datasets import load_text
-from kvlab.bench.core.floor import bandwidth_probes, decode_weight_bytes, kv_bytes_per_position, kv_shape
+from kvlab.bench.core.floor import (
+    ROUND_ITERS,
+    bandwidth_probes,
+    decode_weight_bytes,
+    kv_bytes_per_position,
+    kv_shape,
+    probe_medians,
+)
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import matching_prefix, tpot_s, ttft_s
@@ -71,8 +78,6 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
         start = time.perf_counter()
         variants[method.name] = build_variant(method, loaded.model, load, config)
         build_seconds[method.name] = time.perf_counter() - start
-    print("kvlab: quantization bench: measuring the read bandwidth", flush=True)
-    probes = bandwidth_probes(torch.float32, device)
     payload: dict[str, Any] = {
         "command": command,
         "machine": machine_info(device),
@@ -80,7 +85,7 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
         "model": {"name": loaded.name, "source": loaded.source, "meaningful_ppl": loaded.meaningful_ppl},
         "config": config.to_dict(),
         "skipped": skipped,
-        "probes_bytes_per_s": probes,
+        "probe_rounds": [],  # the read bandwidth before every timed round (measure_speed)
         "model_resident_bytes": resident,
         "methods": {},
         "speed": [],
@@ -99,8 +104,11 @@ def run_quant_bench(config: QuantBenchConfig, out_dir: Path, command: str) -> Pa
     with torch.inference_mode():
         for prompt_len in config.prompt_lengths:
             payload["speed"].append(
-                measure_speed(config, loaded, variants, methods, tokens[0], prompt_len, device)
+                measure_speed(
+                    config, loaded, variants, methods, tokens[0], prompt_len, device, payload["probe_rounds"]
+                )
             )
+    payload["probes_bytes_per_s"] = probe_medians(payload["probe_rounds"])
     for method in methods:
         print(f"kvlab: quantization bench: PPL of {method.name}", flush=True)
         payload["methods"][method.name]["ppl"] = measure_ppl(
@@ -135,12 +143,18 @@ def generate_kwargs(method: Method) -> dict[str, Any]:
     return {}
 
 
-def measure_speed(config, loaded, variants, methods, token_ids, prompt_len, device) -> dict[str, Any]:
+def measure_speed(
+    config, loaded, variants, methods, token_ids, prompt_len, device, probe_rounds: list
+) -> dict[str, Any]:
+    """TPOT etc. of every method, rounds interleaved; each timed round first appends the float32 read
+    bandwidth of that minute to `probe_rounds` (the floors' bandwidth, kvlab.bench.core.floor)."""
     input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
     runs: dict[str, list[dict[str, Any]]] = {BASELINE: [], **{m.name: [] for m in methods}}
     rounds = config.warmup + config.repeats
     progress = tqdm(total=rounds * len(runs), desc=f"quantization, prompt {prompt_len}", unit="run")
     for round_index in range(rounds):
+        if round_index >= config.warmup:
+            probe_rounds.append(bandwidth_probes(torch.float32, device, iters=ROUND_ITERS))
         for name in runs:
             with PeakMemory(device) as peak:
                 if name == BASELINE:

@@ -38,17 +38,20 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         "it attends, so TPOT >= (weight bytes + KV bytes per position x positions attended) / memory bandwidth, "
         "the positions averaged over the timed steps (prompt + new tokens / 2 at batch 1; a row's floor ms). A "
         "press keeps fewer positions: its rows count the weights alone. The "
-        "bandwidth is the best of several probes measured in this run (fastest of 8 timed passes each): reading "
-        "a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot product of its halves "
-        "(stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch matvec) and by kvlab's "
-        "skinny GEMM (kvlab skinny, where it runs). On a CPU with transparent huge pages the stream probes run "
-        'again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in them, as kvlab keeps '
-        "model weights there. The best probe sets the floor.",
+        "bandwidth is probed at the start of every timed round, by several probes (fastest of a few timed "
+        "passes each): reading a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot "
+        "product of its halves (stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch "
+        "matvec) and by kvlab's skinny GEMM (kvlab skinny, where it runs). On a CPU with transparent huge pages "
+        'the stream probes run again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in '
+        "them, as kvlab keeps model weights there. Each round's best probe, median over the rounds (the "
+        "statistic of the median TPOT it bounds), sets the floor; a probe column is that probe's median, and "
+        "the fastest probe of any round is shown beside them (a VM's memory has quiet spells that a timed run "
+        "may not see).",
         "",
         "| dtype | weight MiB per token | KV KiB per position | "
         + " | ".join(f"{name} GB/s" for name in names)
-        + " | best probe | weights' floor ms |",
-        "|---|---:|---:|" + "---:|" * len(names) + "---|---:|",
+        + " | best probe | rounds | fastest probe GB/s | weights' floor ms |",
+        "|---|---:|---:|" + "---:|" * len(names) + "---|---:|---:|---:|",
     ]
     for dtype, floor in floors.items():
         probes = floor.get("probes_bytes_per_s", {})
@@ -58,6 +61,8 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
             f"{floor.get('kv_bytes_per_position', 0) / 1024:.1f} | "
             + " | ".join(cells)
             + f" | {floor.get('probe', '')} ({floor['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s) "
+            f"| {floor.get('probe_rounds', 1)} "
+            f"| {floor.get('fastest_probe_bytes_per_s', floor['bandwidth_bytes_per_s']) / 1e9:.1f} "
             f"| {format_ms(floor['floor_tpot_s'])} |"
         )
     return lines

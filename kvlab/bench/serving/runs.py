@@ -270,7 +270,7 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
-    from kvlab.bench.core.floor import mean_decode_context, measure_floor
+    from kvlab.bench.core.floor import floor_of_rounds, mean_decode_context, probe_round
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
@@ -285,12 +285,15 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
             engine = LLMEngine.from_model(loaded, config.engine_config(dtype))
         paths = decode_paths(loaded, engine, prompt, workload.new_tokens)
         samples: dict[str, list[float]] = {name: [] for name in paths}
+        probe_rounds = []  # the floor of the minutes these rounds ran in (kvlab.bench.core.floor)
         for round_index in range(workload.warmup + workload.repeats):
+            if round_index >= workload.warmup:
+                probe_rounds.append(probe_round(loaded.model))
             for name, run in paths.items():
                 times = run()
                 if round_index >= workload.warmup:
                     samples[name].append(tpot_s(times))
-        floor = measure_floor(loaded.model)
+        floor = floor_of_rounds(loaded.model, probe_rounds)
         context = mean_decode_context(len(prompt), workload.new_tokens)
         results[dtype] = floor.to_dict() | {"decode_floor_tpot_s": floor.tpot_at(context), "tpot_s": samples}
         loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
