@@ -9,6 +9,7 @@ from kvlab.bench.core.floor import (
     kv_bytes_per_position,
     mean_decode_context,
     measure_floor,
+    round_over_floor,
 )
 from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
 from kvlab.models.loader import load_model
@@ -36,6 +37,16 @@ def test_over_probe_rounds_the_floor_takes_the_median_of_each_rounds_best():
     assert floor.to_dict()["probe_rounds"] == 3 and floor.to_dict()["fastest_probe_bytes_per_s"] == 64e9
     with pytest.raises(ValueError, match="at least one round"):
         Floor.from_rounds(1_000_000, [])
+
+
+def test_each_round_is_set_against_its_own_rounds_floor():
+    # the second round ran in a fast spell: its time and its floor both fell; medians of each alone
+    # (12 / 10) would mix the spells
+    times, floors = [12.0, 6.0, 13.0], [10.0, 5.0, 10.0]
+    assert round_over_floor(times, floors) == pytest.approx(1.2)
+    assert Floor.from_probes(1_000, {"stream sum": 10.0}).at_bandwidth(20.0).tpot_s == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        round_over_floor([1.0], [1.0, 2.0])
 
 
 def test_the_floor_counts_the_kv_every_attended_position_costs():

@@ -23,12 +23,14 @@ matrix-vector probes read a matrix in them: kvlab keeps model weights there
 A bench probes once per round of its timed runs (`Floor.from_rounds`): what a VM's memory delivers
 moves from minute to minute, and on a 2-core AMD EPYC a sum read 64-67 GB/s for a second or two in
 runs that otherwise read 33-37 (the timed decode steps in between ran at the 36), so the best probe of
-a whole run compared each TPOT with a spell that none of them saw. The floor's bandwidth is the median
-over the rounds of each round's best probe, the same statistic as the median TPOT it is compared
-with; the fastest probe of any round is kept beside it. The report names the probe that set it. A
-TPOT below the floor is a measurement error.
+a whole run compared each TPOT with a spell that none of them saw; the spells also come and go
+between the cells of one run. So each round's TPOT is set against its own round's floor (its best
+probe), and a row's TPOT / floor is the median over its rounds of those ratios (`round_over_floor`);
+its floor ms is the median of its rounds' floors, and the fastest probe of any round is kept beside
+them. The report names the probe that set the floor. A TPOT below the floor is a measurement error.
 """
 
+import dataclasses
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -190,6 +192,11 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device, iters: int = 8) -
     return probes
 
 
+def round_over_floor(times: Sequence[float], floors: Sequence[float]) -> float:
+    """Median over the rounds of each round's time over its own round's floor."""
+    return statistics.median(t / f for t, f in zip(times, floors, strict=True))
+
+
 def round_bandwidth(rounds: Sequence[dict[str, float]]) -> tuple[str, float]:
     """(the probe that was best in most rounds, the median over the rounds of each round's best)."""
     if not rounds:
@@ -228,6 +235,10 @@ class Floor:
         """The floor of a step of `batch` rows that each attend `context` cached positions."""
         kv_bytes = batch * context * self.kv_bytes_per_position
         return (self.weight_bytes_per_token + kv_bytes) / self.bandwidth_bytes_per_s
+
+    def at_bandwidth(self, bandwidth_bytes_per_s: float) -> "Floor":
+        """The same bytes over another bandwidth (one round's best probe)."""
+        return dataclasses.replace(self, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
 
     @classmethod
     def from_rounds(

@@ -4,13 +4,14 @@ Per dtype and prompt length: warm-up runs, then `repeats` rounds that alternate 
 so that drift of the machine hits both alike. Output length is fixed (min = max new tokens).
 """
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
-from kvlab.bench.core.floor import Floor, floor_of_rounds, mean_decode_context, probe_round
+from kvlab.bench.core.floor import Floor, floor_of_rounds, mean_decode_context, probe_round, round_over_floor
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
@@ -50,8 +51,9 @@ class RunRecord:
     peak_memory_rise_bytes: Summary  # rise over the loaded model (live memory right after loading)
     memory_kind: str
     kv_cache_bytes: int
-    tpot_over_floor: float
-    floor_tpot_s: float  # the floor this row is compared with (weights, plus the KV it must read)
+    tpot_over_floor: float  # median over the rounds of TPOT / that round's floor
+    floor_tpot_s: float  # median of the rounds' floors (weights, plus the KV it must read)
+    round_floor_tpot_s: list[float] = field(default_factory=list)  # per sample, its round's floor
     forward_path: str = "hf"
     tokens: list[list[int]] = field(default_factory=list)
 
@@ -110,16 +112,18 @@ def summarize(
     dtype: str,
     input_ids: torch.Tensor,
     samples: list[Sample],
-    floor: Floor,
+    floors: list[Floor],
     model_resident: int,
     full_cache: bool,
 ) -> RunRecord:
-    """full_cache: the run attends every position (model.generate, a static cache), so its floor counts
-    the K/V reads; a press keeps fewer, and its floor counts the weights alone."""
+    """floors: each sample's round's floor. full_cache: the run attends every position (model.generate,
+    a static cache), so its floor counts the K/V reads; a press keeps fewer, and its floor counts the
+    weights alone."""
     batch, prompt_len = input_ids.shape
     new_tokens = len(samples[0].token_times)
     context = mean_decode_context(prompt_len, new_tokens) if full_cache else 0.0
-    floor_tpot = floor.tpot_at(context, batch)
+    round_floors = [floor.tpot_at(context, batch) for floor in floors]
+    floor_tpot = statistics.median(round_floors)
     ttft = [ttft_s(s.token_times) for s in samples]
     tpot = [tpot_s(s.token_times) for s in samples]
     return RunRecord(
@@ -139,8 +143,9 @@ def summarize(
         ),
         memory_kind=samples[0].memory_kind,
         kv_cache_bytes=samples[0].kv_cache_bytes,
-        tpot_over_floor=Summary.of(tpot).median / floor_tpot,
+        tpot_over_floor=round_over_floor(tpot, round_floors),
         floor_tpot_s=floor_tpot,
+        round_floor_tpot_s=round_floors,
         forward_path=samples[0].forward_path,
         tokens=samples[0].tokens,
     )
@@ -194,26 +199,29 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         # The memory's bandwidth is probed at the start of every round, so the floor describes the
         # minutes the timed runs saw (kvlab.bench.core.floor).
         probe_rounds: list[dict[str, float]] = []
-        cell_samples: list[tuple[torch.Tensor, dict[str, list[Sample]]]] = []
+        cell_samples: list[tuple[torch.Tensor, dict[str, list[Sample]], list[float]]] = []
         for prompt_len in config.prompt_lengths:
             input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
             samples: dict[str, list[Sample]] = {method: [] for method in methods}
+            bandwidths: list[float] = []  # per timed round, its best probe
             for round_index in range(config.warmup + config.repeats):
                 if round_index >= config.warmup:
                     probe_rounds.append(probe_round(loaded.model))
+                    bandwidths.append(max(probe_rounds[-1].values()))
                 for method in methods:
                     sample = measure(method, loaded, input_ids, config)
                     if round_index >= config.warmup:
                         samples[method].append(sample)
                     progress.update()
-            cell_samples.append((input_ids, samples))
+            cell_samples.append((input_ids, samples, bandwidths))
         floors[dtype] = floor_of_rounds(loaded.model, probe_rounds)
-        for input_ids, samples in cell_samples:
+        for input_ids, samples, bandwidths in cell_samples:
+            round_floors = [floors[dtype].at_bandwidth(bandwidth) for bandwidth in bandwidths]
             for method in methods:
                 full_cache = method == "baseline" or TECHNIQUES[config.technique].press is None
                 runs.append(
                     summarize(
-                        method, dtype, input_ids, samples[method], floors[dtype], resident[dtype], full_cache
+                        method, dtype, input_ids, samples[method], round_floors, resident[dtype], full_cache
                     )
                 )
             if len(methods) == 2:

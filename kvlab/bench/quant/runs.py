@@ -152,9 +152,11 @@ def measure_speed(
     runs: dict[str, list[dict[str, Any]]] = {BASELINE: [], **{m.name: [] for m in methods}}
     rounds = config.warmup + config.repeats
     progress = tqdm(total=rounds * len(runs), desc=f"quantization, prompt {prompt_len}", unit="run")
+    bandwidths = []  # per timed round, its best probe: each round's TPOT is set against its own floor
     for round_index in range(rounds):
         if round_index >= config.warmup:
             probe_rounds.append(bandwidth_probes(torch.float32, device, iters=ROUND_ITERS))
+            bandwidths.append(max(probe_rounds[-1].values()))
         for name in runs:
             with PeakMemory(device) as peak:
                 if name == BASELINE:
@@ -188,7 +190,12 @@ def measure_speed(
         name: min(matching_prefix(a, b) for a, b in zip(reference, samples[0]["tokens"], strict=True))
         for name, samples in runs.items()
     }
-    return {"prompt_len": prompt_len, "runs": runs, "greedy_prefix_vs_float32": agreement}
+    return {
+        "prompt_len": prompt_len,
+        "runs": runs,
+        "greedy_prefix_vs_float32": agreement,
+        "round_bandwidths": bandwidths,
+    }
 
 
 def measure_ppl(config: QuantBenchConfig, loaded: LoadedModel, model, method: Method, text, tokens) -> dict:

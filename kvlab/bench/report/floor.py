@@ -43,10 +43,11 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         "product of its halves (stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch "
         "matvec) and by kvlab's skinny GEMM (kvlab skinny, where it runs). On a CPU with transparent huge pages "
         'the stream probes run again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in '
-        "them, as kvlab keeps model weights there. Each round's best probe, median over the rounds (the "
-        "statistic of the median TPOT it bounds), sets the floor; a probe column is that probe's median, and "
-        "the fastest probe of any round is shown beside them (a VM's memory has quiet spells that a timed run "
-        "may not see).",
+        "them, as kvlab keeps model weights there. Each round's TPOT is set against its own round's floor "
+        "(that round's best probe): a row's TPOT / floor is the median over its rounds of those ratios, its "
+        "floor ms the median of its rounds' floors (a VM's memory has fast spells that come and go between "
+        "rounds). Below, per dtype over all its rounds: each probe's median, the best probe's median (the "
+        "weights' floor) and the fastest probe of any round.",
         "",
         "| dtype | weight MiB per token | KV KiB per position | "
         + " | ".join(f"{name} GB/s" for name in names)
