@@ -20,12 +20,12 @@ On the CPU the two stream probes run again with the tensor in 2 MiB pages ("(2 M
 matrix-vector probes read a matrix in them: kvlab keeps model weights there
 (kvlab.models.huge_pages), and a floor read from 4 KiB pages alone could sit below what they deliver.
 
-A bench probes once per round of its timed runs (`Floor.from_rounds`): what a VM's memory delivers
+A bench probes right before each timed run or round (`probe_round`, `Floor.from_rounds`): what a VM's memory delivers
 moves from minute to minute, and on a 2-core AMD EPYC a sum read 64-67 GB/s for a second or two in
 runs that otherwise read 33-37 (the timed decode steps in between ran at the 36), so the best probe of
 a whole run compared each TPOT with a spell that none of them saw; the spells also come and go
-between the cells of one run. So each round's TPOT is set against its own round's floor (its best
-probe), and a row's TPOT / floor is the median over its rounds of those ratios (`round_over_floor`);
+between the cells of one run. So each timed run is set against its own round's floor (the best probe
+right before it), and a row's TPOT / floor is the median over its runs of those ratios (`round_over_floor`);
 its floor ms is the median of its rounds' floors, and the fastest probe of any round is kept beside
 them. The report names the probe that set the floor. A TPOT below the floor is a measurement error.
 """

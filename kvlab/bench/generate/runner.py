@@ -196,29 +196,29 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         progress = tqdm(
             total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run"
         )
-        # The memory's bandwidth is probed at the start of every round, so the floor describes the
-        # minutes the timed runs saw (kvlab.bench.core.floor).
+        # The memory's bandwidth is probed right before every timed run, which is set against that
+        # probe's floor (kvlab.bench.core.floor).
         probe_rounds: list[dict[str, float]] = []
-        cell_samples: list[tuple[torch.Tensor, dict[str, list[Sample]], list[float]]] = []
+        cells: list[tuple[torch.Tensor, dict[str, list[Sample]], dict[str, list[float]]]] = []
         for prompt_len in config.prompt_lengths:
             input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
             samples: dict[str, list[Sample]] = {method: [] for method in methods}
-            bandwidths: list[float] = []  # per timed round, its best probe
+            bandwidths: dict[str, list[float]] = {method: [] for method in methods}  # probed before each
             for round_index in range(config.warmup + config.repeats):
-                if round_index >= config.warmup:
-                    probe_rounds.append(probe_round(loaded.model))
-                    bandwidths.append(max(probe_rounds[-1].values()))
                 for method in methods:
+                    if round_index >= config.warmup:
+                        probe_rounds.append(probe_round(loaded.model))
+                        bandwidths[method].append(max(probe_rounds[-1].values()))
                     sample = measure(method, loaded, input_ids, config)
                     if round_index >= config.warmup:
                         samples[method].append(sample)
                     progress.update()
-            cell_samples.append((input_ids, samples, bandwidths))
+            cells.append((input_ids, samples, bandwidths))
         floors[dtype] = floor_of_rounds(loaded.model, probe_rounds)
-        for input_ids, samples, bandwidths in cell_samples:
-            round_floors = [floors[dtype].at_bandwidth(bandwidth) for bandwidth in bandwidths]
+        for input_ids, samples, bandwidths in cells:
             for method in methods:
                 full_cache = method == "baseline" or TECHNIQUES[config.technique].press is None
+                round_floors = [floors[dtype].at_bandwidth(b) for b in bandwidths[method]]
                 runs.append(
                     summarize(
                         method, dtype, input_ids, samples[method], round_floors, resident[dtype], full_cache

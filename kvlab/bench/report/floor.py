@@ -38,15 +38,15 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         "it attends, so TPOT >= (weight bytes + KV bytes per position x positions attended) / memory bandwidth, "
         "the positions averaged over the timed steps (prompt + new tokens / 2 at batch 1; a row's floor ms). A "
         "press keeps fewer positions: its rows count the weights alone. The "
-        "bandwidth is probed at the start of every timed round, by several probes (fastest of a few timed "
+        "bandwidth is probed right before every timed run, by several probes (fastest of a few timed "
         "passes each): reading a 512 MiB float32 tensor once by a multithreaded sum (stream sum) and by the dot "
         "product of its halves (stream dot), and a 256 MiB matrix-vector product at the dtype by torch (torch "
         "matvec) and by kvlab's skinny GEMM (kvlab skinny, where it runs). On a CPU with transparent huge pages "
         'the stream probes run again over a tensor in 2 MiB pages ("(2 MiB pages)") and the matrices live in '
-        "them, as kvlab keeps model weights there. Each round's TPOT is set against its own round's floor "
-        "(that round's best probe): a row's TPOT / floor is the median over its rounds of those ratios, its "
-        "floor ms the median of its rounds' floors (a VM's memory has fast spells that come and go between "
-        "rounds). Below, per dtype over all its rounds: each probe's median, the best probe's median (the "
+        "them, as kvlab keeps model weights there. Each run's TPOT is set against the floor of the probes "
+        "right before it (their best): a row's TPOT / floor is the median over its runs of those ratios, its "
+        "floor ms the median of its runs' floors (a VM's memory has fast spells that come and go between "
+        "runs). Below, per dtype over all its probe rounds: each probe's median, the best probe's median (the "
         "weights' floor) and the fastest probe of any round.",
         "",
         "| dtype | weight MiB per token | KV KiB per position | "
