@@ -1,8 +1,8 @@
-// One decode query's attention over its paged context, shared by the paged-attention op and the fused
-// decode step. The G = H / KH query heads that share a kv head (GQA) are handled together, so each
-// cached key and value vector is loaded once for all of them. Two passes: scores for every position,
-// a max-subtracted softmax, then the weighted sum of the values; exact, and the scores of an 8k
-// context (H x 8k floats) stay in L2. Float32 math over a float32 or bf16 cache.
+// One decode query group's attention over its paged context, shared by the paged-attention op and
+// the fused decode step. The G = H / KH query heads that share a kv head (GQA) are handled together,
+// so each cached key and value row is loaded once for all of them. Two passes: scores for every
+// position, a max-subtracted softmax, then the weighted sum of the values; exact, and the scores
+// of even an 8k context (G x 8k floats) stay in L2. Float32 math over a float32 or bf16 cache.
 #pragma once
 
 #include <immintrin.h>
@@ -140,25 +140,29 @@ struct PagedContext {
   }
 };
 
-// acc[g][d .. d + 8 NV) += sum over positions i in [begin, end) of scores[g * stride + i] v_i[d .. d + 8 NV)
-// for NG heads, v_i at values + rows[i]. The accumulators stay in registers over the positions and are
-// loaded from and stored to acc once per call, so a context taken in several calls (position tiles)
-// adds its products in the same order, to the same floats, as one call over it.
+// acc[g][d .. d + 8 NV) = sum over positions p of scores[g][p] v_p[d .. d + 8 NV), for NG heads;
+// `ahead` > 0: the pass that first reads the rows requests each that many positions early.
 template <int NG, int NV, typename T>
-inline void weigh_values(const T* values, const int64_t* rows, int64_t begin, int64_t end, const float* scores,
-                         int64_t stride, int64_t D, float* acc) {
+inline void weigh_values(const PagedContext<T>& ctx, const int64_t* rows, int64_t n, const float* scores, int64_t d,
+                         float* acc, int64_t ahead) {
+  const int64_t D = ctx.head_dim;
   __m256 sums[NG][NV];
 #pragma GCC unroll 4
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_loadu_ps(acc + g * D + 8 * j);
-  for (int64_t i = begin; i < end; ++i) {
+    for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    if (ahead && i + ahead < n) {
+      const T* next = ctx.values + rows[i + ahead];
+      for (int64_t j = 0; j < D; j += 64 / static_cast<int64_t>(sizeof(T)))
+        _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+    }
     // The NG weights first, then one value vector at a time: 3 x 4 accumulators, 3 weights and one
     // vector fill AVX2's 16 registers exactly (holding all NV vectors spilled an accumulator).
-    const T* value = values + rows[i];
+    const T* value = ctx.values + rows[i] + d;
     __m256 weight[NG];
 #pragma GCC unroll 4
-    for (int g = 0; g < NG; ++g) weight[g] = _mm256_set1_ps(scores[g * stride + i]);
+    for (int g = 0; g < NG; ++g) weight[g] = _mm256_set1_ps(scores[g * n + i]);
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       const __m256 v = load8(value + 8 * j);
@@ -169,148 +173,119 @@ inline void weigh_values(const T* values, const int64_t* rows, int64_t begin, in
 #pragma GCC unroll 4
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + g * D + 8 * j, sums[g][j]);
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + g * D + d + 8 * j, sums[g][j]);
 }
 
-// Positions per tile: every kv head's pass over a tile reads rows the first pass brought into L1.
-constexpr int64_t kTile = 16;
-
-// A share of the attention of kv heads [kh_begin, kh_end), G query heads each: positions [begin, end)
-// only, unnormalised, so shares of one context computed apart (e.g. by different threads) merge
-// exactly (flash-decoding; Dao et al. 2023): for each query head h, max[h] = max score, sum[h] = sum
-// of e^(score - max[h]), acc (h x D) = sum of e^(score - max[h]) v. An empty share gives max -inf and
-// sum 0. q, acc: heads x D; max, sum: heads; scores: scratch of heads * (end - begin), heads = the
-// range's kv heads x G.
-//
-// A cache row holds every kv head of a position (KH x D contiguous). Reading one head's slice of
-// each row, as a pass per kv head did, streamed 13 GB/s from memory on a 2-core AMD EPYC where whole
-// rows stream at 33 (a standalone C++ read; attention over a cache larger than L3 ran at 10-13 GB/s):
-// so positions go in tiles of kTile, each tile through every kv head of the range in turn, and the
-// first head's pass prefetches whole rows.
+// A share of one group's attention: positions [begin, end) only, unnormalised, so shares of one
+// context computed apart (e.g. by different threads) merge exactly (flash-decoding; Dao et al. 2023):
+// for each head g, max[g] = max score, sum[g] = sum of e^(score - max[g]), acc (G x D) = sum of
+// e^(score - max[g]) v. An empty share gives max -inf and sum 0. scores: scratch of G * (end - begin).
 template <typename T>
-void attend_share(const PagedContext<T>& ctx, int64_t kh_begin, int64_t kh_end, const float* q, int64_t G,
-                  int64_t begin, int64_t end, float* scores, float* acc, float* max, float* sum) {
-  const int64_t n = end - begin, D = ctx.head_dim, heads = (kh_end - kh_begin) * G;
-  std::fill(acc, acc + heads * D, 0.f);
-  for (int64_t h = 0; h < heads; ++h) {
-    max[h] = -std::numeric_limits<float>::infinity();
-    sum[h] = 0.f;
+void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_t G, int64_t begin, int64_t end,
+                  float* scores, float* acc, float* max, float* sum) {
+  const int64_t n = end - begin, D = ctx.head_dim;
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    max[g] = -std::numeric_limits<float>::infinity();
+    sum[g] = 0.f;
   }
   if (n <= 0) return;
-  // Where each position's row (its first head of the range) sits, resolved once for keys and values
-  // alike (a block-table lookup with a division per position, done in every loop, cost more than the
-  // arithmetic); kv head kh_begin + k is k * D further.
+  // Where each position's row sits, resolved once for keys and values alike (a block-table lookup
+  // with a division per position, done in every loop, cost more than the arithmetic).
   thread_local std::vector<int64_t> offsets;
   offsets.resize(n);
   const int64_t row_stride = ctx.kv_heads * D;
   for (int64_t p = begin; p < end;) {
     const int64_t in_block = p % ctx.block_size, run = std::min(end - p, ctx.block_size - in_block);
-    int64_t offset = ctx.offset(p, kh_begin);
+    int64_t offset = ctx.offset(p, kh);
     for (int64_t i = 0; i < run; ++i, offset += row_stride) offsets[p - begin + i] = offset;
     p += run;
   }
   const int64_t* rows = offsets.data();
-  // Rows jump at block boundaries, which the hardware prefetcher follows late; each row (the range's
-  // heads) is requested kAhead positions before it is read.
+  // Rows of one kv head sit KH * D apart and jump at block boundaries, which the hardware
+  // prefetcher follows late; each row is requested kAhead positions before it is read.
   constexpr int64_t kAhead = 16;
-  const int64_t span = (kh_end - kh_begin) * D;
   const auto prefetch_row = [&](const T* row) {
-    for (int64_t d = 0; d < span; d += 64 / static_cast<int64_t>(sizeof(T)))
+    for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
       _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
   };
+  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
+  int64_t i = 0;
   // Four positions at a time where the heads split into groups of at most three without a remainder
   // group (G = 1, 2, 3, 6, 9, ...); other group sizes (4, 8) load each key once per four heads below.
   // The last 1-3 positions of a share go through the same kernel with the last key repeated, so a
   // position's score is the same float whatever share boundaries put it at (the fused decode step and
-  // the paged-attention op split a context differently, and must agree). Tiles are a multiple of 4
-  // positions, so the groups of four are the same as without tiles.
+  // the paged-attention op split a context differently, and must agree).
   const bool by_four_positions = G <= 3 || G % 3 == 0;
-  const auto score_four = [&](const float* qk, const T* const* keys, float* out, int64_t stride) {
+  const auto score_four = [&](const T* const* keys, float* out, int64_t stride) {
     for (int64_t g = 0; g < G; g += 3) {
       float* at = out + g * stride;
       switch (std::min<int64_t>(3, G - g)) {
-        case 3: score_heads_x4<3>(qk + g * D, D, keys, at, stride); break;
-        case 2: score_heads_x4<2>(qk + g * D, D, keys, at, stride); break;
-        default: score_heads_x4<1>(qk + g * D, D, keys, at, stride);
+        case 3: score_heads_x4<3>(q + g * D, D, keys, at, stride); break;
+        case 2: score_heads_x4<2>(q + g * D, D, keys, at, stride); break;
+        default: score_heads_x4<1>(q + g * D, D, keys, at, stride);
       }
     }
   };
-  const auto score_tile = [&](int64_t k, int64_t t_begin, int64_t t_end) {
-    const float* qk = q + k * G * D;
-    float* sk = scores + k * G * n;
-    const T* base = ctx.keys + k * D;
-    int64_t i = t_begin;
-    for (; by_four_positions && i + 4 <= t_end; i += 4) {
-      if (k == 0)
-        for (int64_t j = i + kAhead; j < std::min(n, i + kAhead + 4); ++j) prefetch_row(ctx.keys + rows[j]);
-      const T* keys[4] = {base + rows[i], base + rows[i + 1], base + rows[i + 2], base + rows[i + 3]};
-      score_four(qk, keys, sk + i, n);
-    }
-    if (by_four_positions && i < t_end) {  // only the share's last tile ends off a multiple of 4
-      const T* keys[4];
-      for (int64_t j = 0; j < 4; ++j) keys[j] = base + rows[std::min(i + j, n - 1)];
-      thread_local std::vector<float> tail;
-      tail.resize(4 * G);  // G heads x 4 scores
-      score_four(qk, keys, tail.data(), 4);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = i; j < t_end; ++j) sk[g * n + j] = tail[g * 4 + (j - i)];
-      i = t_end;
-    }
-    for (; i < t_end; ++i) {
-      if (k == 0 && i + kAhead < n) prefetch_row(ctx.keys + rows[i + kAhead]);
-      const T* key = base + rows[i];
-      for (int64_t g = 0; g < G; g += 4) {
-        float* out = sk + g * n + i;
-        switch (std::min<int64_t>(4, G - g)) {
-          case 4: score_heads<4>(qk + g * D, D, key, out, n); break;
-          case 3: score_heads<3>(qk + g * D, D, key, out, n); break;
-          case 2: score_heads<2>(qk + g * D, D, key, out, n); break;
-          default: score_heads<1>(qk + g * D, D, key, out, n);
-        }
-      }
-    }
-  };
-  for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
-  for (int64_t t = 0; t < n; t += kTile)
-    for (int64_t k = 0; k < kh_end - kh_begin; ++k) score_tile(k, t, std::min(n, t + kTile));
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores + h * n;
-    max[h] = max_of(s, n);
-    sum[h] = exp_shifted_sum(s, n, max[h]);
+  for (; by_four_positions && i + 4 <= n; i += 4) {
+    for (int64_t j = i + kAhead; j < std::min(n, i + kAhead + 4); ++j) prefetch_row(ctx.keys + rows[j]);
+    const T* keys[4] = {ctx.keys + rows[i], ctx.keys + rows[i + 1], ctx.keys + rows[i + 2], ctx.keys + rows[i + 3]};
+    score_four(keys, scores + i, n);
   }
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I3 = std::integral_constant<int, 3>;
-  using I4 = std::integral_constant<int, 4>;
-  const auto weigh_tile = [&](int64_t k, int64_t t_begin, int64_t t_end) {
-    for (int64_t g = k * G; g < (k + 1) * G; g += 3) {
-      for (int64_t d = 0; d < D; d += 32) {
-        const int64_t group = std::min<int64_t>(3, (k + 1) * G - g), vectors = std::min<int64_t>(4, (D - d) / 8);
-        const auto run = [&](auto ng, auto nv) {
-          weigh_values<decltype(ng)::value, decltype(nv)::value>(ctx.values + k * D + d, rows, t_begin, t_end,
-                                                                 scores + g * n, n, D, acc + g * D + d);
-        };
-        const auto by_vectors = [&](auto ng) {
-          switch (vectors) {
-            case 4: run(ng, I4{}); break;
-            case 3: run(ng, I3{}); break;
-            case 2: run(ng, I2{}); break;
-            default: run(ng, I1{});
-          }
-        };
-        switch (group) {
-          case 3: by_vectors(I3{}); break;
-          case 2: by_vectors(I2{}); break;
-          default: by_vectors(I1{});
-        }
+  if (by_four_positions && i < n) {
+    const T* keys[4];
+    for (int64_t j = 0; j < 4; ++j) keys[j] = ctx.keys + rows[std::min(i + j, n - 1)];
+    thread_local std::vector<float> tail;
+    tail.resize(4 * G);  // G heads x 4 scores
+    score_four(keys, tail.data(), 4);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = i; j < n; ++j) scores[g * n + j] = tail[g * 4 + (j - i)];
+    i = n;
+  }
+  for (; i < n; ++i) {
+    if (i + kAhead < n) prefetch_row(ctx.keys + rows[i + kAhead]);
+    const T* key = ctx.keys + rows[i];
+    for (int64_t g = 0; g < G; g += 4) {
+      float* out = scores + g * n + i;
+      switch (std::min<int64_t>(4, G - g)) {
+        case 4: score_heads<4>(q + g * D, D, key, out, n); break;
+        case 3: score_heads<3>(q + g * D, D, key, out, n); break;
+        case 2: score_heads<2>(q + g * D, D, key, out, n); break;
+        default: score_heads<1>(q + g * D, D, key, out, n);
       }
     }
-  };
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    max[g] = max_of(s, n);
+    sum[g] = exp_shifted_sum(s, n, max[g]);
+  }
   for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.values + rows[i]);
-  for (int64_t t = 0; t < n; t += kTile) {
-    const int64_t t_end = std::min(n, t + kTile);
-    for (int64_t i = t + kAhead; i < std::min(n, t_end + kAhead); ++i) prefetch_row(ctx.values + rows[i]);
-    for (int64_t k = 0; k < kh_end - kh_begin; ++k) weigh_tile(k, t, t_end);
+  for (int64_t g = 0; g < G; g += 3) {
+    for (int64_t d = 0; d < D; d += 32) {
+      const int64_t heads = std::min<int64_t>(3, G - g), vectors = std::min<int64_t>(4, (D - d) / 8);
+      const auto run = [&](auto ng, auto nv) {
+        weigh_values<decltype(ng)::value, decltype(nv)::value>(ctx, rows, n, scores + g * n, d, acc + g * D,
+                                                               g == 0 && d == 0 ? kAhead : 0);
+      };
+      using I1 = std::integral_constant<int, 1>;
+      using I2 = std::integral_constant<int, 2>;
+      using I3 = std::integral_constant<int, 3>;
+      using I4 = std::integral_constant<int, 4>;
+      const auto by_vectors = [&](auto ng) {
+        switch (vectors) {
+          case 4: run(ng, I4{}); break;
+          case 3: run(ng, I3{}); break;
+          case 2: run(ng, I2{}); break;
+          default: run(ng, I1{});
+        }
+      };
+      switch (heads) {
+        case 3: by_vectors(I3{}); break;
+        case 2: by_vectors(I2{}); break;
+        default: by_vectors(I1{});
+      }
+    }
   }
 }
 
@@ -345,15 +320,14 @@ inline int64_t context_shares(int64_t items, int64_t threads, int64_t max_len, i
   return std::max<int64_t>(1, std::min<int64_t>({balanced, max_len / std::max(min_share, kMinShare), kMaxShares}));
 }
 
-// out (H x D) = softmax(q k^T) v over the whole context, for all H = KH x G query heads q (H x D,
-// already scaled). scores: scratch of at least H * length floats.
+// out (G x D) = softmax(q k^T) v over the whole context, for the G query heads q (G x D, already
+// scaled) of kv head kh. scores: scratch of at least G * length floats.
 template <typename T>
-void attend_context(const PagedContext<T>& ctx, const float* q, int64_t G, float* scores, float* out) {
-  const int64_t H = ctx.kv_heads * G;
-  std::vector<float> max(H), sum(H);
-  attend_share(ctx, 0, ctx.kv_heads, q, G, 0, ctx.length, scores, out, max.data(), sum.data());
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t d = 0; d < ctx.head_dim; ++d) out[h * ctx.head_dim + d] /= sum[h];
+void attend_group(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_t G, float* scores, float* out) {
+  float max[64], sum[64];
+  attend_share(ctx, kh, q, G, 0, ctx.length, scores, out, max, sum);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < ctx.head_dim; ++d) out[g * ctx.head_dim + d] /= sum[g];
 }
 
 }  // namespace kvlab

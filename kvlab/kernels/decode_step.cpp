@@ -176,14 +176,14 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     for (int64_t m = 0; m < M; ++m) max_len = std::max<int64_t>(max_len, c.seq_lens[m]);
 
   const int threads = std::max(1, at::get_num_threads());
-  // Attention is split into shares of each request's context, every kv head of a stretch of positions
-  // together (decode_attention.h reads whole cache rows), an equal number of shares per thread.
-  const int64_t shares = kvlab::context_shares(M, threads, max_len);
-  const int64_t units = M * shares, share_len = (max_len + shares - 1) / shares + 1;
+  // Attention is split into shares of each (request, kv head) context, an equal number per thread.
+  const int64_t items = M * KH;
+  const int64_t shares = kvlab::context_shares(items, threads, max_len);
+  const int64_t units = items * shares, share_len = (max_len + shares - 1) / shares + 1;
   // Shared between threads (each writes a disjoint part between two barriers).
   std::vector<float> q(M * q_size), k(M * kv_size), v(M * kv_size), o(M * hidden);
   std::vector<float> gate(M * I), up(M * I), h(M * I), down(M * hidden);
-  std::vector<float> part_acc(units * H * D), part_max(units * H), part_sum(units * H);
+  std::vector<float> part_acc(units * G * D), part_max(units * G), part_sum(units * G);
   std::vector<c10::BFloat16> h_b(bf16_inputs ? M * I : 0);
   // Private per thread: the residual stream, its normalised copy, the attention output, scratch.
   std::vector<std::vector<float>> residual(threads), normed(threads), attention(threads), scratch(threads),
@@ -200,14 +200,14 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     res.resize(M * hidden);
     x.resize(M * hidden);
     attn.resize(M * q_size);
-    scratch[tid].resize(H * share_len + H * D);
+    scratch[tid].resize(G * share_len + G * D);
     if (bf16_inputs) {
       normed_b[tid].resize(M * hidden);
       attn_b.resize(M * q_size);
     }
     const Gemm gemm{kernel, quantized, &group_sums[tid]};
     float* scores = scratch[tid].data();
-    float* q_heads = scores + H * share_len;
+    float* q_group = scores + G * share_len;
     for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
     const auto normalise = [&](const void* norm_weight) {
       for (int64_t m = 0; m < M; ++m)
@@ -241,7 +241,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       gemm_share(gemm, x.data(), input(x.data(), normed_b[tid].data()), M, hidden, qkv, tid, nt);
 #pragma omp barrier
       // The new tokens' keys (rotated) and values into their slots, per (request, kv head).
-      for (int64_t item = tid; item < M * KH; item += nt) {
+      for (int64_t item = tid; item < items; item += nt) {
         const int64_t m = item / KH, kh = item % KH;
         float key[512];
         rotate(k.data() + m * kv_size + kh * D, m, key);
@@ -254,27 +254,28 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
         }
       }
 #pragma omp barrier
-      // Attention in shares of (request, stretch of its context), an equal number per thread.
+      // Attention in shares of (request, kv head, stretch of the context), an equal number per thread.
       for (int64_t unit = units * tid / nt; unit < units * (tid + 1) / nt; ++unit) {
-        const int64_t m = unit / shares, share = unit % shares, L = c.seq_lens[m];
-        for (int64_t head = 0; head < H; ++head) {
-          rotate(q.data() + m * q_size + head * D, m, q_heads + head * D);
-          for (int64_t i = 0; i < D; ++i) q_heads[head * D + i] *= s.scale;
+        const int64_t item = unit / shares, share = unit % shares;
+        const int64_t m = item / KH, kh = item % KH, L = c.seq_lens[m];
+        for (int64_t g = 0; g < G; ++g) {
+          rotate(q.data() + m * q_size + (kh * G + g) * D, m, q_group + g * D);
+          for (int64_t i = 0; i < D; ++i) q_group[g * D + i] *= s.scale;
         }
         const kvlab::PagedContext<T> context{static_cast<const T*>(c.keys), static_cast<const T*>(c.values),
                                              c.tables + m * c.width, L, c.block_size, KH, D};
-        kvlab::attend_share(context, 0, KH, q_heads, G, L * share / shares, L * (share + 1) / shares, scores,
-                            part_acc.data() + unit * H * D, part_max.data() + unit * H, part_sum.data() + unit * H);
+        kvlab::attend_share(context, kh, q_group, G, L * share / shares, L * (share + 1) / shares, scores,
+                            part_acc.data() + unit * G * D, part_max.data() + unit * G, part_sum.data() + unit * G);
       }
 #pragma omp barrier
       // Every thread merges all shares into its own copy of the attention output (a few thousand
       // multiply-adds), which its o_proj share then reads: no barrier between the two.
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t first = m * shares;  // the request's shares are units first .. first + shares - 1
-        float* a = attn.data() + m * q_size;
-        kvlab::merge_shares(shares, H, D, part_acc.data() + first * H * D, part_max.data() + first * H,
-                            part_sum.data() + first * H, a);
-        for (int64_t i = 0; i < q_size; ++i) a[i] = round_to<T>(a[i]);
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t first = item * shares;  // the item's shares are units first .. first + shares - 1
+        float* a = attn.data() + (item / KH) * q_size + (item % KH) * G * D;
+        kvlab::merge_shares(shares, G, D, part_acc.data() + first * G * D, part_max.data() + first * G,
+                            part_sum.data() + first * G, a);
+        for (int64_t i = 0; i < G * D; ++i) a[i] = round_to<T>(a[i]);
       }
       if (bf16_inputs) to_bf16(attn.data(), attn_b.data(), M * q_size);
       const Part o_part[1] = {{w.o, hidden, o.data()}};

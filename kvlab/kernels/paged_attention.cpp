@@ -1,8 +1,8 @@
 // Paged decode attention for CPU: each request's one new query token attends to its whole context,
 // read in place through its block table (no gather into a padded batch), in float32 math over a
-// float32 or bfloat16 cache. Work is split by request, and a long context also along its positions;
-// a request's kv heads go together over whole cache rows (decode_attention.h: a GQA group's heads
-// share every K/V load; vectorised exp).
+// float32 or bfloat16 cache. Work is split by (request, kv head), and a long context also along its
+// positions; each item is one GQA group (decode_attention.h: the group's heads share every K/V load;
+// vectorised exp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,54 +16,54 @@
 namespace {
 
 // Work below this many multiply-adds per thread runs on one thread: waking the others costs more.
-constexpr int64_t kMinWork = int64_t{1} << 17;
+constexpr int64_t kMinWork = int64_t{1} << 18;
 
 template <typename T>
 void decode_attention(const T* query, const T* key_cache, const T* value_cache, const int32_t* block_tables,
                       const int32_t* seq_lens, T* out, int64_t num_reqs, int64_t H, int64_t KH, int64_t D,
                       int64_t block_size, int64_t table_width, float scale) {
-  const int64_t G = H / KH;
+  const int64_t G = H / KH, items = num_reqs * KH;
   int64_t max_len = 1;
   for (int64_t r = 0; r < num_reqs; ++r) max_len = std::max<int64_t>(max_len, seq_lens[r]);
-  // Few long contexts (one request on 2 threads) are split along the sequence (flash-decoding), so
-  // every thread gets the same share of the work; a share is at least kMinWork.
-  const int64_t shares = kvlab::context_shares(num_reqs, at::get_num_threads(), max_len, kMinWork / (H * D));
-  const int64_t units = num_reqs * shares;
+  // Few long contexts (one request's 3 kv heads on 2 threads) are split along the sequence
+  // (flash-decoding), so every thread gets the same share of the work; a share is at least kMinWork.
+  const int64_t shares = kvlab::context_shares(items, at::get_num_threads(), max_len, kMinWork / (G * D));
+  const int64_t units = items * shares;
   const auto context = [&](int64_t r) {
     return kvlab::PagedContext<T>{key_cache, value_cache, block_tables + r * table_width, seq_lens[r],
                                   block_size, KH, D};
   };
-  const auto write = [&](int64_t r, const float* o_in) {
-    T* o = out + r * H * D;
-    for (int64_t i = 0; i < H * D; ++i) o[i] = static_cast<T>(o_in[i]);
+  const auto write = [&](int64_t item, const float* o_in) {
+    T* o = out + ((item / KH) * H + (item % KH) * G) * D;  // the group's G heads are adjacent
+    for (int64_t i = 0; i < G * D; ++i) o[i] = static_cast<T>(o_in[i]);
   };
-  std::vector<float> part_acc(shares > 1 ? units * H * D : 0), part_max(shares > 1 ? units * H : 0),
-      part_sum(shares > 1 ? units * H : 0);
-  const int64_t units_per_thread = std::max<int64_t>(1, kMinWork / (max_len / shares * H * D));
+  std::vector<float> part_acc(shares > 1 ? units * G * D : 0), part_max(shares > 1 ? units * G : 0),
+      part_sum(shares > 1 ? units * G : 0);
+  const int64_t units_per_thread = std::max<int64_t>(1, kMinWork / (max_len / shares * G * D));
   at::parallel_for(0, units, units_per_thread, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(H * D), acc(H * D), scores(H * ((max_len + shares - 1) / shares + 1));
+    std::vector<float> q(G * D), acc(G * D), scores(G * ((max_len + shares - 1) / shares + 1));
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t r = unit / shares, share = unit % shares, L = seq_lens[r];
-      const T* q_in = query + r * H * D;
-      for (int64_t i = 0; i < H * D; ++i) q[i] = static_cast<float>(q_in[i]) * scale;
+      const int64_t item = unit / shares, share = unit % shares, r = item / KH, kh = item % KH, L = seq_lens[r];
+      const T* q_in = query + (r * H + kh * G) * D;
+      for (int64_t i = 0; i < G * D; ++i) q[i] = static_cast<float>(q_in[i]) * scale;
       if (shares == 1) {
-        kvlab::attend_context(context(r), q.data(), G, scores.data(), acc.data());
-        write(r, acc.data());
+        kvlab::attend_group(context(r), kh, q.data(), G, scores.data(), acc.data());
+        write(item, acc.data());
       } else {
-        kvlab::attend_share(context(r), 0, KH, q.data(), G, L * share / shares, L * (share + 1) / shares,
-                            scores.data(), part_acc.data() + unit * H * D, part_max.data() + unit * H,
-                            part_sum.data() + unit * H);
+        kvlab::attend_share(context(r), kh, q.data(), G, L * share / shares, L * (share + 1) / shares,
+                            scores.data(), part_acc.data() + unit * G * D, part_max.data() + unit * G,
+                            part_sum.data() + unit * G);
       }
     }
   });
   if (shares == 1) return;
-  // The merge is a few thousand multiply-adds per request: on this thread, no second parallel region.
-  std::vector<float> merged(H * D);
-  for (int64_t r = 0; r < num_reqs; ++r) {
-    const int64_t first = r * shares;  // the request's shares are units first .. first + shares - 1
-    kvlab::merge_shares(shares, H, D, part_acc.data() + first * H * D, part_max.data() + first * H,
-                        part_sum.data() + first * H, merged.data());
-    write(r, merged.data());
+  // The merge is a few thousand multiply-adds per item: on this thread, no second parallel region.
+  std::vector<float> merged(G * D);
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t first = item * shares;  // the item's shares are units first .. first + shares - 1
+    kvlab::merge_shares(shares, G, D, part_acc.data() + first * G * D, part_max.data() + first * G,
+                        part_sum.data() + first * G, merged.data());
+    write(item, merged.data());
   }
 }
 
