@@ -20,14 +20,15 @@ On the CPU the two stream probes run again with the tensor in 2 MiB pages ("(2 M
 matrix-vector probes read a matrix in them: kvlab keeps model weights there
 (kvlab.models.huge_pages), and a floor read from 4 KiB pages alone could sit below what they deliver.
 
-A bench probes right before each timed run or round (`probe_round`, `Floor.from_rounds`): what a VM's memory delivers
-moves from minute to minute, and on a 2-core AMD EPYC a sum read 64-67 GB/s for a second or two in
-runs that otherwise read 33-37 (the timed decode steps in between ran at the 36), so the best probe of
-a whole run compared each TPOT with a spell that none of them saw; the spells also come and go
-between the cells of one run. So each timed run is set against its own round's floor (the best probe
-right before it), and a row's TPOT / floor is the median over its runs of those ratios (`round_over_floor`);
-its floor ms is the median of its rounds' floors, and the fastest probe of any round is kept beside
-them. The report names the probe that set the floor. A TPOT below the floor is a measurement error.
+A bench probes right before each timed run or round (`probe_round`, `Floor.from_rounds`): what a
+VM's memory delivers moves from minute to minute. On a 2-core AMD EPYC a sum read 55-68 GB/s in
+spells of seconds to minutes and 30-37 GB/s otherwise, the timed decode steps with it, so the best
+probe of a whole run set each TPOT against a spell it may not have run in, and the spells come and go
+between the cells of one run. So each timed run is set against the floor of the probes right before
+it (their best), a row's TPOT / floor is the median over its runs of those ratios
+(`round_over_floor`), its floor ms the median of its runs' floors, and the fastest probe of any round
+is kept beside them. The report names the probe that set the floor. A TPOT below the floor is a
+measurement error.
 """
 
 import dataclasses
