@@ -54,6 +54,7 @@ class RunRecord:
     tpot_over_floor: float  # median over the rounds of TPOT / that round's floor
     floor_tpot_s: float  # median of the rounds' floors (weights, plus the KV it must read)
     round_floor_tpot_s: list[float] = field(default_factory=list)  # per sample, its round's floor
+    round_bandwidth_bytes_per_s: list[float] = field(default_factory=list)  # per sample, its probes' best
     forward_path: str = "hf"
     tokens: list[list[int]] = field(default_factory=list)
 
@@ -146,6 +147,7 @@ def summarize(
         tpot_over_floor=round_over_floor(tpot, round_floors),
         floor_tpot_s=floor_tpot,
         round_floor_tpot_s=round_floors,
+        round_bandwidth_bytes_per_s=[floor.bandwidth_bytes_per_s for floor in floors],
         forward_path=samples[0].forward_path,
         tokens=samples[0].tokens,
     )
