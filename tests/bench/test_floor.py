@@ -11,7 +11,7 @@ from kvlab.bench.core.floor import (
     measure_floor,
     round_over_floor,
 )
-from kvlab.bench.report.floor import below_floor_warning, floor_lines, over_floor
+from kvlab.bench.report.floor import below_floor_warning, decode_over_floor, floor_lines, over_floor
 from kvlab.models.loader import load_model
 
 
@@ -47,6 +47,13 @@ def test_each_round_is_set_against_its_own_rounds_floor():
     assert Floor.from_probes(1_000, {"stream sum": 10.0}).at_bandwidth(20.0).tpot_s == pytest.approx(50.0)
     with pytest.raises(ValueError):
         round_over_floor([1.0], [1.0, 2.0])
+
+
+def test_the_serving_decode_sets_each_round_against_its_own_floor():
+    run = {"tpot_s": {"engine": [12.0, 6.0, 13.0]}, "round_decode_floor_tpot_s": [10.0, 5.0, 10.0]}
+    assert decode_over_floor(run | {"decode_floor_tpot_s": 10.0}, "engine") == pytest.approx(1.2)
+    # results written with one floor: the median TPOT over it
+    assert decode_over_floor({"tpot_s": {"engine": [12.0, 6.0, 13.0]}, "floor_tpot_s": 10.0}, "engine") == 1.2
 
 
 def test_the_floor_counts_the_kv_every_attended_position_costs():

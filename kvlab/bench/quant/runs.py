@@ -2,8 +2,8 @@
 
 - speed: float32 `model.generate()` (the baseline) and kvlab.generate on every method's model, on the
   same prompts, rounds interleaved method by method so that a busy spell of the machine hits all alike;
-  TTFT, TPOT, peak memory, KV bytes; TPOT over each method's own floor (its weight bytes per token over
-  the best read bandwidth measured in this run);
+  TTFT, TPOT, peak memory, KV bytes; TPOT over each method's own floor (its weight and K/V bytes per
+  token over the read bandwidth probed at the start of the same round);
 - quality: wikitext-2 test PPL by the sliding-window protocol, every method on the same tokens (KV
   methods by feeding the windows in chunks through their quantized cache, with float32 the same way);
 - agreement: each method's greedy tokens against float32's, and the paged engine's against

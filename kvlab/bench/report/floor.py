@@ -1,6 +1,9 @@
 """The floor in every report: how it was measured, which probe set it, and a TPOT under it flagged
 as the measurement error it is (kvlab.bench.core.floor)."""
 
+import statistics
+
+from kvlab.bench.core.floor import round_over_floor
 from kvlab.bench.report.format import format_mib, format_ms
 
 
@@ -26,6 +29,16 @@ def decode_floor(run: dict) -> float:
     """A serving bench dtype's batch-1 decode floor: the weights plus the K/V its timed steps attend
     (results written before the floor counted K/V hold the weights' alone)."""
     return run.get("decode_floor_tpot_s", run["floor_tpot_s"])
+
+
+def decode_over_floor(run: dict, path: str) -> float:
+    """A serving bench path's batch-1 TPOT over the floor: each round's TPOT over that round's floor,
+    median over the rounds (results written before the floor was probed per round: median TPOT over
+    the one floor)."""
+    times, floors = run["tpot_s"][path], run.get("round_decode_floor_tpot_s")
+    if not floors or len(floors) != len(times):
+        return statistics.median(times) / decode_floor(run)
+    return round_over_floor(times, floors)
 
 
 def floor_lines(floors: dict[str, dict]) -> list[str]:

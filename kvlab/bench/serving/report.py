@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
-from kvlab.bench.report.floor import below_floor_warning, decode_floor, floor_lines, over_floor
+from kvlab.bench.report.floor import (
+    below_floor_warning,
+    decode_floor,
+    decode_over_floor,
+    floor_lines,
+    over_floor,
+)
 from kvlab.bench.report.format import format_mib as _mib
 from kvlab.bench.report.format import format_ms as _ms
 from kvlab.bench.report.format import title_lines
@@ -40,9 +46,7 @@ def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
         "prefix_ttft_ratio": statistics.median(prefix["without_cache"]["ttft_s"][1:])
         / statistics.median(prefix["with_cache"]["ttft_s"][1:]),
         "bf16_decode_over_floor": (
-            statistics.median(decode["bfloat16"]["tpot_s"]["engine"]) / decode_floor(decode["bfloat16"])
-            if "bfloat16" in decode
-            else None
+            decode_over_floor(decode["bfloat16"], "engine") if "bfloat16" in decode else None
         ),
     }
     rows = []
@@ -161,12 +165,13 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
     for dtype, run in decode["by_dtype"].items():
         floor = decode_floor(run)
         medians = [statistics.median(run["tpot_s"][p]) for p in DECODE_PATHS]
-        cells += [(f"{dtype} {path}", m / floor) for path, m in zip(DECODE_PATHS, medians, strict=True)]
+        ratios = [decode_over_floor(run, path) for path in DECODE_PATHS]
+        cells += [(f"{dtype} {path}", r) for path, r in zip(DECODE_PATHS, ratios, strict=True)]
         lines.append(
             f"| {dtype} | {_ms(floor)} | "
             + " | ".join(_ms(m) for m in medians)
             + " | "
-            + " | ".join(over_floor(m / floor) for m in medians)
+            + " | ".join(over_floor(r) for r in ratios)
             + " |"
         )
     lines += below_floor_warning(cells)

@@ -14,6 +14,7 @@ Config: defaults < configs/paged/<level>.yaml < --set < flags; validated before 
 """
 
 import contextlib
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -285,7 +286,7 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
             engine = LLMEngine.from_model(loaded, config.engine_config(dtype))
         paths = decode_paths(loaded, engine, prompt, workload.new_tokens)
         samples: dict[str, list[float]] = {name: [] for name in paths}
-        probe_rounds = []  # the floor of the minutes these rounds ran in (kvlab.bench.core.floor)
+        probe_rounds = []  # each round's paths against the probes at its start (kvlab.bench.core.floor)
         for round_index in range(workload.warmup + workload.repeats):
             if round_index >= workload.warmup:
                 probe_rounds.append(probe_round(loaded.model))
@@ -295,7 +296,12 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
                     samples[name].append(tpot_s(times))
         floor = floor_of_rounds(loaded.model, probe_rounds)
         context = mean_decode_context(len(prompt), workload.new_tokens)
-        results[dtype] = floor.to_dict() | {"decode_floor_tpot_s": floor.tpot_at(context), "tpot_s": samples}
+        round_floors = [floor.at_bandwidth(max(r.values())).tpot_at(context) for r in probe_rounds]
+        results[dtype] = floor.to_dict() | {
+            "decode_floor_tpot_s": statistics.median(round_floors),
+            "round_decode_floor_tpot_s": round_floors,
+            "tpot_s": samples,
+        }
         loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
     return {"prompt_len": len(prompt), "new_tokens": workload.new_tokens, "by_dtype": results}
 
