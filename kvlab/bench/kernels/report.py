@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.floor import round_bandwidth, round_over_floor
+from kvlab.bench.core.floor import probe_medians, round_bandwidth, round_over_floor
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, title_lines
 from kvlab.kernels.calibrate import TIE
@@ -22,24 +22,18 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def floor_bandwidth(gemm: dict[str, Any]) -> tuple[str, float]:
-    """(probe, bytes/s) of the floor: each probe round's best, median over the rounds (results written
-    before the bench probed per round hold one set of probes)."""
-    return round_bandwidth(gemm.get("probe_rounds") or [gemm["probes_bytes_per_s"]])
-
-
-def probe_medians(gemm: dict[str, Any]) -> dict[str, float]:
-    rounds = gemm.get("probe_rounds") or [gemm["probes_bytes_per_s"]]
-    return {name: median([r[name] for r in rounds if name in r]) for name in rounds[0]}
+def probe_rounds(gemm: dict[str, Any]) -> list[dict[str, float]]:
+    """The bandwidth probes of each timed one-row round (results written before the bench probed per
+    round hold one set of probes)."""
+    return gemm.get("probe_rounds") or [gemm["probes_bytes_per_s"]]
 
 
 def one_row_over_floor(gemm: dict[str, Any]) -> float:
     """The one-row pass over the floor: each round's pass over its own round's floor (the weight bytes
     over that round's best probe), median over the rounds."""
-    passes = gemm["by_rows"]["1"]["seconds"][MODEL_PATH]
-    rounds = gemm.get("probe_rounds") or []
+    passes, rounds = gemm["by_rows"]["1"]["seconds"][MODEL_PATH], probe_rounds(gemm)
     if len(rounds) != len(passes):  # one set of probes for the run
-        return median(passes) / (gemm["weight_bytes"] / floor_bandwidth(gemm)[1])
+        return median(passes) / (gemm["weight_bytes"] / round_bandwidth(rounds)[1])
     return round_over_floor(passes, [gemm["weight_bytes"] / max(r.values()) for r in rounds])
 
 
@@ -91,9 +85,9 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
 
 
 def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
-    probes = probe_medians(gemm)
-    best_probe, bandwidth = floor_bandwidth(gemm)
-    rounds = gemm.get("probe_rounds") or [probes]
+    rounds = probe_rounds(gemm)
+    probes = probe_medians(rounds)
+    best_probe, bandwidth = round_bandwidth(rounds)
     fastest = max(max(r.values()) for r in rounds)
     floor_s = gemm["weight_bytes"] / bandwidth
     names = list(next(iter(gemm["by_rows"].values()))["seconds"])
@@ -106,8 +100,9 @@ def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
         f"{len(rounds)} timed one-row rounds (each round's best probe, median over the rounds; best most "
         f"often: {best_probe}): {bandwidth / 1e9:.1f} GB/s (each probe's median: "
         f"{', '.join(f'{name} {value / 1e9:.1f}' for name, value in probes.items())}; the fastest probe of any "
-        f"round {fastest / 1e9:.1f}), so one pass cannot take less than {floor_s * 1e3:.2f} ms (the bar sets each "
-        f"round's one-row pass against its own round's floor: median {one_row_over_floor(gemm):.2f}x). Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
+        f"round {fastest / 1e9:.1f}), so one pass cannot take less than {floor_s * 1e3:.2f} ms (the bar sets "
+        "each round's one-row pass against its own round's floor: median "
+        f"{one_row_over_floor(gemm):.2f}x). Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
         f"{gemm['matmul_peak_flops'] / 1e9:.0f} GFLOP/s.",
         "",
         "| rows | "
