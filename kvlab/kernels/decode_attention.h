@@ -75,6 +75,13 @@ inline float exp_shifted_sum(float* s, int64_t n, float max) {
   return sum;
 }
 
+// Requests the n elements at row into L2, a cache line at a time.
+template <typename T>
+inline void prefetch_to_l2(const T* row, int64_t n) {
+  for (int64_t d = 0; d < n; d += 64 / static_cast<int64_t>(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T1);
+}
+
 // Register-blocked inner loops (AVX2: 16 vector registers). Scores: NG heads at once, so each key
 // vector is loaded and widened once for all of them. Values: NG heads x NV vectors of dimensions
 // accumulate in registers over all positions (no accumulator load and store per position); a head
@@ -153,9 +160,7 @@ inline void weigh_values(const PagedContext<T>& ctx, const int64_t* rows, int64_
     for (int j = 0; j < NV; ++j) sums[g][j] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     if (ahead && i + ahead < n) {
-      const T* next = ctx.values + rows[i + ahead];
-      for (int64_t j = 0; j < D; j += 64 / static_cast<int64_t>(sizeof(T)))
-        _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+      prefetch_to_l2(ctx.values + rows[i + ahead], D);
     }
     // The NG weights first, then one value vector at a time: 3 x 4 accumulators, 3 weights and one
     // vector fill AVX2's 16 registers exactly (holding all NV vectors spilled an accumulator).
@@ -203,12 +208,13 @@ void attend_share(const PagedContext<T>& ctx, int64_t kh, const float* q, int64_
   }
   const int64_t* rows = offsets.data();
   // Rows of one kv head sit KH * D apart and jump at block boundaries, which the hardware
-  // prefetcher follows late; each row is requested kAhead positions before it is read.
-  constexpr int64_t kAhead = 16;
-  const auto prefetch_row = [&](const T* row) {
-    for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T)))
-      _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
-  };
+  // prefetcher follows late; each row is requested kAhead positions before it is read, into L2
+  // (prefetcht1): L2 keeps several times more misses in flight than L1, and from DRAM the wait
+  // for them was the kernel's main cost. Measured on a Zen 4 EPYC (16 requests x 1,024 tokens,
+  // each call over another cache than the last, as the layers of a decode step meet them):
+  // 16 positions into L1 1.92 ms (float32) and 1.09 ms (bf16); 48 into L2 1.18 and 0.60 ms.
+  constexpr int64_t kAhead = 48;
+  const auto prefetch_row = [&](const T* row) { prefetch_to_l2(row, D); };
   for (int64_t i = 0; i < std::min(n, kAhead); ++i) prefetch_row(ctx.keys + rows[i]);
   int64_t i = 0;
   // Four positions at a time where the heads split into groups of at most three without a remainder

@@ -1,16 +1,33 @@
 """`kvlab bench --technique kernels` on tiny-llama: every kernel's products equal a float64 reference,
-the report holds one row per rows count and the bars, and a bad config fails before any work."""
+the report holds one row per rows count and the bars (38295d3's attention op timed beside today's),
+and a bad config fails before any work."""
 
 import json
+import statistics
 
 import pytest
 
 from kvlab.bench.kernels.config import from_dict, resolve
+from kvlab.bench.kernels.past_kernel import SOURCE, PastKernelUnavailable, git_show
 from kvlab.cli import main
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs kvlab's CPU kernels")
+
+
+def in_history(revision: str) -> bool:
+    """Whether this checkout's git history holds `revision` (a shallow clone or an sdist may not)."""
+    try:
+        git_show(revision, SOURCE)
+    except PastKernelUnavailable:
+        return False
+    return True
+
+
+needs_38295d3 = pytest.mark.skipif(
+    not in_history("38295d3"), reason="38295d3 is not in this checkout's history"
+)
 
 ARGS = [
     *("bench", "--technique", "kernels", "--model", "tiny-llama", "--experiment-name", "e2e"),
@@ -22,6 +39,8 @@ ARGS = [
         "attention.context_len=40",
         "--set",
         "attention.repeats=2",
+        "--set",
+        "attention.caches=2",
     ),
 ]
 
@@ -55,15 +74,46 @@ def test_report_has_a_row_per_rows_count_and_the_bars(experiment):
     assert all(isinstance(bar["met"], bool) and bar["measured"] > 0 for bar in payload["bars"])
 
 
+@needs_38295d3
 def test_every_kernel_computes_the_product(experiment):
     _, payload = experiment
     for dtype, tolerance in (("float32", 1e-5), ("bfloat16", 2e-2)):
         for entry in payload["gemm"][dtype]["by_rows"].values():
             assert max(entry["relative_error"].values()) < tolerance, entry["relative_error"]
         attention = payload["attention"][dtype]
-        for backend in ("cpu_paged", "sdpa"):
-            assert attention[backend]["max_abs_error"] < tolerance * 10
-            assert len(attention[backend]["seconds"]) == 2
+        assert set(attention["max_abs_error"]) == {"cpu_paged", "sdpa", "38295d3"}
+        assert max(attention["max_abs_error"].values()) < tolerance * 10
+        # the same cache every call, and two caches in turn; every kernel timed in each
+        assert list(attention["seconds_by_caches"]) == ["1", "2"]
+        for seconds in attention["seconds_by_caches"].values():
+            assert set(seconds) == {"cpu_paged", "sdpa", "38295d3"}
+            assert all(len(samples) == 2 and min(samples) > 0 for samples in seconds.values())
+
+
+@needs_38295d3
+def test_attention_bars_compare_with_the_past_revision_in_each_cache_state(experiment):
+    path, payload = experiment
+    attention_bars = [bar for bar in payload["bars"] if "paged attention" in bar["description"]]
+    assert [bar["description"] for bar in attention_bars] == [
+        f"{dtype}: paged attention 3 x 40 ({state}), 38295d3 / kvlab"
+        for dtype in ("float32", "bfloat16")
+        for state in ("one cache, every call", "2 caches in turn")
+    ]
+    seconds = payload["attention"]["float32"]["seconds_by_caches"]["2"]
+    expected = statistics.median(seconds["38295d3"]) / statistics.median(seconds["cpu_paged"])
+    assert attention_bars[1]["measured"] == pytest.approx(expected)
+    assert "| 38295d3 ms | 38295d3 / kvlab |" in (path / "report.md").read_text()
+
+
+def test_a_revision_that_cannot_be_built_is_reported_not_timed(tmp_path):
+    config = ["--set", "attention.past_revision=deadbee", "--set", "dtypes=[float32]", "--set", "rows=[1]"]
+    assert main([*ARGS, *config, "--results-dir", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "kernels" / "e2e" / "results.json").read_text())
+    attention = payload["attention"]["float32"]
+    assert "deadbee" in attention["past_revision_missing"]
+    assert set(attention["max_abs_error"]) == {"cpu_paged", "sdpa"}
+    assert not [bar for bar in payload["bars"] if "paged attention" in bar["description"]]
+    assert "deadbee not timed:" in (tmp_path / "kernels" / "e2e" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -74,6 +124,8 @@ def test_every_kernel_computes_the_product(experiment):
         (["repeats=0"], "repeats must be"),
         (["attention.context_len=0"], "attention.context_len"),
         (["attention.heads=3"], "unknown config key 'attention.heads'"),
+        (["attention.caches=0"], "attention.caches"),
+        (["attention.past_revision=HEAD~3"], "hexadecimal commit id"),
         (["warmup=2"], "unknown config key 'warmup'"),
     ],
 )

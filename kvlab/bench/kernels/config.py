@@ -3,6 +3,7 @@ the skinny GEMM is timed at over the model's weights, and the paged decode-atten
 defaults < configs/kernels/<level>.yaml < --set < flags, validated before any model loads."""
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ class AttentionShape:
     context_len: int = 1024
     block_size: int = 16
     repeats: int = 20
+    # Calls rotate over this many caches, each call reading another than the last few, as the layers of
+    # a decode step each read their own (K/V from memory); the same cache every call (K/V in the
+    # last-level cache after the first) is timed too.
+    caches: int = 8
+    # The revision whose paged-attention op is timed beside today's (issue 11's baseline), built from
+    # the checkout's git history; "" times none.
+    past_revision: str = "38295d3"
 
 
 @dataclass(slots=True)
@@ -44,7 +52,13 @@ class KernelsConfig(ExperimentConfig):
             raise ConfigError("rows must include 1: the other rows counts are measured against one row")
         positive("repeats", self.repeats)
         for item in dataclasses.fields(self.attention):
-            positive(f"attention.{item.name}", getattr(self.attention, item.name))
+            if item.type is int:
+                positive(f"attention.{item.name}", getattr(self.attention, item.name))
+        revision = self.attention.past_revision
+        if not isinstance(revision, str) or not re.fullmatch(r"([0-9a-f]{7,40})?", revision):
+            raise ConfigError(
+                f'attention.past_revision must be a hexadecimal commit id or "" for none, got {revision!r}'
+            )
 
 
 def from_dict(data: dict[str, Any]) -> KernelsConfig:

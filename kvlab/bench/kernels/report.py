@@ -16,6 +16,7 @@ MODEL_PATH = "kvlab.models"  # what the model's linear layers run: the calibrati
 # (rows, target): the model path's pass at `rows` rows may cost at most `target` x its pass at one row.
 ROW_BARS = ((16, 2.0), (32, 3.5))
 FLOOR_BAR = 1.15  # one row's pass / (weight bytes / read bandwidth): one_row_over_floor
+PAST_SPEEDUP_BAR = 3.0  # paged decode attention: the past revision's call / kvlab's, same run
 
 
 def median(samples: list[float]) -> float:
@@ -53,9 +54,36 @@ def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
     return bars
 
 
+def past_revision(payload: dict[str, Any]) -> str:
+    return payload["config"]["attention"].get("past_revision", "")
+
+
+def cache_state(count: str) -> str:
+    """Where the K/V of calls rotating over `count` caches come from."""
+    return "one cache, every call" if count == "1" else f"{count} caches in turn"
+
+
+def attention_bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """kvlab's paged attention against the past revision's, where the run timed it, per cache state."""
+    revision, shape = past_revision(payload), payload["config"]["attention"]
+    return [
+        bar(
+            f"{dtype}: paged attention {shape['num_requests']} x {shape['context_len']} ({cache_state(count)}), "
+            f"{revision} / kvlab",
+            ">=",
+            PAST_SPEEDUP_BAR,
+            median(seconds[revision]) / median(seconds["cpu_paged"]),
+        )
+        for dtype, entry in payload["attention"].items()
+        for count, seconds in entry["seconds_by_caches"].items()
+        if revision and revision in seconds
+    ]
+
+
 def write_kernels_report(payload: dict[str, Any], path: Path) -> Path:
     payload = {"schema_version": SCHEMA_VERSION, **payload}
     payload["bars"] = [bar for dtype, gemm in payload["gemm"].items() for bar in gemm_bars(dtype, gemm)]
+    payload["bars"] += attention_bars(payload)
     return write_experiment(path, payload, payload["config"], lambda directory: [], render_markdown)
 
 
@@ -130,7 +158,16 @@ def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
 
 
 def attention_section(payload: dict[str, Any]) -> list[str]:
-    shape = payload["config"]["attention"]
+    shape, revision = payload["config"]["attention"], past_revision(payload)
+    timed_past = bool(revision) and all(
+        revision in entry["max_abs_error"] for entry in payload["attention"].values()
+    )
+    past_text = (
+        f" and the op of {revision} (its source from this checkout's git history, compiled with its flags, "
+        "loaded beside today's)"
+        if timed_past
+        else ""
+    )
     lines = [
         "",
         "## Paged decode attention",
@@ -138,17 +175,38 @@ def attention_section(payload: dict[str, Any]) -> list[str]:
         f"{shape['num_requests']} requests x {shape['context_len']} cached tokens, one query token each, the "
         f"model's heads; blocks of {shape['block_size']} scattered over the pool. kvlab `cpu_paged` (the C++ op) "
         "vs `sdpa` (kvlab's backend on torch's scaled_dot_product_attention over the blocks gathered into a "
-        "padded batch); both checked "
-        f"against the `reference` backend. Median of {shape['repeats']} calls after a warm-up.",
+        f"padded batch){past_text}; each checked against the `reference` backend. Median of "
+        f"{shape['repeats']} calls after a warm-up, the kernels called in turn, with the same cache every "
+        f"call (its K/V stay in the last-level cache if they fit) and with {shape['caches']} caches in turn "
+        "(each call reads another cache than the last few, as a decode step's layers each read their own).",
         "",
-        "| dtype | kvlab cpu_paged ms | torch sdpa ms | speed-up | kvlab K/V GB/s | max abs error kvlab / sdpa |",
-        "|---|---:|---:|---:|---:|---|",
+    ]
+    past_columns = (f" {revision} ms | {revision} / kvlab |", "---:|---:|") if timed_past else ("", "")
+    lines += [
+        f"| dtype | K/V | kvlab cpu_paged ms | torch sdpa ms | sdpa / kvlab |{past_columns[0]} kvlab K/V GB/s |",
+        f"|---|---|---:|---:|---:|{past_columns[1]}---:|",
     ]
     for dtype, entry in payload["attention"].items():
-        kvlab, sdpa = median(entry["cpu_paged"]["seconds"]), median(entry["sdpa"]["seconds"])
-        lines.append(
-            f"| {dtype} | {kvlab * 1e3:.2f} | {sdpa * 1e3:.2f} | {sdpa / kvlab:.2f}x | "
-            f"{entry['kv_bytes'] / kvlab / 1e9:.1f} | "
-            f"{entry['cpu_paged']['max_abs_error']:.1e} / {entry['sdpa']['max_abs_error']:.1e} |"
+        for count, seconds in entry["seconds_by_caches"].items():
+            kvlab, sdpa = median(seconds["cpu_paged"]), median(seconds["sdpa"])
+            past = ""
+            if timed_past:
+                past_seconds = median(seconds[revision])
+                past = f" {past_seconds * 1e3:.2f} | {past_seconds / kvlab:.2f}x |"
+            lines.append(
+                f"| {dtype} | {cache_state(count)} | {kvlab * 1e3:.2f} | {sdpa * 1e3:.2f} | {sdpa / kvlab:.2f}x |"
+                f"{past} {entry['kv_bytes'] / kvlab / 1e9:.1f} |"
+            )
+    lines += [
+        "",
+        "Largest |kernel - reference| over the caches: "
+        + "; ".join(
+            f"{dtype}: " + ", ".join(f"{name} {error:.1e}" for name, error in entry["max_abs_error"].items())
+            for dtype, entry in payload["attention"].items()
         )
+        + ".",
+    ]
+    missing = sorted({entry.get("past_revision_missing") for entry in payload["attention"].values()} - {None})
+    if missing:
+        lines += ["", *(f"{revision} not timed: {reason}." for reason in missing)]
     return lines

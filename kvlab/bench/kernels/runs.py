@@ -1,6 +1,6 @@
 """The kernel micro-benchmark: kvlab's skinny GEMM against torch over every weight matrix a decode step
 multiplies (the model's real weights), per rows count and dtype, and paged decode attention against
-torch's SDPA, with the machine's read bandwidth and matmul peak measured in the same run.
+torch's SDPA and an earlier revision's op (`attention.past_revision`, built from git history), with the machine's read bandwidth and matmul peak measured in the same run.
 
 One pass = every Linear weight of the model once (all layers and the LM head), as one decode step of
 `rows` requests reads them. Each (dtype, rows, kernel) is timed over `repeats` passes after a warm-up,
@@ -20,6 +20,7 @@ from kvlab.attention.metadata import AttentionMetadata
 from kvlab.bench.core.floor import ROUND_ITERS, bandwidth_probes, best_seconds, kv_shape
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
+from kvlab.bench.kernels.past_kernel import PastKernelUnavailable, past_paged_attention
 from kvlab.bench.kernels.report import MODEL_PATH, TORCH, write_kernels_report
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
@@ -138,15 +139,16 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
     }
 
 
-def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype):
+def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype, index: int = 0):
     """Decode inputs of the model's attention shape: every request `context_len` tokens deep, its blocks
-    scattered over the pool (a shuffled block order, as a long-running engine leaves them)."""
+    scattered over the pool (a shuffled block order, as a long-running engine leaves them); `index`
+    draws another case (another layer's cache)."""
     shape = config.attention
     heads = model.config.num_attention_heads
     _, kv_heads, head_dim = kv_shape(model.config)
     per_request = -(-shape.context_len // shape.block_size)
     num_blocks = shape.num_requests * per_request + 1
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + index)
     order = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()  # block 0: table padding
     tables = [order[i * per_request : (i + 1) * per_request] for i in range(shape.num_requests)]
     cache_shape = (num_blocks, shape.block_size, kv_heads, head_dim)
@@ -159,28 +161,62 @@ def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype
     return query, key_cache, value_cache, metadata
 
 
+def attention_kernels(config: KernelsConfig) -> tuple[dict[str, Callable[..., torch.Tensor]], str | None]:
+    """name -> f(query, key_cache, value_cache, metadata, scale): kvlab's C++ op, torch's SDPA and, when
+    it builds here, the past revision's op; and why the past revision is missing, if it is."""
+    kernels = {name: get_backend(name).forward for name in ("cpu_paged", "sdpa")}
+    revision = config.attention.past_revision
+    if not revision:
+        return kernels, None
+    try:
+        past = past_paged_attention(revision)
+    except PastKernelUnavailable as error:
+        return kernels, str(error)
+    kernels[revision] = lambda q, k, v, m, scale: past(q, k, v, m.block_tables, m.seq_lens, scale)
+    return kernels, None
+
+
 def measure_attention(config: KernelsConfig, model: torch.nn.Module, dtype_name: str) -> dict[str, Any]:
+    """Every kernel over the same caches, called in turn (a slow spell of the machine hits them alike),
+    once with one cache for every call and once rotating over `attention.caches` caches: call i reads
+    cache i mod caches, so a cache was last read `caches` calls earlier (if `caches` caches outsize the
+    last-level cache, from memory). The first round is a warm-up."""
     dtype = resolve_dtype(dtype_name)
-    query, key_cache, value_cache, metadata = paged_case(config, model, dtype)
+    cases = [paged_case(config, model, dtype, index) for index in range(config.attention.caches)]
+    query, key_cache = cases[0][0], cases[0][1]
     scale = query.shape[-1] ** -0.5
-    reference = get_backend("reference").forward(query, key_cache, value_cache, metadata, scale).float()
+    kernels, past_missing = attention_kernels(config)
     result: dict[str, Any] = {
         "kv_bytes": 2
         * query.shape[0]
         * config.attention.context_len
         * key_cache[0, 0].numel()
-        * key_cache.element_size()
+        * key_cache.element_size(),
+        "max_abs_error": {},
+        "seconds_by_caches": {},
     }
-    for name in ("cpu_paged", "sdpa"):
-        backend = get_backend(name)
-        out = backend.forward(query, key_cache, value_cache, metadata, scale).float()
-        samples = []
+    if past_missing:
+        result["past_revision_missing"] = past_missing
+    for case in cases:
+        reference = get_backend("reference").forward(*case, scale).float()
+        for name, kernel in kernels.items():
+            error = (kernel(*case, scale).float() - reference).abs().max().item()
+            result["max_abs_error"][name] = max(error, result["max_abs_error"].get(name, 0.0))
+    for count in sorted({1, config.attention.caches}):
+        seconds: dict[str, list[float]] = {name: [] for name in kernels}
+        calls = 0
+        names = list(kernels)
         for index in range(config.attention.repeats + 1):
-            start = time.perf_counter()
-            backend.forward(query, key_cache, value_cache, metadata, scale)
-            if index:
-                samples.append(time.perf_counter() - start)
-        result[name] = {"seconds": samples, "max_abs_error": (out - reference).abs().max().item()}
+            # each round starts with the next kernel, so each follows every other equally often (what
+            # the previous call left in the caches, e.g. sdpa's padded copies, hits them alike)
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                kernel, case = kernels[name], cases[calls % count]
+                calls += 1
+                start = time.perf_counter()
+                kernel(*case, scale)
+                if index:
+                    seconds[name].append(time.perf_counter() - start)
+        result["seconds_by_caches"][str(count)] = seconds
     return result
 
 
