@@ -1,6 +1,7 @@
 """The kernel micro-benchmark: kvlab's skinny GEMM against torch over every weight matrix a decode step
 multiplies (the model's real weights), per rows count and dtype, and paged decode attention against
-torch's SDPA and an earlier revision's op (`attention.past_revision`, built from git history), with the machine's read bandwidth and matmul peak measured in the same run.
+torch's SDPA and an earlier revision's op (`attention.past_revision`, built from git history), with
+the machine's read bandwidth and matmul peak measured in the same run.
 
 One pass = every Linear weight of the model once (all layers and the LM head), as one decode step of
 `rows` requests reads them. Each (dtype, rows, kernel) is timed over `repeats` passes after a warm-up,
