@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvlab.bench.serving.config import ServingConfig, from_dict
+from kvlab.bench.serving.report import bars
 from kvlab.bench.serving.runs import measure_mixed
 from kvlab.bench.serving.workloads import load_token_ids, mixed_requests
 from kvlab.cli import main
@@ -206,3 +207,37 @@ def test_step_profile_attributes_every_step_at_batch_1_and_at_the_engine_concurr
         )
         assert model_work > 0 and decode["ms_per_step"]["sampling"] > 0
     assert "## Engine step profile" in (path / "report.md").read_text()
+
+
+def synthetic_payload(batch_level: str, identical: int, engine_tok_s: float) -> dict:
+    return {
+        "config": {"batch_level": batch_level, "dtype": "float32"},
+        "mixed": {
+            "engine": {"output_tokens_per_s": engine_tok_s},
+            "hf_static": {"output_tokens_per_s": 10.0},
+            "agreement": {"identical_requests": identical, "num_requests": 64},
+        },
+        "prefix": {"without_cache": {"ttft_s": [9.0, 4.0, 4.0]}, "with_cache": {"ttft_s": [9.0, 1.0, 1.0]}},
+        "decode": {"by_dtype": {}},
+    }
+
+
+@pytest.mark.parametrize(
+    "batch_level, identical, engine_tok_s, met",
+    [
+        ("medium", 64, 35.0, True),
+        ("medium", 63, 35.0, False),
+        ("medium", 64, 29.0, False),
+        ("small", 64, 35.0, None),
+    ],
+)
+def test_the_medium_preset_bar_asks_3x_with_every_greedy_output_equal(
+    batch_level, identical, engine_tok_s, met
+):
+    rows = {row["bar"]: row for row in bars(synthetic_payload(batch_level, identical, engine_tok_s))}
+    assert rows["mixed_throughput_ratio"]["measured"] == pytest.approx(engine_tok_s / 10.0)
+    if met is None:
+        assert "mixed_throughput_ratio_medium" not in rows  # the bar belongs to the medium preset
+    else:
+        row = rows["mixed_throughput_ratio_medium"]
+        assert row["target"] == 3.0 and row["met"] is met and f"({identical} / 64)" in row["description"]
