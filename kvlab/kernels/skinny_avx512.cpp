@@ -79,16 +79,13 @@ struct Avx512Bf16Halves : Avx512Base {
   static Acc fma(Acc acc, WV w, XV x) { return _mm512_fmadd_ps(w.odd, x.odd, _mm512_fmadd_ps(w.even, x.even, acc)); }
 };
 
-// x (M, K) with each step of 32 columns reordered into its even-indexed, then its odd-indexed
-// elements: the order in which split_bf16 yields the weights.
-void split_pairs(const float* x, int64_t M, int64_t K, float* out) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += 32) {
-      const int64_t n = std::min<int64_t>(32, K - k), evens = (n + 1) / 2;
-      const float* in = x + m * K + k;
-      float* to = out + m * K + k;
-      for (int64_t i = 0; i < n; ++i) to[i % 2 ? evens + i / 2 : i / 2] = in[i];
-    }
+// One input row of K with each step of 32 columns reordered into its even-indexed, then its
+// odd-indexed elements: the order in which split_bf16 yields the weights.
+void split_pairs(const float* x, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t n = std::min<int64_t>(32, K - k), evens = (n + 1) / 2;
+    for (int64_t i = 0; i < n; ++i) out[k + (i % 2 ? evens + i / 2 : i / 2)] = x[k + i];
+  }
 }
 
 }  // namespace
@@ -103,7 +100,7 @@ void avx512_bf16(const Problem& p, int64_t n_begin, int64_t n_end) {
   // Each caller (a thread's share of the rows) splits its own copy of the one input row.
   thread_local std::vector<float> split;
   split.resize(p.K);
-  split_pairs(static_cast<const float*>(p.x), 1, p.K, split.data());
+  split_pairs(static_cast<const float*>(p.x), p.K, split.data());
   run<Avx512Bf16Halves>(Problem{split.data(), p.w, p.y, p.M, p.K, p.N}, n_begin, n_end);
 }
 }  // namespace kvlab::skinny

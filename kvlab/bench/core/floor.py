@@ -193,6 +193,11 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device, iters: int = 8) -
     return probes
 
 
+def best_probe(probes: dict[str, float]) -> float:
+    """A round's bandwidth: the best of its probes (what the memory delivered at least, then)."""
+    return max(probes.values())
+
+
 def round_over_floor(times: Sequence[float], floors: Sequence[float]) -> float:
     """Median over the rounds of each round's time over its own round's floor."""
     return statistics.median(t / f for t, f in zip(times, floors, strict=True))
@@ -203,7 +208,7 @@ def round_bandwidth(rounds: Sequence[dict[str, float]]) -> tuple[str, float]:
     if not rounds:
         raise ValueError("the floor needs at least one round of bandwidth probes")
     winners = Counter(max(probes, key=probes.__getitem__) for probes in rounds)
-    return winners.most_common(1)[0][0], statistics.median(max(probes.values()) for probes in rounds)
+    return winners.most_common(1)[0][0], statistics.median(best_probe(probes) for probes in rounds)
 
 
 def probe_medians(rounds: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -251,7 +256,7 @@ class Floor:
         """`rounds`: every probe's bandwidth, once per round of the timed runs (bandwidth_probes)."""
         probe, bandwidth = round_bandwidth(rounds)
         probes = probe_medians(rounds)
-        fastest = max(max(r.values()) for r in rounds)
+        fastest = max(best_probe(r) for r in rounds)
         return cls(
             weight_bytes_per_token, bandwidth, probe, probes, kv_bytes_per_position, len(rounds), fastest
         )

@@ -11,7 +11,14 @@ import torch
 from tqdm import tqdm
 
 from kvlab.bench.core.baselines import run_baseline
-from kvlab.bench.core.floor import Floor, floor_of_rounds, mean_decode_context, probe_round, round_over_floor
+from kvlab.bench.core.floor import (
+    Floor,
+    best_probe,
+    floor_of_rounds,
+    mean_decode_context,
+    probe_round,
+    round_over_floor,
+)
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
 from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
@@ -210,7 +217,7 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                 for method in methods:
                     if round_index >= config.warmup:
                         probe_rounds.append(probe_round(loaded.model))
-                        bandwidths[method].append(max(probe_rounds[-1].values()))
+                        bandwidths[method].append(best_probe(probe_rounds[-1]))
                     sample = measure(method, loaded, input_ids, config)
                     if round_index >= config.warmup:
                         samples[method].append(sample)

@@ -3,12 +3,12 @@ the skinny GEMM is timed at over the model's weights, and the paged decode-atten
 defaults < configs/kernels/<level>.yaml < --set < flags, validated before any model loads."""
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvlab.bench.core.config import ExperimentConfig, as_lists, check_keys, layer, positive, take_section
+from kvlab.bench.kernels.past_kernel import REVISION
 from kvlab.errors import ConfigError
 
 TECHNIQUE = "kernels"
@@ -55,7 +55,7 @@ class KernelsConfig(ExperimentConfig):
             if item.type is int:
                 positive(f"attention.{item.name}", getattr(self.attention, item.name))
         revision = self.attention.past_revision
-        if not isinstance(revision, str) or not re.fullmatch(r"([0-9a-f]{7,40})?", revision):
+        if not isinstance(revision, str) or (revision and not REVISION.fullmatch(revision)):
             raise ConfigError(
                 f'attention.past_revision must be a hexadecimal commit id or "" for none, got {revision!r}'
             )

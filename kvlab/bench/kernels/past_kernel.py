@@ -21,6 +21,7 @@ SOURCE = "kvlab/kernels/paged_attention.cpp"
 # The flags of the revisions this is used for (38295d3's kvlab/kernels/cpu.py: AVX2 + FMA, OpenMP for
 # at::parallel_for).
 COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+REVISION = re.compile(r"[0-9a-f]{7,40}")  # a commit id, abbreviated or whole
 LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"', re.MULTILINE)
 LIBRARY = re.compile(r"\b(TORCH_LIBRARY(?:_FRAGMENT|_IMPL)?)\(kvlab,")
 BUILD_ROOT = Path.home() / ".cache" / "kvlab" / "past-kernels"
@@ -75,7 +76,7 @@ def write_sources(revision: str, directory: Path) -> Path:
 def past_paged_attention(revision: str) -> Callable[..., torch.Tensor]:
     """`revision`'s paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale),
     built once per process (torch caches the build across processes)."""
-    if not re.fullmatch(r"[0-9a-f]{7,40}", revision):
+    if not REVISION.fullmatch(revision):
         raise PastKernelUnavailable(f"revision must be a hexadecimal commit id, got {revision!r}")
     source = write_sources(revision, BUILD_ROOT / revision)
     from torch.utils.cpp_extension import load

@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.floor import probe_medians, round_bandwidth, round_over_floor
+from kvlab.bench.core.floor import Floor, best_probe, round_over_floor
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, title_lines
 from kvlab.kernels.calibrate import TIE
@@ -33,9 +33,10 @@ def one_row_over_floor(gemm: dict[str, Any]) -> float:
     """The one-row pass over the floor: each round's pass over its own round's floor (the weight bytes
     over that round's best probe), median over the rounds."""
     passes, rounds = gemm["by_rows"]["1"]["seconds"][MODEL_PATH], probe_rounds(gemm)
+    floor = Floor.from_rounds(gemm["weight_bytes"], rounds)
     if len(rounds) != len(passes):  # one set of probes for the run
-        return median(passes) / (gemm["weight_bytes"] / round_bandwidth(rounds)[1])
-    return round_over_floor(passes, [gemm["weight_bytes"] / max(r.values()) for r in rounds])
+        return median(passes) / floor.tpot_s
+    return round_over_floor(passes, [floor.at_bandwidth(best_probe(r)).tpot_s for r in rounds])
 
 
 def gemm_bars(dtype: str, gemm: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,10 +115,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
 
 def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
     rounds = probe_rounds(gemm)
-    probes = probe_medians(rounds)
-    best_probe, bandwidth = round_bandwidth(rounds)
-    fastest = max(max(r.values()) for r in rounds)
-    floor_s = gemm["weight_bytes"] / bandwidth
+    floor = Floor.from_rounds(gemm["weight_bytes"], rounds)
     names = list(next(iter(gemm["by_rows"].values()))["seconds"])
     lines = [
         "",
@@ -126,9 +124,10 @@ def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
         f"{gemm['num_matrices']} matrices, {gemm['params'] / 1e6:.1f}M parameters, "
         f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth, probed before each of the "
         f"{len(rounds)} timed one-row rounds (each round's best probe, median over the rounds; best most "
-        f"often: {best_probe}): {bandwidth / 1e9:.1f} GB/s (each probe's median: "
-        f"{', '.join(f'{name} {value / 1e9:.1f}' for name, value in probes.items())}; the fastest probe of any "
-        f"round {fastest / 1e9:.1f}), so one pass cannot take less than {floor_s * 1e3:.2f} ms (the bar sets "
+        f"often: {floor.probe}): {floor.bandwidth_bytes_per_s / 1e9:.1f} GB/s (each probe's median: "
+        f"{', '.join(f'{name} {value / 1e9:.1f}' for name, value in floor.probes.items())}; the fastest probe "
+        f"of any round {floor.fastest_bytes_per_s / 1e9:.1f}), so one pass cannot take less than "
+        f"{floor.tpot_s * 1e3:.2f} ms (the bar sets "
         "each round's one-row pass against its own round's floor: median "
         f"{one_row_over_floor(gemm):.2f}x). Arithmetic peak (torch's 2048^3 matmul at {dtype}): "
         f"{gemm['matmul_peak_flops'] / 1e9:.0f} GFLOP/s.",

@@ -25,6 +25,7 @@ from kvlab.bench.core.datasets import load_text
 from kvlab.bench.core.floor import (
     ROUND_ITERS,
     bandwidth_probes,
+    best_probe,
     decode_weight_bytes,
     kv_bytes_per_position,
     kv_shape,
@@ -156,7 +157,7 @@ def measure_speed(
     for round_index in range(rounds):
         if round_index >= config.warmup:
             probe_rounds.append(bandwidth_probes(torch.float32, device, iters=ROUND_ITERS))
-            bandwidths.append(max(probe_rounds[-1].values()))
+            bandwidths.append(best_probe(probe_rounds[-1]))
         for name in runs:
             with PeakMemory(device) as peak:
                 if name == BASELINE:

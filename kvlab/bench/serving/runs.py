@@ -271,7 +271,7 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
     """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
-    from kvlab.bench.core.floor import floor_of_rounds, mean_decode_context, probe_round
+    from kvlab.bench.core.floor import best_probe, floor_of_rounds, mean_decode_context, probe_round
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
@@ -296,7 +296,7 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
                     samples[name].append(tpot_s(times))
         floor = floor_of_rounds(loaded.model, probe_rounds)
         context = mean_decode_context(len(prompt), workload.new_tokens)
-        round_floors = [floor.at_bandwidth(max(r.values())).tpot_at(context) for r in probe_rounds]
+        round_floors = [floor.at_bandwidth(best_probe(r)).tpot_at(context) for r in probe_rounds]
         results[dtype] = floor.to_dict() | {
             "decode_floor_tpot_s": statistics.median(round_floors),
             "round_decode_floor_tpot_s": round_floors,
