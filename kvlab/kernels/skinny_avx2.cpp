@@ -27,6 +27,7 @@ struct Avx2Base {
   static constexpr int kTileInputRows = 4;
   template <int MR>
   static constexpr int weight_rows() { return MR >= 4 ? 2 : (MR == 2 ? 4 : 8); }
+  static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   static Acc zero() { return _mm256_setzero_ps(); }
   static XV load_x(const float* p) { return _mm256_loadu_ps(p); }
   static XV load_x_tail(const float* p, int n) { return _mm256_maskload_ps(p, tail_mask(n)); }

@@ -27,6 +27,7 @@ struct Avx512Bf16Dot {
   static constexpr int kTileInputRows = 4;
   template <int MR>
   static constexpr int weight_rows() { return MR >= 4 ? 4 : 8; }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   static Acc zero() { return _mm512_setzero_ps(); }
   static WV load_w(const uint16_t* p) { return as_pairs(_mm512_loadu_si512(p)); }
   static WV load_w_tail(const uint16_t* p, int n) { return as_pairs(_mm512_maskz_loadu_epi16(tail_mask(n), p)); }

@@ -6,7 +6,8 @@
 // a tile of MR input rows x NR weight rows keeps MR * NR vector accumulators in registers; per
 // step along K it loads NR weight vectors and MR input vectors once each and issues MR * NR FMAs
 // (oneDNN and BLIS block their microkernels the same way, with the weight panel walked once).
-// At one input row the tile is NR independent streams over the weights: memory-bound, as decode is.
+// At one input row (batch-1 decode: memory-bound) the weight rows are walked one at a time instead
+// (one_row below).
 #pragma once
 
 #include <immintrin.h>
@@ -118,10 +119,53 @@ inline void block(const typename T::X* x, const typename T::W* w, float* y, int6
   static_assert(MR <= 4, "remainder handling covers MR <= 4");
 }
 
+// One input row: each weight row in turn, start to end, with four accumulators along K (every fourth
+// vector), so a thread reads its share of the rows as one sequential stream, which the hardware
+// prefetcher follows by itself. A tile of NR rows instead walks NR short streams side by side, which
+// needs the software prefetch above. On a 2-core Zen 4 EPYC, over SmolLM2's 121 matrices called one
+// by one, the row-at-a-time walk read 54 GB/s where the 8-row tiles read 39 (float32, a fast memory
+// spell; bf16 about +10%), and decode steps were 19% shorter in both dtypes. Requests 2-8 KiB ahead
+// into L2 made this walk slower, by up to 30% (the tiles without theirs: 21 GB/s against 28).
+// The sums' order differs from the tiles' (each output is still computed one way, whatever the split).
+template <class T>
+inline void one_row(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t n_begin,
+                    int64_t n_end) {
+  constexpr int kLane = T::kStep;
+  typename T::Acc sums[4];  // four rows' folded accumulators, reduced together
+  int pending = 0;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const typename T::W* row = w + n * K;
+    typename T::Acc acc[4] = {T::zero(), T::zero(), T::zero(), T::zero()};
+    int64_t k = 0;
+    for (; k + 4 * kLane <= K; k += 4 * kLane) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        acc[j] = T::fma(acc[j], T::load_w(row + k + j * kLane), T::load_x(x + k + j * kLane));
+    }
+    for (int j = 0; k + kLane <= K; k += kLane, ++j) acc[j] = T::fma(acc[j], T::load_w(row + k), T::load_x(x + k));
+    if (k < K) {  // the K tail: partial vectors, zero-filled past the row's end
+      const int rest = static_cast<int>(K - k);
+      acc[3] = T::fma(acc[3], T::load_w_tail(row + k, rest), T::load_x_tail(x + k, rest));
+    }
+    sums[pending++] = T::add(T::add(acc[0], acc[1]), T::add(acc[2], acc[3]));
+    if (pending == 4) {
+      T::reduce4(sums, y + n - 3);
+      pending = 0;
+    }
+  }
+  if (pending) {  // the last 1-3 rows through the same reduction, padded with repeats
+    float out[4];
+    for (int j = pending; j < 4; ++j) sums[j] = sums[0];
+    T::reduce4(sums, out);
+    for (int j = 0; j < pending; ++j) y[n_end - pending + j] = out[j];
+  }
+}
+
 template <class T>
 void run(const Problem& p, int64_t n_begin, int64_t n_end) {
   const auto* x = static_cast<const typename T::X*>(p.x);
   const auto* w = static_cast<const typename T::W*>(p.w);
+  if (p.M == 1) return one_row<T>(x, w, p.y, p.K, n_begin, n_end);
   const int64_t K = p.K, N = p.N;
   int64_t n = n_begin;
   for (; n + kBlockRows <= n_end; n += kBlockRows) block<T, kBlockRows>(x, w + n * K, p.y + n, p.M, K, N);
