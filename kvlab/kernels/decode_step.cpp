@@ -63,6 +63,7 @@ struct Matrix {
 // The kernels a step's matmuls run, and this thread's room for a quantized GEMM's per-group input sums.
 struct Gemm {
   sk::Kernel dense;
+  bool one_row_tiles;
   qt::Kernel quantized;
   std::vector<float>* group_sums;
 };
@@ -72,7 +73,7 @@ struct Gemm {
 void multiply(const Gemm& gemm, const Matrix& w, const float* xf, const void* xk, int64_t M, int64_t K, int64_t N,
               float* y, int64_t lo, int64_t hi) {
   if (w.scales == nullptr) {
-    gemm.dense(sk::Problem{xk, w.w, y, M, K, N}, lo, hi);
+    gemm.dense(sk::Problem{xk, w.w, y, M, K, N, gemm.one_row_tiles}, lo, hi);
     return;
   }
   // Each thread sums its own copy of the few input values per group (the offsets' share of the product,
@@ -165,7 +166,8 @@ struct LayerCache {
 template <typename T>
 void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, const std::vector<LayerCache>& caches,
                    const T* final_norm, const T* embedded, const T* cos, const T* sin, T* out,
-                   const sk::Variant& variant, qt::Kernel quantized) {
+                   const sk::Choice& choice, qt::Kernel quantized) {
+  const sk::Variant& variant = choice.variant;
   constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
   const sk::Kernel kernel = kHalf ? variant.bf16 : variant.f32;
   const bool bf16_inputs = kHalf && variant.bf16_reads_bf16_inputs;
@@ -205,7 +207,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       normed_b[tid].resize(M * hidden);
       attn_b.resize(M * q_size);
     }
-    const Gemm gemm{kernel, quantized, &group_sums[tid]};
+    const Gemm gemm{kernel, choice.one_row_tiles, quantized, &group_sums[tid]};
     float* scores = scratch[tid].data();
     float* q_group = scores + G * share_len;
     for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
@@ -405,7 +407,7 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   const c10::List<std::optional<at::Tensor>>& offsets = sw.offsets;
   const at::IntArrayRef group_sizes = sw.group_sizes;
   const at::TensorList key_caches = step_caches->keys, value_caches = step_caches->values;
-  const sk::Variant& variant = sk::find_variant(std::string(variant_name));
+  const sk::Choice choice = sk::parse_variant(std::string(variant_name));
   const bool quantized = !scales.empty();
   TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
               "decode_step: embedded must be a contiguous CPU (M, hidden) tensor");
@@ -483,12 +485,12 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
   at::Tensor out = at::empty_like(embedded);
   if (dtype == at::kFloat)
     decode_layers<float>(shapes, weights, caches, final_norm.const_data_ptr<float>(), embedded.const_data_ptr<float>(),
-                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), variant,
+                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), choice,
                          quant_kernel);
   else
     decode_layers<c10::BFloat16>(shapes, weights, caches, final_norm.const_data_ptr<c10::BFloat16>(),
                                  embedded.const_data_ptr<c10::BFloat16>(), cos.const_data_ptr<c10::BFloat16>(),
-                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), variant,
+                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), choice,
                                  quant_kernel);
   return out;
 }

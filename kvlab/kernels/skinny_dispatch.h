@@ -21,6 +21,14 @@ struct Variant {
 // The variant called `name`; a clear error if it is unknown or this CPU lacks its instructions.
 const Variant& find_variant(const std::string& name);
 
+// A variant as the ops name it: "<variant>" (at one input row, the row-at-a-time walk) or
+// "<variant>/tiles" (the register tiles at one row too).
+struct Choice {
+  const Variant& variant;
+  bool one_row_tiles;
+};
+Choice parse_variant(const std::string& name);
+
 // The variants this CPU runs, best first.
 std::vector<std::string> skinny_variants();
 

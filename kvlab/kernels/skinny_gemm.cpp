@@ -66,6 +66,15 @@ const Variant& find_variant(const std::string& name) {
   TORCH_CHECK(false, "skinny_linear: unknown variant '", name, "' (amx, avx512bf16, avx512 or avx2)");
 }
 
+Choice parse_variant(const std::string& name) {
+  static const std::string kTiles = "/tiles";
+  const size_t slash = name.find('/');
+  if (slash == std::string::npos) return {find_variant(name), false};
+  TORCH_CHECK(name.compare(slash, std::string::npos, kTiles) == 0, "skinny_linear: unknown variant option '",
+              name.substr(slash), "' in '", name, "' (only ", kTiles, ")");
+  return {find_variant(name.substr(0, slash)), true};
+}
+
 std::vector<std::string> skinny_variants() {
   std::vector<std::string> names;
   for (const Variant& v : kVariants)
@@ -96,13 +105,15 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
               "skinny_linear: float32 or bfloat16 only, got ", weight.scalar_type());
   if (bias.has_value())
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "skinny_linear: bias must be (N,)");
-  const Variant& variant = find_variant(std::string(variant_name));
+  const sk::Choice choice = sk::parse_variant(std::string(variant_name));
+  const Variant& variant = choice.variant;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
   // The few rows of x are converted once per call (if at all), never per weight row.
   const at::Tensor xin = (bf16 && variant.bf16_reads_bf16_inputs) ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const sk::Problem problem{xin.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr<float>(), M, K, N};
+  const sk::Problem problem{xin.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr<float>(), M, K, N,
+                            choice.one_row_tiles};
   const sk::Kernel kernel = bf16 ? variant.bf16 : variant.f32;
   // Threads split the weight rows in whole blocks, so each streams its own share exactly once;
   // a chunk of at least 64 KiB of weights pays for waking a thread.

@@ -171,7 +171,7 @@ void run(const Problem& p, int64_t n_begin, int64_t n_end) {
   // streaming weights while it is short (up to 2,048 float32 values). Over matrices of 320 MiB on the
   // Zen 4 EPYC, K = 576-2,048 read as fast or faster row at a time than by tiles, K = 4,096 (16 KiB of
   // float32 input) mostly slower, K = 8,192 (bf16 weights, float32 input) 23-26 GB/s against 51-59.
-  if (p.M == 1 && p.K * static_cast<int64_t>(sizeof(typename T::X)) <= kOneRowMaxInputBytes)
+  if (p.M == 1 && !p.one_row_tiles && p.K * static_cast<int64_t>(sizeof(typename T::X)) <= kOneRowMaxInputBytes)
     return one_row<T>(x, w, p.y, p.K, n_begin, n_end);
   const int64_t K = p.K, N = p.N;
   int64_t n = n_begin;

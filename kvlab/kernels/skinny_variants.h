@@ -15,6 +15,9 @@ struct Problem {
   const void* w;
   float* y;
   int64_t M, K, N;
+  // At one input row, the register tiles as at several instead of the row-at-a-time walk
+  // (skinny_tile.h); which is faster is measured (kvlab/kernels/calibrate.py), as "<variant>/tiles".
+  bool one_row_tiles = false;
 };
 
 using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);

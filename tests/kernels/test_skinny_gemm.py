@@ -96,6 +96,25 @@ def test_op_rejects_an_unknown_variant():
         cpu_kernels.skinny_linear(torch.randn(2, 8), torch.randn(4, 8), variant="sse9")
 
 
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_one_row_with_the_tiles_option_is_computed_as_in_a_batch(variant):
+    """"<variant>/tiles" runs the register tiles at one input row: the row's outputs are then the same
+    floats as in a 2-row product (each output accumulates alike in any tile); the default one-row
+    walk sums in another order, equal to the reference within rounding."""
+    _supported(variant)
+    generator = torch.Generator().manual_seed(7)
+    x, weight = torch.randn(2, 577, generator=generator), torch.randn(37, 577, generator=generator)
+    batched = cpu_kernels.skinny_linear(x, weight, variant=variant)
+    assert torch.equal(cpu_kernels.skinny_linear(x[:1], weight, variant=f"{variant}/tiles"), batched[:1])
+    walked = cpu_kernels.skinny_linear(x[:1], weight, variant=variant)
+    torch.testing.assert_close(walked, batched[:1], rtol=1e-5, atol=1e-4)
+
+
+def test_op_rejects_an_unknown_variant_option():
+    with pytest.raises(RuntimeError, match="unknown variant option '/rows'"):
+        cpu_kernels.skinny_linear(torch.randn(1, 8), torch.randn(4, 8), variant="avx2/rows")
+
+
 def test_supported_variants_follow_what_the_cpu_reports():
     """AVX2 is the base; AVX-512 variants appear exactly when torch sees AVX-512 (and cpuid BF16)."""
     supported = cpu_kernels.supported_variants()
@@ -177,19 +196,32 @@ def test_calibration_picks_torch_where_the_kernel_is_slower():
 
     assert {d.kernel for d in _tiny_measure(slow, ["avx2"]).values()} == {"torch"}
     fast = _tiny_measure(instant, ["avx2"])
-    assert {d.kernel for d in fast.values()} == {"avx2"}
+    assert {d.kernel.removesuffix(calibrate.TILES) for d in fast.values()} == {"avx2"}  # the walk or the tiles
     assert set(fast) == {(dtype, rows) for dtype in calibrate.DTYPES for rows in calibrate.ROW_BUCKETS}
 
 
 def test_calibration_picks_the_faster_variant():
     def skinny(x, w, name):
-        if name == "avx2":
+        if name.startswith("avx2"):
             time.sleep(0.02)
         return x
 
     decisions = _tiny_measure(skinny, ["avx512", "avx2"])
-    assert {d.variant for d in decisions.values()} == {"avx512"}
+    assert {d.variant.removesuffix(calibrate.TILES) for d in decisions.values()} == {"avx512"}
     assert all(d.ms["avx2"] > d.ms["avx512"] for d in decisions.values())
+
+
+def test_calibration_times_the_tiles_against_the_walk_at_one_row():
+    def skinny(x, w, name):
+        if not name.endswith(calibrate.TILES):
+            time.sleep(0.02)
+        return x
+
+    decisions = _tiny_measure(skinny, ["avx2"])
+    for dtype in calibrate.DTYPES:
+        assert decisions[(dtype, 1)].variant == "avx2/tiles"
+        assert set(decisions[(dtype, 1)].ms) == {"avx2", "avx2/tiles", "torch"}
+        assert {decisions[(dtype, rows)].variant for rows in calibrate.ROW_BUCKETS[1:]} == {"avx2"}
 
 
 def test_calibration_is_cached_and_reloaded(tmp_path, monkeypatch):
