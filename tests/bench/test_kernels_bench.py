@@ -9,7 +9,7 @@ import pytest
 
 from kvlab.bench.kernels.config import from_dict, resolve
 from kvlab.bench.kernels.past_kernel import SOURCE, PastKernelUnavailable, git_show
-from kvlab.bench.kernels.report import rows_floor_seconds
+from kvlab.bench.kernels.report import arithmetic_peak, rows_floor_seconds
 from kvlab.cli import main
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
@@ -142,13 +142,18 @@ def test_gpu_device_is_refused():
 
 def test_a_rows_count_floor_is_the_slower_of_reading_the_weights_and_their_arithmetic():
     """1 GB of weights at 50 GB/s: 20 ms; 1e9 parameters at 400 GFLOP/s: 5 ms of arithmetic per row,
-    so from 4 rows on the arithmetic sets the floor."""
+    so from 4 rows on the arithmetic sets the floor; a kernel faster than torch's matmul raises the peak."""
     gemm = {
         "weight_bytes": 10**9,
         "params": 10**9,
         "matmul_peak_flops": 400e9,
         "probe_rounds": [{"stream sum": 40e9, "stream sum (2 MiB pages)": 50e9}],
+        "by_rows": {"1": {"seconds": {"kvlab.models": [0.025]}}, "16": {"seconds": {"kvlab.models": [0.1]}}},
     }
     assert rows_floor_seconds(gemm, 1) == pytest.approx(0.020)
     assert rows_floor_seconds(gemm, 4) == pytest.approx(0.020)
     assert rows_floor_seconds(gemm, 16) == pytest.approx(0.080)
+    assert arithmetic_peak(gemm) == (400e9, "torch's 2048^3 matmul")
+    gemm["by_rows"]["32"] = {"seconds": {"kvlab.models": [0.16, 0.12, 0.125]}}  # median 0.125 s: 512 GFLOP/s
+    assert arithmetic_peak(gemm) == (pytest.approx(512e9), "kvlab.models at 32 rows")
+    assert rows_floor_seconds(gemm, 32) == pytest.approx(0.125)

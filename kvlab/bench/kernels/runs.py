@@ -22,7 +22,7 @@ from kvlab.bench.core.floor import ROUND_ITERS, bandwidth_probes, best_seconds, 
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
 from kvlab.bench.kernels.past_kernel import PastKernelUnavailable, past_paged_attention
-from kvlab.bench.kernels.report import MODEL_PATH, TORCH, write_kernels_report
+from kvlab.bench.kernels.report import MODEL_PATH, PEAK_SIDE, TORCH, write_kernels_report
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import calibrate
@@ -30,8 +30,6 @@ from kvlab.kernels import cpu as cpu_kernels
 from kvlab.models import huge_pages, native
 from kvlab.models.loader import load_model, resolve_dtype
 from kvlab.models.native import build_engine_model
-
-PEAK_SIDE = 2048  # the square matmul that stands for the machine's arithmetic peak
 
 
 def candidates(dtype: torch.dtype) -> dict[str, Any]:
