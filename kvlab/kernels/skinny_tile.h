@@ -40,6 +40,21 @@ inline const char* prefetch_step(const char* ahead) {
   return ahead + kStepBytes;
 }
 
+// out[0..count) = the lane sums of acc[0..count), count 1-4, always through the four-way reduction
+// (padded with repeats), so an output's value does not depend on how many were reduced with it:
+// threads split the rows differently per call site (the op's parallel_for, the fused decode step),
+// and a sum must not change with the split.
+template <class T>
+inline void reduce_up_to4(const typename T::Acc* acc, int count, float* out) {
+  if (count == 4) return T::reduce4(acc, out);
+  typename T::Acc padded[4];
+  float sums[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) padded[j] = acc[j < count ? j : 0];
+  T::reduce4(padded, sums);
+  for (int j = 0; j < count; ++j) out[j] = sums[j];
+}
+
 template <class T, int MR, int NR>
 inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t N) {
   typename T::Acc acc[MR][NR];
@@ -74,23 +89,9 @@ inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64
     }
   }
 #pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-    int r = 0;
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (; r + 4 <= NR; r += 4) T::reduce4(&acc[m][r], y + m * N + r);
-    if (r < NR) {
-      // The last 1-3 sums through the same reduction (padded with repeats), so an output's value does
-      // not depend on the tile that computed it: threads split the rows differently per call site
-      // (the op's parallel_for, the fused decode step), and a sum must not change with the split.
-      typename T::Acc rest[4];
-      float sums[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) rest[j] = acc[m][r + (j < NR - r ? j : 0)];
-      T::reduce4(rest, sums);
-#pragma GCC unroll 4
-      for (int j = 0; r + j < NR; ++j) y[m * N + r + j] = sums[j];
-    }
-  }
+    for (int r = 0; r < NR; r += 4) reduce_up_to4<T>(&acc[m][r], NR - r < 4 ? NR - r : 4, y + m * N + r);
 }
 
 // MR input rows against NB weight rows, as tiles of the widest NR the variant's registers allow.
@@ -127,8 +128,6 @@ inline void block(const typename T::X* x, const typename T::W* w, float* y, int6
 // spell; bf16 about +10%), and decode steps were 19% shorter in both dtypes. Requests 2-8 KiB ahead
 // into L2 made this walk slower, by up to 30% (the tiles without theirs: 21 GB/s against 28).
 // The sums' order differs from the tiles' (each output is still computed one way, whatever the split).
-constexpr int64_t kOneRowMaxInputBytes = 8 << 10;
-
 template <class T>
 inline void one_row(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t n_begin,
                     int64_t n_end) {
@@ -155,22 +154,19 @@ inline void one_row(const typename T::X* x, const typename T::W* w, float* y, in
       pending = 0;
     }
   }
-  if (pending) {  // the last 1-3 rows through the same reduction, padded with repeats
-    float out[4];
-    for (int j = pending; j < 4; ++j) sums[j] = sums[0];
-    T::reduce4(sums, out);
-    for (int j = 0; j < pending; ++j) y[n_end - pending + j] = out[j];
-  }
+  if (pending) reduce_up_to4<T>(sums, pending, y + n_end - pending);
 }
+
+// The row-at-a-time walk reloads the input row for every weight row, which stays in L1 beside the
+// streaming weights while it is short (up to 2,048 float32 values). Over matrices of 320 MiB on the
+// Zen 4 EPYC, K = 576-2,048 read as fast or faster row at a time than by tiles, K = 4,096 (16 KiB of
+// float32 input) mostly slower, K = 8,192 (bf16 weights, float32 input) 23-26 GB/s against 51-59.
+constexpr int64_t kOneRowMaxInputBytes = 8 << 10;
 
 template <class T>
 void run(const Problem& p, int64_t n_begin, int64_t n_end) {
   const auto* x = static_cast<const typename T::X*>(p.x);
   const auto* w = static_cast<const typename T::W*>(p.w);
-  // The row-at-a-time walk reloads the input row for every weight row, which stays in L1 beside the
-  // streaming weights while it is short (up to 2,048 float32 values). Over matrices of 320 MiB on the
-  // Zen 4 EPYC, K = 576-2,048 read as fast or faster row at a time than by tiles, K = 4,096 (16 KiB of
-  // float32 input) mostly slower, K = 8,192 (bf16 weights, float32 input) 23-26 GB/s against 51-59.
   if (p.M == 1 && !p.one_row_tiles && p.K * static_cast<int64_t>(sizeof(typename T::X)) <= kOneRowMaxInputBytes)
     return one_row<T>(x, w, p.y, p.K, n_begin, n_end);
   const int64_t K = p.K, N = p.N;
