@@ -37,6 +37,7 @@ VARIANT_SOURCES = {
     "quant_avx2.cpp": ("-mavx2", "-mfma", "-mf16c"),
     "quant_avx512.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
     "quant_avx512vnni.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
+    "quant_avx512_x16.cpp": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
 }
 VARIANT_FLAGS = ("-O3", "-std=c++17", "-fPIC")
 

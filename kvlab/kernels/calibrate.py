@@ -12,6 +12,13 @@ warm cache, for rows 1, 2, 4, 8, 16, 32 and float32 / bfloat16. Candidates alter
 round and each call's minimum over the rounds counts, so a noisy neighbour skews no candidate alone. The
 table is keyed by the kernel sources, CPU model, torch version, thread count and the candidates, and
 stored as JSON in the build folder: a new build, CPU, torch or thread count calibrates afresh.
+
+The quantized GEMM's variants (quant_gemm.cpp) are timed the same way at one input row, per weight
+format (int8 per channel, int4 in groups of 128), over the same shapes' codes: the float variants
+convert every weight to float32, the integer one (avx512vnni-x16) rounds the inputs to int16 and
+multiplies integers, and which streams a matrix from memory faster differs by format and CPU (on a
+2-core Zen 4 EPYC the integer kernel ran int4-g128 from memory faster and int8 slower, though it ran
+both 1.6-1.9x faster from cache).
 """
 
 import hashlib
@@ -39,6 +46,9 @@ DEFAULT_WORKING_SET = 512 * 2**20
 ROUNDS = 6  # the first is a warm-up
 TIE = 0.03  # relative difference below which two candidates count as equally fast
 TILES = "/tiles"  # a variant name's suffix: the register tiles at one input row (one_row_options)
+# Weight formats the quantized GEMM's calibration times, as kvlab.quant spells them: bits -> format.
+QUANT_FORMATS = {8: "int8", 4: "int4-g128"}
+QUANT_WORKING_SET = 128 * 2**20  # bytes of codes per pass: as many int8 weights as the float32 set's
 
 
 def bucket(rows: int) -> int:
@@ -64,6 +74,7 @@ class Calibration:
     decisions: dict[tuple[str, int], Decision]
     path: Path | None = None
     measured_now: bool = False
+    quant: dict[str, Decision] = field(default_factory=dict)  # per QUANT_FORMATS name, at one row
     # (dtype, rows) for every rows count up to the largest bucket: decision() runs once per matmul.
     _by_rows: dict[tuple[torch.dtype, int], Decision] = field(init=False, repr=False, compare=False)
 
@@ -82,7 +93,10 @@ class Calibration:
         table: dict[str, dict[str, dict]] = {}
         for (dtype, rows), d in self.decisions.items():
             table.setdefault(dtype, {})[str(rows)] = {"kernel": d.kernel, "variant": d.variant, "ms": d.ms}
-        return {"key": self.key, "decisions": table}
+        quant = {
+            name: {"kernel": d.kernel, "variant": d.variant, "ms": d.ms} for name, d in self.quant.items()
+        }
+        return {"key": self.key, "decisions": table, "quant": quant}
 
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "Calibration":
@@ -91,7 +105,11 @@ class Calibration:
             for dtype, by_rows in data["decisions"].items()
             for rows, entry in by_rows.items()
         }
-        return cls(data["key"], decisions, path)
+        quant = {
+            name: Decision(entry["kernel"], entry["variant"], entry["ms"])
+            for name, entry in data["quant"].items()
+        }
+        return cls(data["key"], decisions, path, quant=quant)
 
 
 def cpu_model() -> str:
@@ -105,7 +123,11 @@ def cpu_model() -> str:
 
 
 def calibration_key(
-    digest: str, variants: Sequence[str], shapes: Sequence[tuple[int, int]], threads: int
+    digest: str,
+    variants: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    threads: int,
+    quant_variants: Sequence[str] = (),
 ) -> dict:
     return {
         "kernels": digest,
@@ -116,6 +138,7 @@ def calibration_key(
         "variants": list(variants),
         "shapes": [list(shape) for shape in shapes],
         "rows": list(ROW_BUCKETS),
+        "quant_variants": list(quant_variants),
     }
 
 
@@ -168,6 +191,71 @@ def one_row_options(variants: Sequence[str]) -> list[str]:
     return [*variants, *(f"{variant}{TILES}" for variant in variants)]
 
 
+def _pass_ms(
+    candidates: dict[str, Callable], weights: Sequence, inputs: Sequence[torch.Tensor], rounds: int
+) -> dict[str, float]:
+    """Per candidate, ms per pass over `weights` (run(inputs[i], weights[i]) each): per (candidate,
+    matrix) the fastest of the rounds after the first, summed over the matrices, so a call that a busy
+    machine descheduled in one round is replaced by its undisturbed time from another. Candidates
+    alternate per round."""
+    fastest = {name: [float("inf")] * len(weights) for name in candidates}
+    for round_index in range(rounds):
+        for name, run in candidates.items():
+            times = fastest[name]
+            for i, (x, w) in enumerate(zip(inputs, weights, strict=True)):
+                start = time.perf_counter()
+                run(x, w)
+                elapsed = time.perf_counter() - start
+                if round_index > 0 and elapsed < times[i]:
+                    times[i] = elapsed
+    return {name: sum(times) * 1e3 for name, times in fastest.items()}
+
+
+def _quant_weight_set(bits: int, shapes: Sequence[tuple[int, int]], working_set: int) -> list:
+    """Random codes and scales in QUANT_FORMATS[bits]'s layout, `working_set` bytes of codes, in 2 MiB
+    pages as a loaded model's (kvlab.quant.modules.place_weights)."""
+    from kvlab.models import huge_pages
+    from kvlab.quant.formats import QuantizedWeight, QuantSpec, packed_columns
+
+    spec = QuantSpec.parse(QUANT_FORMATS[bits])
+    generator = torch.Generator().manual_seed(0)
+    layer = sum(out * inp * bits // 8 for out, inp in shapes)
+    weights = []
+    for _ in range(min(64, max(1, working_set // layer))):
+        for out, inp in shapes:
+            if bits == 8:
+                codes = torch.randint(-127, 128, (out, inp), generator=generator, dtype=torch.int8)
+            else:
+                codes = torch.randint(
+                    0, 256, (out, packed_columns(inp)), generator=generator, dtype=torch.uint8
+                )
+            group = spec.group_size if spec.granularity == "group" else inp
+            scales = (torch.rand(out, -(-inp // group), generator=generator) * 0.01).half()
+            codes, scales = huge_pages.place_tensors([codes, scales])
+            weights.append(QuantizedWeight(codes, scales, None, bits, group, inp))
+    return weights
+
+
+def measure_quant(
+    quant_linear: Callable[[torch.Tensor, object, str], torch.Tensor],
+    variants: Sequence[str],
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    working_set: int = QUANT_WORKING_SET,
+    rounds: int = ROUNDS,
+) -> dict[str, Decision]:
+    """Time each quantized GEMM variant at one input row per weight format; `quant_linear(x, weight,
+    variant)` runs one. Ties go to the earlier variant (the op's order: float ones first)."""
+    decisions = {}
+    for bits, name in QUANT_FORMATS.items():
+        weights = _quant_weight_set(bits, shapes, working_set)
+        inputs = {inp: torch.randn(1, inp) for _, inp in shapes}
+        candidates = {v: (lambda x, w, v=v: quant_linear(x, w, v)) for v in variants}
+        best = _pass_ms(candidates, weights, [inputs[w.in_features] for w in weights], rounds)
+        fastest = _fastest(list(variants), best)
+        decisions[name] = Decision(fastest, fastest, {v: round(ms, 4) for v, ms in best.items()})
+    return decisions
+
+
 def measure(
     skinny: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor],
     variants: Sequence[str],
@@ -187,20 +275,7 @@ def measure(
                 name: (lambda x, w, name=name: skinny(x, w, name)) for name in names
             }
             candidates[TORCH] = F.linear  # what kvlab.models.native.linear runs when torch is chosen
-            # Per (candidate, matrix) the fastest of the rounds, summed over the matrices: a call that a
-            # busy machine descheduled in one round is replaced by its undisturbed time from another.
-            fastest = {name: [float("inf")] * len(weights) for name in candidates}
-            for round_index in range(rounds):
-                for name, run in candidates.items():
-                    times = fastest[name]
-                    for i, w in enumerate(weights):
-                        x = inputs[w.shape[1]]
-                        start = time.perf_counter()
-                        run(x, w)
-                        elapsed = time.perf_counter() - start
-                        if round_index > 0 and elapsed < times[i]:
-                            times[i] = elapsed
-            best = {name: sum(times) * 1e3 for name, times in fastest.items()}
+            best = _pass_ms(candidates, weights, [inputs[w.shape[1]] for w in weights], rounds)
             variant = _fastest(names, best)
             kernel = _fastest(list(candidates), best)
             ms = {name: round(value, 4) for name, value in best.items()}
@@ -216,10 +291,13 @@ def load_or_measure(
     shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     fresh: bool = False,
     working_set: int = DEFAULT_WORKING_SET,
+    quant_variants: Sequence[str] = (),
+    quant_linear: Callable[[torch.Tensor, object, str], torch.Tensor] | None = None,
 ) -> Calibration:
     """The cached table for this key (at torch's current thread count), or (if none, or `fresh`) a new
-    measurement written beside the build."""
-    key = calibration_key(digest, variants, shapes, torch.get_num_threads())
+    measurement written beside the build. With `quant_variants` (and `quant_linear` to run them) the
+    quantized GEMM's variants are timed too."""
+    key = calibration_key(digest, variants, shapes, torch.get_num_threads(), quant_variants)
     path = cache_path(directory, key)
     if path.exists() and not fresh:
         try:
@@ -228,8 +306,15 @@ def load_or_measure(
                 return calibration
         except (ValueError, KeyError, TypeError):
             pass  # a damaged file is measured again and overwritten
-    print("kvlab: calibrating CPU kernels once for this machine (~5 s)...", file=sys.stderr, flush=True)
-    calibration = Calibration(key, measure(skinny, variants, shapes, working_set), path, measured_now=True)
+    print("kvlab: calibrating CPU kernels once for this machine (~20 s)...", file=sys.stderr, flush=True)
+    quant = (
+        measure_quant(quant_linear, quant_variants, shapes, min(working_set, QUANT_WORKING_SET))
+        if quant_variants and quant_linear is not None
+        else {}
+    )
+    calibration = Calibration(
+        key, measure(skinny, variants, shapes, working_set), path, measured_now=True, quant=quant
+    )
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     partial.write_text(json.dumps(calibration.to_json(), indent=1))

@@ -20,6 +20,7 @@ import functools
 import os
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -108,14 +109,25 @@ def _skinny_variant_op(x: Tensor, weight: Tensor, variant: str) -> Tensor:
     return ops().skinny_linear(x, weight, None, variant)
 
 
+def _quant_variant_op(x: Tensor, weight, variant: str) -> Tensor:
+    return ops().quant_linear(x, *_packed(weight), None, variant)
+
+
 @functools.cache
 def _calibration_at(threads: int) -> calibrate.Calibration:
     del threads  # part of the cache key: a new thread count is a new calibration
-    return calibrate.load_or_measure(build.build_dir(), build.source_digest(), variants(), _skinny_variant_op)
+    return calibrate.load_or_measure(
+        build.build_dir(),
+        build.source_digest(),
+        variants(),
+        _skinny_variant_op,
+        quant_variants=calibrated_quant_variants(),
+        quant_linear=_quant_variant_op,
+    )
 
 
 def calibration() -> calibrate.Calibration:
-    """The kernel choice per (dtype, rows) at torch's current thread count: cached, else measured (~5 s).
+    """The kernel choice per (dtype, rows) at torch's current thread count: cached, else measured (~20 s).
     Called once per matmul, so it is one cached lookup once loaded (KVLAB_SKINNY_VARIANT is read then)."""
     return _calibration_at(torch.get_num_threads())
 
@@ -124,7 +136,13 @@ def recalibrate() -> calibrate.Calibration:
     """Measure again and replace the cached table (e.g. one taken while the machine was busy)."""
     ops()
     calibrate.load_or_measure(
-        build.build_dir(), build.source_digest(), variants(), _skinny_variant_op, fresh=True
+        build.build_dir(),
+        build.source_digest(),
+        variants(),
+        _skinny_variant_op,
+        fresh=True,
+        quant_variants=calibrated_quant_variants(),
+        quant_linear=_quant_variant_op,
     )
     _calibration_at.cache_clear()
     table = calibration()
@@ -160,10 +178,12 @@ def describe() -> str:
             f"rows {lo}-{hi} {name}" if lo != hi else f"row {lo} {name}" for (lo, hi), name in spans
         )
         parts.append(f"{str(dtype).removeprefix('torch.')}: {text}")
+    quant = ", ".join(f"{bits}-bit {quant_variant(bits)}" for bits in calibrate.QUANT_FORMATS)
     return (
         f"kvlab C++ kernels: skinny GEMM by calibration at {table.key['threads']} threads "
-        f"({'; '.join(parts)}; torch above {SKINNY_MAX_ROWS} rows), paged decode attention, "
-        "RMSNorm (fused with the residual add), RoPE, whole Llama decode steps as one op"
+        f"({'; '.join(parts)}; torch above {SKINNY_MAX_ROWS} rows), quantized GEMM ({quant}), "
+        "paged decode attention, RMSNorm (fused with the residual add), RoPE, whole Llama decode "
+        "steps as one op"
     )
 
 
@@ -264,10 +284,15 @@ STEP_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")  # per layer, in deco
 class StepWeights:
     """decode_step's per-layer weights, handed to the C++ op once per model (`native`, a torch custom
     class that holds them): a step passes that one object, not nine lists of a tensor per layer.
-    `quantized`: some matrix is quantized (the op then also runs the quantized GEMM)."""
+    `quant_bits`: the bits of most of its quantized matrices (the op then also runs the quantized GEMM,
+    the variant calibrated for that format), 0 when none is."""
 
     native: torch.ScriptObject
-    quantized: bool
+    quant_bits: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant_bits > 0
 
     @classmethod
     def from_layers(cls, layers: dict[str, list]) -> "StepWeights":
@@ -288,7 +313,8 @@ class StepWeights:
         native = torch.classes.kvlab.StepWeights(
             *(tensors[name] for name in STEP_ORDER), scales, offsets, group_sizes
         )
-        return cls(native, bool(scales))
+        bits = Counter(q.bits for q in quantized if q is not None)
+        return cls(native, bits.most_common(1)[0][0] if bits else 0)
 
 
 STEP_ORDER = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")  # StepWeights' arguments
@@ -333,7 +359,7 @@ def decode_step(
         eps,
         scale,
         variant,
-        quant_variant() if weights.quantized else "",
+        quant_variant(weights.quant_bits) if weights.quantized else "",
     )
 
 
@@ -365,20 +391,33 @@ def quant_variants() -> tuple[str, ...]:
 
 
 INTEGER_VARIANTS = ("avx512vnni",)  # quantize the inputs to int8 (quant_avx512vnni.cpp)
+INT16_VARIANTS = ("avx512vnni-x16",)  # round the inputs to int16 (quant_avx512_x16.cpp)
 
 
-def quant_variant() -> str:
-    """The quantized GEMM variant that runs: KVLAB_QUANT_VARIANT if set, else the widest float one this
-    CPU has. The integer variant (avx512vnni) is opt-in: it rounds the inputs to int8, so its products
-    differ from the dequantized weights' by about a percent, where the float variants differ only by
-    summation order (the quantization bench's kernel table times every variant)."""
-    return _quant_variant(os.environ.get("KVLAB_QUANT_VARIANT", ""))
+def quant_variant(bits: int | None = None) -> str:
+    """The quantized GEMM variant that runs: KVLAB_QUANT_VARIANT if set; else, for `bits`-bit weights,
+    the calibration's fastest of the float variants and the int16-input one (its products differ from
+    the dequantized weights' by ~1e-5 relative, float32 summation noise); without `bits`, the widest
+    float variant. The int8-input variant (avx512vnni) is opt-in only: it rounds the inputs to int8, so
+    its products differ by about a percent (the quantization bench's kernel table times every variant)."""
+    forced = _forced_quant_variant(os.environ.get("KVLAB_QUANT_VARIANT", ""))
+    if forced or bits is None:
+        return forced or calibrated_quant_variants()[0]
+    decision = calibration().quant.get(calibrate.QUANT_FORMATS.get(bits, ""))
+    return decision.variant if decision is not None else calibrated_quant_variants()[0]
 
 
 @functools.cache
-def _quant_variant(forced: str) -> str:
-    forced = _forced_variant("KVLAB_QUANT_VARIANT", forced, quant_variants(), "quantized GEMM")
-    return forced or next(v for v in quant_variants() if v not in INTEGER_VARIANTS)
+def _forced_quant_variant(forced: str) -> str:
+    return _forced_variant("KVLAB_QUANT_VARIANT", forced, quant_variants(), "quantized GEMM")
+
+
+def calibrated_quant_variants() -> tuple[str, ...]:
+    """The quantized GEMM variants the calibration chooses from: the float ones widest first, then the
+    int16-input one (a tie goes to the float variant)."""
+    variants = quant_variants()
+    floats = [v for v in variants if v not in INTEGER_VARIANTS + INT16_VARIANTS]
+    return (*floats, *(v for v in variants if v in INT16_VARIANTS))
 
 
 def quant_serves(x: Tensor, weight) -> bool:
@@ -390,7 +429,7 @@ def quant_serves(x: Tensor, weight) -> bool:
 
 def quant_linear(x: Tensor, weight, bias: Tensor | None = None, variant: str | None = None) -> Tensor:
     """x (M, K) @ dequantize(weight).T + bias for a kvlab.quant QuantizedWeight, in x's dtype."""
-    return _op().quant_linear(x, *_packed(weight), bias, variant or quant_variant())
+    return _op().quant_linear(x, *_packed(weight), bias, variant or quant_variant(weight.bits))
 
 
 def quant_dequantize(weight, rows: Tensor | None = None, out: Tensor | None = None) -> Tensor:

@@ -71,7 +71,10 @@ bool has_vnni() {
 
 std::vector<std::string> quant_variants() {
   std::vector<std::string> names;
-  if (has_vnni()) names.emplace_back("avx512vnni");
+  if (has_vnni()) {
+    names.emplace_back("avx512vnni-x16");
+    names.emplace_back("avx512vnni");
+  }
   if (has_avx512()) names.emplace_back("avx512");
   names.emplace_back("avx2");
   return names;
@@ -82,6 +85,10 @@ std::vector<std::string> quant_variants() {
 namespace kvlab::quant {
 
 Kernel find_kernel(const std::string& name) {
+  if (name == "avx512vnni-x16") {
+    TORCH_CHECK(has_vnni(), "quant_linear: variant 'avx512vnni-x16' needs instructions this CPU lacks");
+    return avx512vnni_x16;
+  }
   if (name == "avx512vnni") {
     TORCH_CHECK(has_vnni(), "quant_linear: variant 'avx512vnni' needs instructions this CPU lacks");
     return avx512vnni;
@@ -90,7 +97,7 @@ Kernel find_kernel(const std::string& name) {
     TORCH_CHECK(has_avx512(), "quant_linear: variant 'avx512' needs instructions this CPU lacks");
     return avx512;
   }
-  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni, avx512 or avx2)");
+  TORCH_CHECK(name == "avx2", "quant_linear: unknown variant '", name, "' (avx512vnni-x16, avx512vnni, avx512 or avx2)");
   return avx2;
 }
 

@@ -39,6 +39,7 @@ using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);
 void avx2(const Problem&, int64_t, int64_t);
 void avx512(const Problem&, int64_t, int64_t);
 void avx512vnni(const Problem&, int64_t, int64_t);  // int8 inputs: reads xq / xscale / xcorrection
+void avx512vnni_x16(const Problem&, int64_t, int64_t);  // rounds x to int16 itself (quant_avx512_x16.cpp)
 
 // The variant called `name` (quant_gemm.cpp); a clear error if it is unknown or this CPU lacks it.
 Kernel find_kernel(const std::string& name);

@@ -125,11 +125,17 @@ def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(
     assert torch.equal(fused.argmax(-1), reference.argmax(-1))
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g64-asym"])
+@pytest.mark.parametrize("spec", ["int8", "int4-g32", "int4-g64-asym", "int4-g128"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_quantized_fused_steps_equal_op_by_op(tiny_llama, fused_calls, monkeypatch, spec, threads):
+@pytest.mark.parametrize("variant", [None, "avx512vnni-x16"])
+def test_quantized_fused_steps_equal_op_by_op(tiny_llama, fused_calls, monkeypatch, spec, threads, variant):
     """A quantized model's step reads the packed codes with the quantized GEMM's kernel, as its
-    linear layers do op by op: equal up to summation order, at any thread count."""
+    linear layers do op by op: equal up to summation order, at any thread count. `variant`: the
+    calibration's choice, or the int16-input kernel forced (it rounds each thread's inputs itself)."""
+    if variant is not None:
+        if variant not in cpu_kernels.quant_variants():
+            pytest.skip(f"this CPU lacks the instructions of the {variant} variant")
+        monkeypatch.setenv("KVLAB_QUANT_VARIANT", variant)
     table = cpu_kernels.calibration()
     monkeypatch.setattr(cpu_kernels, "calibration", lambda: table)
     torch.set_num_threads(threads)

@@ -2,9 +2,14 @@
 every variant this CPU runs, every format, awkward shapes (K and N tails, a short last group) and 1-32
 input rows; and they refuse malformed weights."""
 
+import json
+import math
+import time
+
 import pytest
 import torch
 
+from kvlab.kernels import calibrate
 from kvlab.kernels import cpu as cpu_kernels
 from kvlab.quant import QuantSpec, linear, quantize_weight, quantized_linear
 from kvlab.quant.formats import QuantizedWeight
@@ -118,3 +123,131 @@ def test_integer_variant_equals_the_product_of_its_quantized_inputs(spec, shape)
         # and close to the unquantized product: int8 inputs cost well under a percent here
         exact = x.double() @ q.dequantize(torch.float64).T
         assert (y.double() - exact).norm() <= 0.02 * exact.norm()
+
+
+def int16_inputs(x: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
+    """What avx512vnni-x16 multiplies: each row rounded to int16 per span of columns (the weight group
+    when it has at most 256 columns, else 256 columns) with the span's absmax / 32,767 as scale, in
+    float32 as the kernel computes it, back in float64. int4 in groups of 32 takes the float kernel."""
+    rows, k = x.shape
+    per_channel = q.group_size >= k
+    if q.bits == 4 and not per_channel and q.group_size % 64:
+        return x.double()
+    span = 256 if per_channel else math.gcd(q.group_size, 256)
+    padded = torch.zeros(rows, -(-k // span) * span)
+    padded[:, :k] = x
+    spans = padded.view(rows, -1, span)
+    absmax = spans.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(absmax > 0, 32767.0 / absmax, torch.zeros_like(absmax))
+    codes = torch.round(spans * inverse)
+    return (codes.double() * (absmax / 32767.0).double()).view(rows, -1)[:, :k]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", SHAPES + [(5, 64), (3, 96), (6, 600)])
+def test_int16_variant_equals_the_product_of_its_rounded_inputs(spec, shape):
+    """avx512vnni-x16 rounds the inputs to int16 and multiplies integers: equal to the float64 product
+    of those rounded inputs and the dequantized weights up to float32 summation, and within 2e-4 of
+    the unrounded product (int8 inputs would be ~1e-2 off)."""
+    if "avx512vnni-x16" not in _variants():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    q = quantize_weight(torch.randn(shape), QuantSpec.parse(spec))
+    weight = q.dequantize(torch.float64)
+    for rows in (1, 2, 3, 4, 5, 8, 13):
+        x = torch.randn(rows, shape[1])
+        y = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16").double()
+        expected = int16_inputs(x, q) @ weight.T
+        assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        exact = x.double() @ weight.T
+        assert (y - exact).norm() <= 2e-4 * exact.norm()
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g128", "int4-g64-asym"])
+def test_int16_variant_computes_each_row_as_if_alone(spec):
+    """Integer sums are exact and each row has its own input scales, so a row's output does not depend
+    on the rows beside it (a decode step's batch): bitwise the same alone or among 13."""
+    if "avx512vnni-x16" not in _variants():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    q = quantize_weight(torch.randn(70, 320), QuantSpec.parse(spec))
+    x = torch.randn(13, 320)
+    together = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16")
+    alone = torch.cat([cpu_kernels.quant_linear(x[i : i + 1], q, None, "avx512vnni-x16") for i in range(13)])
+    assert torch.equal(together, alone)
+
+
+def _measure_quant(quant_linear):
+    return calibrate.measure_quant(
+        quant_linear, ["avx512", "avx512vnni-x16"], shapes=((8, 64),), working_set=4096, rounds=3
+    )
+
+
+def test_quant_calibration_picks_the_faster_variant_per_format():
+    def quant_linear(x, weight, variant):
+        if (variant == "avx512vnni-x16") == (weight.bits == 8):
+            time.sleep(0.002)
+        return x
+
+    decisions = _measure_quant(quant_linear)
+    assert decisions["int8"].variant == "avx512" and decisions["int4-g128"].variant == "avx512vnni-x16"
+    assert decisions["int8"].ms["avx512vnni-x16"] > decisions["int8"].ms["avx512"]
+    assert set(decisions) == set(calibrate.QUANT_FORMATS.values())
+
+
+def test_quant_calibration_gives_a_tie_to_the_float_variant():
+    """Candidates go float variants first, and within 3% the earlier one is kept."""
+    order = cpu_kernels.calibrated_quant_variants()
+    assert "avx512vnni" not in order  # int8 inputs: opt-in only
+    if "avx512vnni-x16" in order:
+        assert order[-1] == "avx512vnni-x16"
+    assert (
+        calibrate._fastest(["avx512", "avx512vnni-x16"], {"avx512": 1.02, "avx512vnni-x16": 1.0}) == "avx512"
+    )
+    assert (
+        calibrate._fastest(["avx512", "avx512vnni-x16"], {"avx512": 1.1, "avx512vnni-x16": 1.0}) != "avx512"
+    )
+
+
+def test_quant_calibration_is_stored_with_the_skinny_table(tmp_path):
+    calls = []
+
+    def quant_linear(x, weight, variant):
+        calls.append((variant, weight.bits))
+        return x
+
+    table = calibrate.load_or_measure(
+        tmp_path,
+        "digest",
+        ["avx2"],
+        lambda x, w, name: x,
+        ((8, 64),),
+        working_set=4096,
+        quant_variants=["avx2"],
+        quant_linear=quant_linear,
+    )
+    assert {bits for _, bits in calls} == {8, 4} and table.quant["int4-g128"].variant == "avx2"
+    stored = json.loads(table.path.read_text())
+    assert stored["key"]["quant_variants"] == ["avx2"] and set(stored["quant"]) == {"int8", "int4-g128"}
+    calls.clear()
+    again = calibrate.load_or_measure(
+        tmp_path,
+        "digest",
+        ["avx2"],
+        lambda x, w, name: x,
+        ((8, 64),),
+        working_set=4096,
+        quant_variants=["avx2"],
+        quant_linear=quant_linear,
+    )
+    assert not calls and again.quant == table.quant
+
+
+def test_quant_variant_follows_the_calibration_unless_forced(monkeypatch):
+    fastest = {"int8": "avx512", "int4-g128": "avx2"}
+    table = calibrate.Calibration(
+        {}, {}, quant={name: calibrate.Decision(v, v, {}) for name, v in fastest.items()}
+    )
+    monkeypatch.setattr(cpu_kernels, "calibration", lambda: table)
+    monkeypatch.delenv("KVLAB_QUANT_VARIANT", raising=False)
+    assert cpu_kernels.quant_variant(8) == "avx512" and cpu_kernels.quant_variant(4) == "avx2"
+    monkeypatch.setenv("KVLAB_QUANT_VARIANT", "avx2")
+    assert cpu_kernels.quant_variant(8) == "avx2"
