@@ -189,7 +189,8 @@ class NativeForward:
     def cache_bytes(self) -> int:
         if self.press_cache is not None:
             return self.press_cache.cache_bytes
-        return sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in self.kv_caches)
+        # numel, not the storage: the caches are views of one huge-page arena (allocate_kv_caches)
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv_caches)
 
     def hooks(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

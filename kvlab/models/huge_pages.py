@@ -19,10 +19,11 @@ A standalone loop over SmolLM2's layer shapes streamed 10-12% faster on huge pag
 mode is "never", on other systems than Linux and for tensors not on the CPU.
 """
 
+import math
 import mmap
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -54,6 +55,21 @@ def empty(numel: int, dtype: torch.dtype) -> Tensor:
         return torch.empty(numel, dtype=dtype)
     nbytes = numel * dtype.itemsize
     return _arena(nbytes)[:nbytes].view(dtype)
+
+
+def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[Tensor]:
+    """Zeroed CPU tensors of `shapes`, one after another in one huge-page arena (each at a 64-byte
+    boundary), written now so that they are resident as torch.zeros' are; torch.zeros where huge pages
+    are off. For buffers a decode step reads in full, such as the paged KV cache (kvlab.models.native)."""
+    if not enabled():
+        return [torch.zeros(shape, dtype=dtype) for shape in shapes]
+    sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
+    arena = _arena(sum(-(-n // ALIGNMENT) * ALIGNMENT for n in sizes))
+    tensors, offset = [], 0
+    for shape, nbytes in zip(shapes, sizes, strict=True):
+        tensors.append(arena[offset : offset + nbytes].view(dtype).view(shape).zero_())
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    return tensors
 
 
 def _arena(nbytes: int) -> Tensor:

@@ -208,10 +208,21 @@ class EngineModel:
                 device or self.device,
             )
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        options = dict(dtype=dtype or self.dtype, device=device or self.device)
-        return [
-            (torch.zeros(shape, **options), torch.zeros(shape, **options)) for _ in range(self.num_layers)
-        ]
+        dtype, device = dtype or self.dtype, torch.device(device or self.device)
+        if device.type != "cpu":
+            return [
+                (
+                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device),
+                )
+                for _ in range(self.num_layers)
+            ]
+        # In 2 MiB pages, as the weights (kvlab.models.huge_pages): a decode step reads each request's
+        # blocks, scattered over the pool, and on 4 KiB pages nearly every block is a TLB miss. Paged
+        # attention over 16 requests x 1,024 tokens from memory (8 pools in turn, alternated with 4 KiB
+        # ones in one process, 2-core Zen 4 EPYC): float32 6-14% and bf16 7-15% faster.
+        tensors = huge_pages.zeros([shape] * (2 * self.num_layers), dtype)
+        return list(zip(tensors[0::2], tensors[1::2], strict=True))
 
     @property
     def weight_bytes(self) -> int:

@@ -110,3 +110,28 @@ def test_empty_is_advised():
     tensor = huge_pages.empty(3 * 2**20, torch.float32)
     assert tensor.shape == (3 * 2**20,) and tensor.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
     assert advised_huge(tensor.data_ptr())
+
+
+@needs_thp
+def test_zeros_are_zero_resident_tensors_of_one_advised_arena():
+    tensors = huge_pages.zeros([(3, 5), (7,), (2, 4, 6)], torch.bfloat16)
+    assert [tuple(t.shape) for t in tensors] == [(3, 5), (7,), (2, 4, 6)]
+    assert all(t.dtype == torch.bfloat16 and not t.any() for t in tensors)
+    assert all(huge_pages.is_placed(t) and t.data_ptr() % huge_pages.ALIGNMENT == 0 for t in tensors)
+    assert advised_huge(tensors[0].data_ptr())
+    tensors[1].fill_(1)  # neighbours do not overlap
+    assert not tensors[0].any() and not tensors[2].any()
+
+
+def test_zeros_switched_off_are_torch_zeros(monkeypatch):
+    monkeypatch.setenv("KVLAB_HUGE_PAGES", "0")
+    (tensor,) = huge_pages.zeros([(4, 4)], torch.float32)
+    assert not huge_pages.is_placed(tensor) and not tensor.any()
+
+
+@needs_thp
+def test_the_engine_pool_lives_in_huge_pages(tiny_model):
+    """A decode step reads each request's blocks scattered over the pool: no TLB miss per block."""
+    caches = build_engine_model(tiny_model.model).allocate_kv_caches(num_blocks=8, block_size=4)
+    assert all(huge_pages.is_placed(t) and not t.any() for pair in caches for t in pair)
+    assert len({t.data_ptr() for pair in caches for t in pair}) == 2 * len(caches)

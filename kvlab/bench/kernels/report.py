@@ -213,7 +213,8 @@ def attention_section(payload: dict[str, Any]) -> list[str]:
         "## Paged decode attention",
         "",
         f"{shape['num_requests']} requests x {shape['context_len']} cached tokens, one query token each, the "
-        f"model's heads; blocks of {shape['block_size']} scattered over the pool. kvlab `cpu_paged` (the C++ op) "
+        f"model's heads; blocks of {shape['block_size']} scattered over the pool, in 2 MiB pages as the "
+        "engine allocates it. kvlab `cpu_paged` (the C++ op) "
         "vs `sdpa` (kvlab's backend on torch's scaled_dot_product_attention over the blocks gathered into a "
         f"padded batch){past_text}; each checked against the `reference` backend. Median of "
         f"{shape['repeats']} calls after a warm-up, the kernels called in turn, with the same cache every "

@@ -140,8 +140,8 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
 
 def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype, index: int = 0):
     """Decode inputs of the model's attention shape: every request `context_len` tokens deep, its blocks
-    scattered over the pool (a shuffled block order, as a long-running engine leaves them); `index`
-    draws another case (another layer's cache)."""
+    scattered over the pool (a shuffled block order, as a long-running engine leaves them) in 2 MiB
+    pages as the engine allocates it; `index` draws another case (another layer's cache)."""
     shape = config.attention
     heads = model.config.num_attention_heads
     _, kv_heads, head_dim = kv_shape(model.config)
@@ -151,8 +151,10 @@ def paged_case(config: KernelsConfig, model: torch.nn.Module, dtype: torch.dtype
     order = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()  # block 0: table padding
     tables = [order[i * per_request : (i + 1) * per_request] for i in range(shape.num_requests)]
     cache_shape = (num_blocks, shape.block_size, kv_heads, head_dim)
-    key_cache = torch.randn(cache_shape, generator=generator).to(dtype)
-    value_cache = torch.randn(cache_shape, generator=generator).to(dtype)
+    # In 2 MiB pages, as the engine's pool is (EngineModel.allocate_kv_caches).
+    key_cache, value_cache = huge_pages.place_tensors(
+        [torch.randn(cache_shape, generator=generator).to(dtype) for _ in range(2)]
+    )
     metadata = AttentionMetadata.from_lists(
         [1] * shape.num_requests, [shape.context_len] * shape.num_requests, tables, shape.block_size
     )
