@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -84,11 +85,18 @@ void quantize_inputs(const Problem& p, int64_t span, Inputs& in) {
     int16_t* codes = in.codes.data() + m * in.row_codes;
     for (int64_t s = 0; s < in.spans; ++s) {
       const int64_t begin = s * span, end = std::min(p.Kp, begin + span);
-      __m512 high = _mm512_setzero_ps();
-      for (int64_t k = begin; k < end; k += 16) high = _mm512_max_ps(high, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+      // x * 0 is NaN exactly where x is inf or NaN (max_ps would drop a NaN): such a span's scale is
+      // NaN, so the row's outputs are too, as the float variants' would be.
+      __m512 high = _mm512_setzero_ps(), finite = _mm512_setzero_ps();
+      for (int64_t k = begin; k < end; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        high = _mm512_max_ps(high, _mm512_abs_ps(v));
+        finite = _mm512_add_ps(finite, _mm512_mul_ps(v, _mm512_setzero_ps()));
+      }
+      const bool ok = _mm512_reduce_add_ps(finite) == 0.0f;
       const float absmax = _mm512_reduce_max_ps(high);
-      const __m512 inverse = _mm512_set1_ps(absmax > 0.0f ? 32767.0f / absmax : 0.0f);
-      const float scale = absmax / 32767.0f;
+      const __m512 inverse = _mm512_set1_ps(ok && absmax > 0.0f ? 32767.0f / absmax : 0.0f);
+      const float scale = ok ? absmax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
       in.scales[m * in.spans + s] = scale;
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = begin; k < end; k += 16) {

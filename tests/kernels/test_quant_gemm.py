@@ -251,3 +251,19 @@ def test_quant_variant_follows_the_calibration_unless_forced(monkeypatch):
     assert cpu_kernels.quant_variant(8) == "avx512" and cpu_kernels.quant_variant(4) == "avx2"
     monkeypatch.setenv("KVLAB_QUANT_VARIANT", "avx2")
     assert cpu_kernels.quant_variant(8) == "avx2"
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4-g128"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int16_variant_keeps_a_non_finite_input_visible(spec, bad):
+    """Rounding to int16 must not turn a NaN or inf activation into finite numbers: its row's outputs
+    are non-finite, as the float variants' are; the other rows are untouched."""
+    if "avx512vnni-x16" not in _variants():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    q = quantize_weight(torch.randn(24, 320), QuantSpec.parse(spec))
+    x = torch.randn(3, 320)
+    clean = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16")
+    x[1, 300] = bad
+    y = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16")
+    assert not torch.isfinite(y[1]).any()
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
