@@ -52,7 +52,7 @@ constexpr int64_t kStep = BITS == 4 ? 64 : 32;
 struct Inputs {
   std::vector<int16_t> codes;
   std::vector<float> scales;
-  std::vector<float> group_sums;  // (M, groups): the rounded inputs' sum over each group
+  std::vector<float> group_sums;  // int4: (M, groups) the rounded inputs' sum over each group
   std::vector<int32_t> centre;    // int4: (M, spans, 16) 8 x each lane's sum of codes (see tile)
   int64_t row_codes = 0, spans = 0, span = 0;
 };
@@ -78,8 +78,10 @@ void quantize_inputs(const Problem& p, int64_t span, Inputs& in) {
   in.row_codes = (p.K + kStep<BITS> - 1) / kStep<BITS> * kStep<BITS>;
   in.codes.assign(p.M * in.row_codes, 0);
   in.scales.resize(p.M * in.spans);
-  in.group_sums.assign(p.M * p.groups, 0.0f);
-  if (BITS == 4) in.centre.resize(p.M * in.spans * 16);
+  if (BITS == 4) {
+    in.group_sums.assign(p.M * p.groups, 0.0f);
+    in.centre.resize(p.M * in.spans * 16);
+  }
   for (int64_t m = 0; m < p.M; ++m) {
     const float* x = p.x + m * p.Kp;
     int16_t* codes = in.codes.data() + m * in.row_codes;
@@ -98,13 +100,10 @@ void quantize_inputs(const Problem& p, int64_t span, Inputs& in) {
       const __m512 inverse = _mm512_set1_ps(ok && absmax > 0.0f ? 32767.0f / absmax : 0.0f);
       const float scale = ok ? absmax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
       in.scales[m * in.spans + s] = scale;
-      __m512i sum = _mm512_setzero_si512();
       for (int64_t k = begin; k < end; k += 16) {
         const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inverse));
-        sum = _mm512_add_epi32(sum, code);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + input_position<BITS>(k)), _mm512_cvtsepi32_epi16(code));
       }
-      in.group_sums[m * p.groups + begin / p.group_size] += scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
       if constexpr (BITS == 4) {
         // The lanes vpdpwssd adds each code pair into (words 2i and 2i + 1 of both vectors of a step),
         // over whole steps: a step's codes are in nibble order (input_position).
@@ -112,6 +111,7 @@ void quantize_inputs(const Problem& p, int64_t span, Inputs& in) {
         for (int64_t k = begin; k < std::min(in.row_codes, begin + span); k += 32)
           lanes = _mm512_add_epi32(lanes, _mm512_madd_epi16(_mm512_loadu_si512(codes + k), _mm512_set1_epi16(1)));
         _mm512_storeu_si512(in.centre.data() + (m * in.spans + s) * 16, _mm512_slli_epi32(lanes, 3));
+        in.group_sums[m * p.groups + begin / p.group_size] += scale * static_cast<float>(_mm512_reduce_add_epi32(lanes));
       }
     }
   }
@@ -227,16 +227,9 @@ inline void tile(const Problem& p, const InputsView in, int64_t m0, int64_t n0) 
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
-    float sums[NR + 3];
-    int r = 0;
+    float sums[NR];
 #pragma GCC unroll 4
-    for (; r + 4 <= NR; r += 4) reduce4_zmm(&total[m][r], sums + r);
-    if (r < NR) {  // 1-3 left: the same reduction, padded, so a sum does not depend on the tiling
-      __m512 rest[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) rest[j] = total[m][r + (j < NR - r ? j : 0)];
-      reduce4_zmm(rest, sums + r);
-    }
+    for (int r = 0; r < NR; r += 4) reduce_up_to4<Zmm>(&total[m][r], NR - r < 4 ? NR - r : 4, sums + r);
     float* out = p.y + (m0 + m) * p.N + n0;
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) out[j] = sums[j] + offset_sum[m][j];

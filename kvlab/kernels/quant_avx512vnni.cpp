@@ -107,16 +107,9 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
-    float sums[NR + 3];
-    int r = 0;
+    float sums[NR];
 #pragma GCC unroll 4
-    for (; r + 4 <= NR; r += 4) reduce4_zmm(&acc[m][r], sums + r);
-    if (r < NR) {  // 1-3 left: the same reduction, padded, so a sum does not depend on the tiling
-      __m512 rest[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) rest[j] = acc[m][r + (j < NR - r ? j : 0)];
-      reduce4_zmm(rest, sums + r);
-    }
+    for (int r = 0; r < NR; r += 4) reduce_up_to4<Zmm>(&acc[m][r], NR - r < 4 ? NR - r : 4, sums + r);
     float* out = p.y + (m0 + m) * p.N + n0;
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {

@@ -127,16 +127,9 @@ inline void tile(const Problem& p, int64_t m0, int64_t n0) {
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
-    float sums[NR + 3];
-    int r = 0;
+    float sums[NR];
 #pragma GCC unroll 4
-    for (; r + 4 <= NR; r += 4) T::reduce4(&total[m][r], sums + r);
-    if (r < NR) {  // 1-3 left: the same reduction, padded, so a sum does not depend on the tiling
-      typename T::V rest[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) rest[j] = total[m][r + (j < NR - r ? j : 0)];
-      T::reduce4(rest, sums + r);
-    }
+    for (int r = 0; r < NR; r += 4) reduce_up_to4<T>(&total[m][r], NR - r < 4 ? NR - r : 4, sums + r);
     float* out = p.y + (m0 + m) * p.N + n0;
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) {

@@ -19,4 +19,9 @@ inline void reduce4_zmm(const __m512* acc, float* out) {
   reduce4_store(fold(acc[0]), fold(acc[1]), fold(acc[2]), fold(acc[3]), out);
 }
 
+// For reduce_up_to4 where no variant traits type is at hand (the integer quantized kernels).
+struct Zmm {
+  static void reduce4(const __m512* acc, float* out) { reduce4_zmm(acc, out); }
+};
+
 }  // namespace

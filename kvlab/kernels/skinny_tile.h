@@ -40,21 +40,6 @@ inline const char* prefetch_step(const char* ahead) {
   return ahead + kStepBytes;
 }
 
-// out[0..count) = the lane sums of acc[0..count), count 1-4, always through the four-way reduction
-// (padded with repeats), so an output's value does not depend on how many were reduced with it:
-// threads split the rows differently per call site (the op's parallel_for, the fused decode step),
-// and a sum must not change with the split.
-template <class T>
-inline void reduce_up_to4(const typename T::Acc* acc, int count, float* out) {
-  if (count == 4) return T::reduce4(acc, out);
-  typename T::Acc padded[4];
-  float sums[4];
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) padded[j] = acc[j < count ? j : 0];
-  T::reduce4(padded, sums);
-  for (int j = 0; j < count; ++j) out[j] = sums[j];
-}
-
 template <class T, int MR, int NR>
 inline void tile(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t N) {
   typename T::Acc acc[MR][NR];

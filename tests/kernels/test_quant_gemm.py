@@ -214,30 +214,24 @@ def test_quant_calibration_is_stored_with_the_skinny_table(tmp_path):
         calls.append((variant, weight.bits))
         return x
 
-    table = calibrate.load_or_measure(
-        tmp_path,
-        "digest",
-        ["avx2"],
-        lambda x, w, name: x,
-        ((8, 64),),
-        working_set=4096,
-        quant_variants=["avx2"],
-        quant_linear=quant_linear,
-    )
+    def load():
+        return calibrate.load_or_measure(
+            tmp_path,
+            "digest",
+            ["avx2"],
+            lambda x, w, name: x,
+            ((8, 64),),
+            working_set=4096,
+            quant_variants=["avx2"],
+            quant_linear=quant_linear,
+        )
+
+    table = load()
     assert {bits for _, bits in calls} == {8, 4} and table.quant["int4-g128"].variant == "avx2"
     stored = json.loads(table.path.read_text())
     assert stored["key"]["quant_variants"] == ["avx2"] and set(stored["quant"]) == {"int8", "int4-g128"}
     calls.clear()
-    again = calibrate.load_or_measure(
-        tmp_path,
-        "digest",
-        ["avx2"],
-        lambda x, w, name: x,
-        ((8, 64),),
-        working_set=4096,
-        quant_variants=["avx2"],
-        quant_linear=quant_linear,
-    )
+    again = load()
     assert not calls and again.quant == table.quant
 
 
