@@ -64,12 +64,17 @@ def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[Tensor]
     if not enabled():
         return [torch.zeros(shape, dtype=dtype) for shape in shapes]
     sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
-    arena = _arena(sum(-(-n // ALIGNMENT) * ALIGNMENT for n in sizes))
+    arena = _arena(sum(_aligned(n) for n in sizes))
     tensors, offset = [], 0
     for shape, nbytes in zip(shapes, sizes, strict=True):
         tensors.append(arena[offset : offset + nbytes].view(dtype).view(shape).zero_())
-        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+        offset += _aligned(nbytes)
     return tensors
+
+
+def _aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to whole ALIGNMENT units: the room a tensor takes in an arena."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 def _arena(nbytes: int) -> Tensor:
@@ -144,7 +149,7 @@ def _copies(tensors: list[Tensor], release: bool = False):
     offsets, total = {}, 0
     for key, tensor in movable.items():
         offsets[key] = total
-        total += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
+        total += _aligned(tensor.numel() * tensor.element_size())
     arena = _arena(total)
     for key in list(movable):
         tensor = movable.pop(key) if release else movable[key]
