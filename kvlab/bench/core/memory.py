@@ -131,13 +131,14 @@ class PeakMemory:
         self.delta = max(0, self.bytes - self.start)
 
 
-def model_resident_bytes(model: torch.nn.Module) -> int:
-    """Live memory with `model` loaded and every weight resident. Weights loaded from safetensors are
+def model_resident_bytes(*models: torch.nn.Module) -> int:
+    """Live memory with `models` loaded and every weight resident. Weights loaded from safetensors are
     file mappings that the first forward pages in (513 MiB for SmolLM2 in float32): unread, they would
     count as the first run's rise rather than as the model."""
-    device = next(model.parameters()).device
+    device = next(models[0].parameters()).device
     if device.type != "cuda":
         with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tensor.detach().reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
+            for model in models:
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.detach().reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
     return resident_bytes(device)

@@ -78,18 +78,31 @@ class Agreement:
 
 
 @dataclass(slots=True)
+class DtypeRatio:
+    """One dtype's TPOT over the reference dtype's, the two measured round by round."""
+
+    dtype: str
+    reference: str
+    prompt_len: int
+    method: str
+    tpot_ratio: float  # median over the rounds of that round's ratio
+    round_ratios: list[float]
+
+
+@dataclass(slots=True)
 class BenchResult:
     config: BenchConfig
     model_name: str
     model_source: str
     meaningful_ppl: bool
     floors: dict[str, Floor]
-    model_resident_bytes: dict[str, int]  # per dtype: live memory after the model loaded
+    model_resident_bytes: dict[str, int]  # per dtype: live memory after every dtype's model loaded
     runs: list[RunRecord]
     agreement: list[Agreement]
     ppl: dict | None = None
     quality: dict | None = None  # technique-specific quality (e.g. compressed-cache PPL vs full cache)
     machine: dict | None = None  # where it ran (core.machine.machine_info), read where it ran
+    dtype_ratios: list[DtypeRatio] = field(default_factory=list)
 
 
 def run_optimized(loaded: LoadedModel, input_ids: torch.Tensor, new_tokens: int, config: BenchConfig):
@@ -178,59 +191,66 @@ def make_inputs(token_ids: torch.Tensor, batch_size: int, prompt_len: int) -> to
 
 
 def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResult:
-    """Measure every (dtype, prompt length) cell for the configured methods."""
+    """Measure every (dtype, prompt length) cell for the configured methods.
+
+    Every dtype's model is loaded first and each round runs every dtype in turn: a VM's memory has
+    fast and slow spells of seconds to minutes, and dtypes measured one after the other can each land
+    in a different one (on a 2-core AMD EPYC, bfloat16 / float32 TPOT read 0.45x at one prompt length
+    and 0.69x at the other that way). Runs of one round are seconds apart, so each round's ratio of
+    dtypes compares runs in the same spell (`dtype_ratios`)."""
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     prepare_kernels()  # a kernel build or calibration must never fall inside a measured time
     methods = ["baseline", "optimized"] if config.method == "both" else [config.method]
-    runs, agreements, floors, resident, ppl, quality = [], [], {}, {}, None, None
-    loaded = None
-    for dtype in config.dtypes:
-        loaded = None  # the previous dtype's model goes before this one loads
-        loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
-        resident[dtype] = model_resident_bytes(loaded.model)
-        longest = max(config.prompt_lengths) + config.new_tokens
-        if longest > loaded.context_length:
-            raise PromptTooLongError(
-                f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
-                f"{config.model}'s context of {loaded.context_length} tokens"
-            )
-        if ppl is None and ppl_fn is not None:
-            ppl = ppl_fn(loaded)
-        quality_fn = TECHNIQUES[config.technique].quality
-        if quality is None and quality_fn is not None and config.ppl.enabled:
-            quality = quality_fn(loaded, token_ids, config)
-        cells = [(length, method) for length in config.prompt_lengths for method in methods]
-        progress = tqdm(
-            total=len(cells) * (config.warmup + config.repeats), desc=f"bench {dtype}", unit="run"
-        )
-        # The memory's bandwidth is probed right before every timed run, which is set against that
-        # probe's floor (kvlab.bench.core.floor).
-        probe_rounds: list[dict[str, float]] = []
-        cells: list[tuple[torch.Tensor, dict[str, list[Sample]], dict[str, list[float]]]] = []
-        for prompt_len in config.prompt_lengths:
-            input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
-            samples: dict[str, list[Sample]] = {method: [] for method in methods}
-            bandwidths: dict[str, list[float]] = {method: [] for method in methods}  # probed before each
-            for round_index in range(config.warmup + config.repeats):
+    models = load_models(config)
+    first = models[config.dtypes[0]]
+    # Live memory with every model loaded: what each run's peak rises over.
+    resident_all = model_resident_bytes(*(loaded.model for loaded in models.values()))
+    resident = dict.fromkeys(models, resident_all)
+    ppl = ppl_fn(first) if ppl_fn is not None else None
+    quality_fn = TECHNIQUES[config.technique].quality
+    quality = quality_fn(first, token_ids, config) if quality_fn is not None and config.ppl.enabled else None
+    cells = [
+        (length, dtype, method) for length in config.prompt_lengths for dtype in models for method in methods
+    ]
+    progress = tqdm(total=len(cells) * (config.warmup + config.repeats), desc="bench", unit="run")
+    # The memory's bandwidth is probed right before every timed run, which is set against that
+    # probe's floor (kvlab.bench.core.floor).
+    probe_rounds: dict[str, list[dict[str, float]]] = {dtype: [] for dtype in models}
+    measured: list[tuple[torch.Tensor, dict, dict]] = []  # per prompt length: samples, bandwidths
+    for prompt_len in config.prompt_lengths:
+        input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
+        samples = {(dtype, method): [] for dtype in models for method in methods}
+        bandwidths = {key: [] for key in samples}  # the best probe right before each run
+        for round_index in range(config.warmup + config.repeats):
+            for dtype, loaded in models.items():
                 for method in methods:
                     if round_index >= config.warmup:
-                        probe_rounds.append(probe_round(loaded.model))
-                        bandwidths[method].append(best_probe(probe_rounds[-1]))
+                        probe_rounds[dtype].append(probe_round(loaded.model))
+                        bandwidths[dtype, method].append(best_probe(probe_rounds[dtype][-1]))
                     sample = measure(method, loaded, input_ids, config)
                     if round_index >= config.warmup:
-                        samples[method].append(sample)
+                        samples[dtype, method].append(sample)
                     progress.update()
-            cells.append((input_ids, samples, bandwidths))
-        floors[dtype] = floor_of_rounds(loaded.model, probe_rounds)
-        for input_ids, samples, bandwidths in cells:
+        measured.append((input_ids, samples, bandwidths))
+    progress.close()
+    floors = {dtype: floor_of_rounds(models[dtype].model, probe_rounds[dtype]) for dtype in models}
+    runs, agreements = [], []
+    for dtype in models:
+        for input_ids, samples, bandwidths in measured:
             for method in methods:
                 full_cache = method == "baseline" or TECHNIQUES[config.technique].press is None
-                round_floors = [floors[dtype].at_bandwidth(b) for b in bandwidths[method]]
+                round_floors = [floors[dtype].at_bandwidth(b) for b in bandwidths[dtype, method]]
                 runs.append(
                     summarize(
-                        method, dtype, input_ids, samples[method], round_floors, resident[dtype], full_cache
+                        method,
+                        dtype,
+                        input_ids,
+                        samples[dtype, method],
+                        round_floors,
+                        resident[dtype],
+                        full_cache,
                     )
                 )
             if len(methods) == 2:
@@ -238,16 +258,15 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
                     agreement(
                         dtype,
                         input_ids.shape[1],
-                        samples["baseline"][0].tokens,
-                        samples["optimized"][0].tokens,
+                        samples[dtype, "baseline"][0].tokens,
+                        samples[dtype, "optimized"][0].tokens,
                     )
                 )
-        progress.close()
     return BenchResult(
         config=config,
-        model_name=loaded.name,
-        model_source=loaded.source,
-        meaningful_ppl=loaded.meaningful_ppl,
+        model_name=first.name,
+        model_source=first.source,
+        meaningful_ppl=first.meaningful_ppl,
         floors=floors,
         model_resident_bytes=resident,
         runs=runs,
@@ -255,4 +274,36 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         ppl=ppl,
         quality=quality,
         machine=machine_info(device),  # a sweep cell may run on a Ray worker, with its own threads
+        dtype_ratios=dtype_ratios(runs, config.dtypes[0]),
     )
+
+
+def load_models(config: BenchConfig) -> dict[str, LoadedModel]:
+    """The model at every configured dtype, each checked to hold the longest prompt + new tokens."""
+    models = {}
+    for dtype in config.dtypes:
+        loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
+        longest = max(config.prompt_lengths) + config.new_tokens
+        if longest > loaded.context_length:
+            raise PromptTooLongError(
+                f"prompt length {max(config.prompt_lengths)} + new_tokens {config.new_tokens} exceeds "
+                f"{config.model}'s context of {loaded.context_length} tokens"
+            )
+        models[dtype] = loaded
+    return models
+
+
+def dtype_ratios(runs: list[RunRecord], reference: str) -> list[DtypeRatio]:
+    """Each other dtype's TPOT over `reference`'s, per prompt length and method: the median over the
+    rounds of the ratio of the two runs of one round (sample i of every cell ran in round i)."""
+    by_key = {(r.dtype, r.prompt_len, r.method): r for r in runs}
+    ratios = []
+    for r in runs:
+        base = by_key.get((reference, r.prompt_len, r.method))
+        if r.dtype == reference or base is None:
+            continue
+        paired = [t / b for t, b in zip(r.tpot_s.samples, base.tpot_s.samples, strict=True)]
+        ratios.append(
+            DtypeRatio(r.dtype, reference, r.prompt_len, r.method, statistics.median(paired), paired)
+        )
+    return ratios

@@ -28,6 +28,7 @@ def write_report(result: BenchResult, path: Path, command: str) -> Path:
         "model_resident_bytes": result.model_resident_bytes,
         "runs": [dataclasses.asdict(run) for run in result.runs],
         "agreement": [dataclasses.asdict(a) for a in result.agreement],
+        "dtype_ratios": [dataclasses.asdict(r) for r in result.dtype_ratios],
         "ppl": result.ppl,
         "quality": result.quality,
     }
@@ -76,9 +77,38 @@ def comparison_rows(payload: dict) -> list[str]:
 
 def _resident(payload: dict) -> str:
     resident = payload.get("model_resident_bytes") or {}
+    values = set(resident.values())
+    if len(resident) > 1 and len(values) == 1:  # every dtype's model loaded at once (runner.run)
+        return f"{format_mib(values.pop())} MiB with the {' and '.join(resident)} models loaded"
     return (
         ", ".join(f"{dtype} {format_mib(value)} MiB" for dtype, value in resident.items()) or "not recorded"
     )
+
+
+def dtype_ratio_lines(payload: dict) -> list[str]:
+    """Each dtype's TPOT over the first dtype's, from runs of the same rounds."""
+    ratios = payload.get("dtype_ratios") or []
+    if not ratios:
+        return []
+    reference = ratios[0]["reference"]
+    lines = [
+        "",
+        f"## Dtypes side by side (TPOT / {reference} TPOT)",
+        "",
+        "Every dtype's model stays loaded and each round runs every dtype in turn, seconds apart, so both "
+        "runs of a round meet the same spell of the memory's speed. Each cell is the median over the rounds "
+        "of that round's ratio (min–max).",
+        "",
+        "| dtype | prompt | method | TPOT / " + reference + " TPOT |",
+        "|---|---:|---|---:|",
+    ]
+    for r in ratios:
+        rounds = r["round_ratios"]
+        lines.append(
+            f"| {r['dtype']} | {r['prompt_len']} | {r['method']} | {r['tpot_ratio']:.2f}x "
+            f"({min(rounds):.2f}–{max(rounds):.2f}) |"
+        )
+    return lines
 
 
 def _forward_path(runs: list[dict]) -> str:
@@ -101,7 +131,8 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         f"Model: `{model['name']}` ({model['source']}). Dataset: `{config['dataset']}`. Batch level: "
         f"{config['batch_level']} (batch {config['batch_size']}, prompts {config['prompt_lengths']}, "
         f"{config['new_tokens']} new tokens, greedy, fixed length). {config['warmup']} warm-up + {config['repeats']} "
-        "measured runs per cell, baseline and optimized alternating; cells show median (min–max).",
+        "measured runs per cell, in rounds that run each dtype's baseline and optimized in turn; cells show "
+        "median (min–max).",
         "",
         "Baseline: `model.generate()` (HF defaults, DynamicCache), TTFT/TPOT from a streamer's per-token timestamps. "
         f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'])}.",
@@ -112,7 +143,7 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         "",
         "Ratios are optimized / baseline (below 1 = faster or smaller). Peak memory, per run: "
         f"{payload['runs'][0]['memory_kind'] if payload['runs'] else ''}. Rise over model: the run's peak "
-        f"minus the live memory right after the model loaded ({_resident(payload)}); rise over start: minus "
+        f"minus the live memory right after the models loaded ({_resident(payload)}); rise over start: minus "
         "the live memory when the run began. KV MiB: exact bytes of the cache tensors at the end of generation.",
         *below_floor_warning(
             [
@@ -120,6 +151,7 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
                 for r in payload["runs"]
             ]
         ),
+        *dtype_ratio_lines(payload),
         "",
         *floor_lines(payload["floors"]),
     ]
