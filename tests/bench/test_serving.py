@@ -17,11 +17,11 @@ from kvlab.models.loader import load_model
 
 ARGS = [
     *("bench", "--technique", "paged", "--model", "tiny-llama", "--experiment-name", "e2e"),
-    *("--dtypes", "float32", "--set", "engine.num_blocks=64", "--set", "engine.max_num_seqs=4"),
+    *("--dtypes", "float32", "bfloat16", "--set", "engine.num_blocks=64", "--set", "engine.max_num_seqs=4"),
     *("--set", "mixed.num_requests=4", "--set", "mixed.prompt_len_max=48", "--set", "mixed.hf_batch_size=2"),
     *("--set", "mixed.output_len_min=4", "--set", "mixed.output_len_max=12", "--set", "mixed.repeats=2"),
     *("--set", "prefix.num_requests=3", "--set", "prefix.prefix_len=64", "--set", "prefix.suffix_len=8"),
-    *("--set", "decode.prompt_len=16", "--set", "decode.new_tokens=4"),
+    *("--set", "decode.prompt_lens=[16, 24]", "--set", "decode.new_tokens=4"),
     *("--set", "decode.repeats=1", "--set", "decode.warmup=0"),
     *("--set", "compression.num_requests=2", "--set", "compression.prompt_len=24"),
     *("--set", "compression.max_cache_tokens=10", "--set", "compression.output_len=12"),
@@ -55,9 +55,10 @@ def test_report_files_and_bars(experiment):
         "mixed_throughput_ratio",
         "prefix_ttft_ratio",
         "bf16_decode_over_floor",
+        "bf16_over_f32_engine_16",
+        "bf16_over_f32_engine_24",
     ]
-    assert payload["bars"][2]["measured"] is None  # bfloat16 not in dtypes: reported as not measured
-    for bar in payload["bars"][:2]:
+    for bar in payload["bars"]:
         assert bar["measured"] > 0 and ("yes" if bar["met"] else "NO (missed)") in report
 
 
@@ -75,7 +76,7 @@ def test_raw_samples_and_block_accounting(experiment):
     assert hf["output_tokens_per_s"] > 0 and engine["output_tokens_per_s"] > 0
     prefix = payload["prefix"]
     assert prefix["with_cache"]["hit_rate"] > 0 and prefix["without_cache"]["hit_rate"] == 0
-    decode = payload["decode"]["by_dtype"]["float32"]
+    decode = payload["decode"]["by_prompt"]["16"]["float32"]
     assert (
         set(decode["tpot_s"]) == {"engine", "kvlab.generate", "model.generate"} and decode["floor_tpot_s"] > 0
     )
@@ -218,7 +219,7 @@ def synthetic_payload(batch_level: str, identical: int, engine_tok_s: float) -> 
             "agreement": {"identical_requests": identical, "num_requests": 64},
         },
         "prefix": {"without_cache": {"ttft_s": [9.0, 4.0, 4.0]}, "with_cache": {"ttft_s": [9.0, 1.0, 1.0]}},
-        "decode": {"by_dtype": {}},
+        "decode": {"by_prompt": {}},
     }
 
 
@@ -241,3 +242,24 @@ def test_the_medium_preset_bar_asks_3x_with_every_greedy_output_equal(
     else:
         row = rows["mixed_throughput_ratio_medium"]
         assert row["target"] == 3.0 and row["met"] is met and f"({identical} / 64)" in row["description"]
+
+
+def test_decode_runs_every_prompt_and_dtype_and_pairs_dtypes_by_round(experiment):
+    path, _, payload = experiment
+    decode = payload["decode"]
+    assert decode["prompt_lens"] == [16, 24] and list(decode["by_prompt"]) == ["16", "24"]
+    ratios = {(r["prompt_len"], r["path"]): r for r in decode["dtype_ratios"]}
+    assert set(ratios) == {(n, p) for n in (16, 24) for p in ("engine", "kvlab.generate", "model.generate")}
+    for (prompt_len, name), ratio in ratios.items():
+        by_dtype = decode["by_prompt"][str(prompt_len)]
+        half, full = by_dtype["bfloat16"]["tpot_s"][name], by_dtype["float32"]["tpot_s"][name]
+        assert ratio["round_ratios"] == pytest.approx([h / f for h, f in zip(half, full, strict=True)])
+        assert (ratio["dtype"], ratio["reference"]) == ("bfloat16", "float32")
+    assert "TPOT over float32's, per round" in (path / "report.md").read_text()
+
+
+def test_decode_prompt_lengths_must_be_a_list_of_positive_lengths():
+    assert from_dict({"decode": {"prompt_lens": 64}}).decode.prompt_lens == [64]
+    for bad in ([], [128, 0]):
+        with pytest.raises(ConfigError, match="decode.prompt_lens"):
+            from_dict({"decode": {"prompt_lens": bad}}).validate()

@@ -42,7 +42,9 @@ class PrefixWorkload:
 
 @dataclass(slots=True)
 class DecodeWorkload:
-    prompt_len: int = 128
+    """Batch-1 decode of one prompt per length, on every path and dtype, round by round."""
+
+    prompt_lens: list[int] = field(default_factory=lambda: [128, 512])
     new_tokens: int = 32
     warmup: int = 1
     repeats: int = 3
@@ -92,7 +94,12 @@ class ServingConfig(ExperimentConfig):
                 value = getattr(getattr(self, section), item.name)
                 if item.name in ("press", "enabled"):
                     continue  # checked below
-                if item.name == "warmup":
+                if item.name == "prompt_lens":
+                    if not isinstance(value, list) or not value:
+                        raise ConfigError(f"decode.prompt_lens must be a list of lengths, got {value!r}")
+                    for length in value:
+                        positive("decode.prompt_lens", length)
+                elif item.name == "warmup":
                     non_negative(f"{section}.warmup", value)
                 else:
                     positive(f"{section}.{item.name}", value)
@@ -127,6 +134,8 @@ def from_dict(data: dict[str, Any]) -> ServingConfig:
     """Build a ServingConfig, rejecting unknown keys at any level."""
     data = dict(data)
     sections = {name: take_section(data, name, cls) for name, cls in SECTIONS.items()}
+    if not isinstance(sections["decode"].prompt_lens, list):  # `--set decode.prompt_lens=512`
+        sections["decode"].prompt_lens = [sections["decode"].prompt_lens]
     check_keys("", data, ServingConfig)
     as_lists(data, ("dtypes",))
     if not isinstance(data.get("engine", {}), dict):

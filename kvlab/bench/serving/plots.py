@@ -6,6 +6,17 @@ from typing import Any
 
 from kvlab.bench.report.floor import decode_floor
 
+DECODE_PATHS = ("engine", "kvlab.generate", "model.generate")
+
+
+def decode_runs(decode: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(prompt length, dtype, run) of the payload's batch-1 decode section, prompt lengths in order."""
+    return [
+        (int(prompt_len), dtype, run)
+        for prompt_len, by_dtype in decode["by_prompt"].items()
+        for dtype, run in by_dtype.items()
+    ]
+
 
 def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
     import matplotlib
@@ -13,7 +24,8 @@ def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]["by_dtype"]
+    mixed, prefix = payload["mixed"], payload["prefix"]
+    decode = decode_runs(payload["decode"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].bar(
         ["engine", "HF static"],
@@ -31,11 +43,10 @@ def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
     fig.savefig(directory / "throughput_and_prefix.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    paths = ["engine", "kvlab.generate", "model.generate"]
+    fig, ax = plt.subplots(figsize=(3 + 1.5 * len(decode), 4))
+    paths = DECODE_PATHS
     width = 0.8 / (len(paths) + 1)
-    for i, dtype in enumerate(decode):
-        run = decode[dtype]
+    for i, (_, _, run) in enumerate(decode):
         for j, path in enumerate(paths):
             ax.bar(
                 i + j * width,
@@ -51,7 +62,10 @@ def serving_plots(payload: dict[str, Any], directory: Path) -> list[str]:
             label="floor" if i == 0 else None,
             color="grey",
         )
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(decode))], list(decode))
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(decode))],
+        [f"{dtype}\nprompt {prompt_len}" for prompt_len, dtype, _ in decode],
+    )
     ax.set_ylabel("batch-1 TPOT ms")
     ax.legend()
     fig.tight_layout()

@@ -20,16 +20,20 @@ from kvlab.bench.report.floor import (
 from kvlab.bench.report.format import format_mib as _mib
 from kvlab.bench.report.format import format_ms as _ms
 from kvlab.bench.report.format import title_lines
-from kvlab.bench.serving.plots import serving_plots
-
-DECODE_PATHS = ("engine", "kvlab.generate", "model.generate")
+from kvlab.bench.serving.plots import DECODE_PATHS, decode_runs, serving_plots
 
 # The issue's bars: (key, description, target, higher_is_better)
 BARS = [
     ("mixed_throughput_ratio", "engine output tok/s / HF static batching (mixed workload)", 2.0, True),
     ("prefix_ttft_ratio", "TTFT without / with prefix cache (shared system prompt)", 3.0, True),
-    ("bf16_decode_over_floor", "engine batch-1 decode TPOT / bandwidth floor, bfloat16", 1.5, False),
+    (
+        "bf16_decode_over_floor",
+        "engine batch-1 decode TPOT / bandwidth floor, bfloat16, first prompt",
+        1.5,
+        False,
+    ),
 ]
+DTYPE_RATIO = 0.65
 # Issue 11's bar on the medium preset's float32 mixed workload: 3x, with every greedy output equal.
 MEDIUM_RATIO = 3.0
 
@@ -40,7 +44,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    mixed, prefix, decode = payload["mixed"], payload["prefix"], payload["decode"]["by_dtype"]
+    mixed, prefix = payload["mixed"], payload["prefix"]
+    by_prompt = payload["decode"]["by_prompt"]
+    decode = next(iter(by_prompt.values()), {})  # the first prompt length's
     measured = {
         "mixed_throughput_ratio": mixed["engine"]["output_tokens_per_s"]
         / mixed["hf_static"]["output_tokens_per_s"],
@@ -52,6 +58,15 @@ def bars(payload: dict[str, Any]) -> list[dict[str, Any]]:
         ),
     }
     bar_list, also_required = list(BARS), {}
+    # Issue 10: bf16 decode reads half the bytes, so it should take at most 0.65x float32's time.
+    for ratio in payload["decode"].get("dtype_ratios", []):
+        if (ratio["dtype"], ratio["reference"], ratio["path"]) == ("bfloat16", "float32", "engine"):
+            key = f"bf16_over_f32_engine_{ratio['prompt_len']}"
+            description = (
+                f"engine batch-1 TPOT, bfloat16 / float32 (same rounds), prompt {ratio['prompt_len']}"
+            )
+            bar_list.append((key, description, DTYPE_RATIO, False))
+            measured[key] = ratio["tpot_ratio"]
     config = payload["config"]
     if config.get("batch_level") == "medium" and config.get("dtype") == "float32":
         agreement = mixed["agreement"]
@@ -170,32 +185,7 @@ def render_markdown(payload: dict[str, Any], plots: list[str]) -> str:
         )
     lines += _compression_lines(payload.get("compression"), config)
     lines += _step_profile_lines(payload.get("step_profile"))
-    lines += [
-        "",
-        "## Batch-1 decode vs the bandwidth floor",
-        "",
-        f"Prompt {decode['prompt_len']} tokens, {decode['new_tokens']} new tokens; median TPOT over "
-        f"{config['decode']['repeats']} runs after {config['decode']['warmup']} warm-up, paths alternating.",
-        "",
-        "| dtype | floor ms | engine ms | kvlab.generate ms | model.generate ms "
-        "| engine / floor | kvlab.generate / floor | model.generate / floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    cells = []
-    for dtype, run in decode["by_dtype"].items():
-        floor = decode_floor(run)
-        medians = [statistics.median(run["tpot_s"][p]) for p in DECODE_PATHS]
-        ratios = [decode_over_floor(run, path) for path in DECODE_PATHS]
-        cells += [(f"{dtype} {path}", r) for path, r in zip(DECODE_PATHS, ratios, strict=True)]
-        lines.append(
-            f"| {dtype} | {_ms(floor)} | "
-            + " | ".join(_ms(m) for m in medians)
-            + " | "
-            + " | ".join(over_floor(r) for r in ratios)
-            + " |"
-        )
-    lines += below_floor_warning(cells)
-    lines += ["", *floor_lines(decode["by_dtype"])]
+    lines += _decode_lines(decode, config)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -325,3 +315,62 @@ def _step_profile_lines(profiles: dict[str, Any] | None) -> list[str]:
         + " |"
     )
     return lines
+
+
+def _decode_lines(decode: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Batch-1 decode per prompt length and dtype against the floor, and the dtypes' same-round ratios."""
+    lines = [
+        "",
+        "## Batch-1 decode vs the bandwidth floor",
+        "",
+        f"Prompts of {', '.join(str(n) for n in decode['prompt_lens'])} tokens, {decode['new_tokens']} new "
+        f"tokens; median TPOT over {config['decode']['repeats']} rounds after {config['decode']['warmup']} "
+        "warm-up. Every dtype's model and engine stay loaded and each round runs every dtype's paths in turn.",
+        "",
+        "| prompt | dtype | floor ms | engine ms | kvlab.generate ms | model.generate ms "
+        "| engine / floor | kvlab.generate / floor | model.generate / floor |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cells = []
+    for prompt_len, dtype, run in decode_runs(decode):
+        medians = [statistics.median(run["tpot_s"][p]) for p in DECODE_PATHS]
+        ratios = [decode_over_floor(run, path) for path in DECODE_PATHS]
+        cells += [
+            (f"prompt {prompt_len} {dtype} {path}", r) for path, r in zip(DECODE_PATHS, ratios, strict=True)
+        ]
+        lines.append(
+            f"| {prompt_len} | {dtype} | {_ms(decode_floor(run))} | "
+            + " | ".join(_ms(m) for m in medians)
+            + " | "
+            + " | ".join(over_floor(r) for r in ratios)
+            + " |"
+        )
+    lines += below_floor_warning(cells)
+    ratios = decode.get("dtype_ratios", [])
+    if ratios:
+        lines += [
+            "",
+            f"TPOT over {ratios[0]['reference']}'s, per round (the two runs of a round are seconds apart, in the "
+            "same spell of the memory's speed); median (min–max) over the rounds:",
+            "",
+            "| prompt | dtype | " + " | ".join(DECODE_PATHS) + " |",
+            "|---:|---|" + "---:|" * len(DECODE_PATHS),
+        ]
+        by_row: dict[tuple[int, str], dict[str, dict]] = {}
+        for r in ratios:
+            by_row.setdefault((r["prompt_len"], r["dtype"]), {})[r["path"]] = r
+        for (prompt_len, dtype), by_path in by_row.items():
+            lines.append(
+                f"| {prompt_len} | {dtype} | "
+                + " | ".join(_ratio_cell(by_path.get(path)) for path in DECODE_PATHS)
+                + " |"
+            )
+    floors = {f"{dtype}, prompt {prompt_len}": run for prompt_len, dtype, run in decode_runs(decode)}
+    return [*lines, "", *floor_lines(floors)]
+
+
+def _ratio_cell(ratio: dict[str, Any] | None) -> str:
+    if ratio is None:
+        return ""
+    rounds = ratio["round_ratios"]
+    return f"{ratio['tpot_ratio']:.2f}x ({min(rounds):.2f}–{max(rounds):.2f})"

@@ -62,7 +62,7 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
     model_resident = model_resident_bytes(loaded.model)
     longest = max(
         config.mixed.prompt_len_max + config.mixed.output_len_max,
-        config.decode.prompt_len + config.decode.new_tokens,
+        max(config.decode.prompt_lens) + config.decode.new_tokens,
         config.prefix.prefix_len + config.prefix.suffix_len + config.prefix.output_len,
     )
     if longest > loaded.context_length:
@@ -98,11 +98,11 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
 
 def measure_step_profile(engine, token_ids: list[int], config: ServingConfig) -> dict[str, Any]:
     """Where the engine's step time goes at batch 1 and at the engine's concurrency (max_num_seqs
-    requests of the decode workload's prompt length, all at t=0)."""
+    requests of the decode workload's first prompt length, all at t=0)."""
     from kvlab.bench.serving.step_profile import profile_steps
 
     workload = config.decode
-    width = workload.prompt_len
+    width = workload.prompt_lens[0]
     concurrency = engine.config.max_num_seqs
     if len(token_ids) < width * concurrency:
         raise ConfigError(
@@ -270,40 +270,78 @@ def measure_prefix(engine, requests: list[BenchRequest]) -> dict[str, Any]:
 
 
 def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype: dict) -> dict[str, Any]:
-    """Batch-1 TPOT of three paths on one prompt, rounds alternating between them, per dtype."""
+    """Batch-1 TPOT of three paths on one prompt per length, per dtype. Every dtype's model and engine
+    stay loaded and each round runs every dtype's paths in turn: dtypes measured one after the other
+    can land in different spells of a VM's memory speed, so their ratio is taken round by round
+    (`dtype_ratios`), as in the generation bench (kvlab.bench.generate.runner)."""
     from kvlab.bench.core.floor import best_probe, floor_of_rounds, mean_decode_context, probe_round
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
     workload = config.decode
-    prompt = token_ids[: workload.prompt_len]
-    results = {}
+    models = {}
     for dtype in config.dtypes:
         if dtype in loaded_by_dtype:
-            loaded, engine = loaded_by_dtype[dtype]
+            models[dtype] = loaded_by_dtype[dtype]
         else:
             loaded = load_model(config.model, dtype=dtype, device=config.device, seed=config.seed)
-            engine = LLMEngine.from_model(loaded, config.engine_config(dtype))
-        paths = decode_paths(loaded, engine, prompt, workload.new_tokens)
-        samples: dict[str, list[float]] = {name: [] for name in paths}
-        probe_rounds = []  # each round's paths against the probes at its start (kvlab.bench.core.floor)
+            models[dtype] = (loaded, LLMEngine.from_model(loaded, config.engine_config(dtype)))
+    by_prompt = {}
+    for prompt_len in workload.prompt_lens:
+        prompt = token_ids[:prompt_len]
+        paths = {dtype: decode_paths(*models[dtype], prompt, workload.new_tokens) for dtype in models}
+        samples = {dtype: {name: [] for name in paths[dtype]} for dtype in models}
+        probe_rounds = {
+            dtype: [] for dtype in models
+        }  # each round against its probes (kvlab.bench.core.floor)
         for round_index in range(workload.warmup + workload.repeats):
-            if round_index >= workload.warmup:
-                probe_rounds.append(probe_round(loaded.model))
-            for name, run in paths.items():
-                times = run()
+            for dtype, (loaded, _) in models.items():
                 if round_index >= workload.warmup:
-                    samples[name].append(tpot_s(times))
-        floor = floor_of_rounds(loaded.model, probe_rounds)
+                    probe_rounds[dtype].append(probe_round(loaded.model))
+                for name, run in paths[dtype].items():
+                    times = run()
+                    if round_index >= workload.warmup:
+                        samples[dtype][name].append(tpot_s(times))
         context = mean_decode_context(len(prompt), workload.new_tokens)
-        round_floors = [floor.at_bandwidth(best_probe(r)).tpot_at(context) for r in probe_rounds]
-        results[dtype] = floor.to_dict() | {
-            "decode_floor_tpot_s": statistics.median(round_floors),
-            "round_decode_floor_tpot_s": round_floors,
-            "tpot_s": samples,
-        }
-        loaded_by_dtype.pop(dtype, None)  # let this dtype's model go before the next one loads
-    return {"prompt_len": len(prompt), "new_tokens": workload.new_tokens, "by_dtype": results}
+        by_prompt[str(prompt_len)] = {}
+        for dtype, (loaded, _) in models.items():
+            floor = floor_of_rounds(loaded.model, probe_rounds[dtype])
+            round_floors = [floor.at_bandwidth(best_probe(r)).tpot_at(context) for r in probe_rounds[dtype]]
+            by_prompt[str(prompt_len)][dtype] = floor.to_dict() | {
+                "decode_floor_tpot_s": statistics.median(round_floors),
+                "round_decode_floor_tpot_s": round_floors,
+                "tpot_s": samples[dtype],
+            }
+    return {
+        "new_tokens": workload.new_tokens,
+        "prompt_lens": list(workload.prompt_lens),
+        "by_prompt": by_prompt,
+        "dtype_ratios": decode_dtype_ratios(by_prompt, config.dtypes[0]),
+    }
+
+
+def decode_dtype_ratios(by_prompt: dict[str, dict], reference: str) -> list[dict[str, Any]]:
+    """Per prompt length, other dtype and path: TPOT over `reference`'s, the median over the rounds of
+    that round's ratio (sample i of every dtype and path ran in round i)."""
+    ratios = []
+    for prompt_len, by_dtype in by_prompt.items():
+        for dtype, run in by_dtype.items():
+            if dtype == reference:
+                continue
+            for path, times in run["tpot_s"].items():
+                base = by_dtype[reference]["tpot_s"][path]
+                rounds = [t / b for t, b in zip(times, base, strict=True)]
+                ratios.append(
+                    {
+                        "prompt_len": int(prompt_len),
+                        "dtype": dtype,
+                        "reference": reference,
+                        "path": path,
+                        "tpot_ratio": statistics.median(rounds),
+                        "round_ratios": rounds,
+                    }
+                )
+    return ratios
 
 
 def decode_paths(loaded, engine, prompt: list[int], new_tokens: int) -> dict[str, Callable[[], list[float]]]:

@@ -70,8 +70,9 @@ def tokens_needed(config: ServingConfig) -> int:
     return max(
         mixed.num_requests * mixed.prompt_len_max,
         prefix.prefix_len + prefix.num_requests * prefix.suffix_len,
-        config.decode.prompt_len * config.engine_config(config.dtype).max_num_seqs,  # the step profile
+        config.decode.prompt_lens[0] * config.engine_config(config.dtype).max_num_seqs,  # the step profile
         config.compression.num_requests * config.compression.prompt_len,
+        max(config.decode.prompt_lens),
     )
 
 
