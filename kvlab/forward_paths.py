@@ -180,10 +180,10 @@ class NativeForward:
                 block_size=self.capacity,
             )
             backend = self.backend
-        hidden = self.engine_model(tokens, self.positions, self.kv_caches, metadata, backend)
+        logits = self.engine_model.decode_logits(tokens, self.positions, self.kv_caches, metadata, backend)
         self.positions = self.positions + 1
         self.host_positions = [p + 1 for p in self.host_positions]
-        return self.engine_model.compute_logits(hidden)
+        return logits
 
     @property
     def cache_bytes(self) -> int:

@@ -24,8 +24,9 @@ from kvlab.sampling import greedy, sample
 
 class ModelRunner:
     """model: an engine-native model (kvlab.models.native.EngineModel or anything with its call
-    contract): `model(input_ids, positions, kv_caches, metadata, backend) -> hidden (T, hidden)`
-    and `model.compute_logits(hidden) -> (N, vocab)`."""
+    contract): `model(input_ids, positions, kv_caches, metadata, backend) -> hidden (T, hidden)`,
+    `model.compute_logits(hidden) -> (N, vocab)` and, for decode-only steps, `model.decode_logits(...)`
+    (the same arguments as the call) -> (T, vocab)."""
 
     def __init__(
         self,
@@ -120,14 +121,18 @@ class ModelRunner:
         with phase(PHASE_PREPARE):
             input_ids, positions, metadata = self.prepare_inputs(output)
             backend = self._backend_for(output)
-        with phase(PHASE_FORWARD):
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata, backend)
-        ends = metadata.query_start_loc[1:] - 1
         rows = [i for i, s in enumerate(output.scheduled) if s.samples]
-        if not rows:
-            return {}
-        with phase(PHASE_LOGITS):
-            logits = self.model.compute_logits(hidden[ends[rows]])
+        if metadata.is_decode_only and len(rows) == len(output.scheduled):
+            # Every row is one token that samples: the model may run its LM head inside the forward.
+            with phase(PHASE_FORWARD):
+                logits = self.model.decode_logits(input_ids, positions, self.kv_caches, metadata, backend)
+        else:
+            with phase(PHASE_FORWARD):
+                hidden = self.model(input_ids, positions, self.kv_caches, metadata, backend)
+            if not rows:
+                return {}
+            with phase(PHASE_LOGITS):
+                logits = self.model.compute_logits(hidden[(metadata.query_start_loc[1:] - 1)[rows]])
         with phase(PHASE_SAMPLE):
             requests = [output.scheduled[i].request for i in rows]
             tokens = self.sample(logits, requests)

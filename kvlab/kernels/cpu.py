@@ -339,10 +339,11 @@ def decode_step(
     eps: float,
     scale: float,
     variant: str,
+    lm_head: Tensor | None = None,
 ) -> Tensor:
     """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` the per-layer K/V caches
     as `step_caches` holds them; `metadata` one AttentionMetadata per layer. -> final-normed hidden
-    (M, hidden)."""
+    (M, hidden), or with `lm_head` (vocab, hidden) in the model's dtype the logits (M, vocab)."""
     if all(m is metadata[0] for m in metadata):  # every layer reads the same slots: pass them once
         metadata = metadata[:1]
     return _op().decode_step(
@@ -360,6 +361,7 @@ def decode_step(
         scale,
         variant,
         quant_variant(weights.quant_bits) if weights.quantized else "",
+        lm_head,
     )
 
 

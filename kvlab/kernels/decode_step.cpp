@@ -25,6 +25,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,13 @@ struct Part {
   float* y;  // (M, rows)
 };
 
+// Thread tid's rows [lo, hi) of `rows` weight rows: whole kBlockRows blocks, as equal as they come.
+std::pair<int64_t, int64_t> row_share(int64_t rows, int tid, int threads) {
+  const int64_t blocks = (rows + sk::kBlockRows - 1) / sk::kBlockRows;
+  return {std::min(rows, blocks * tid / threads * sk::kBlockRows),
+          std::min(rows, blocks * (tid + 1) / threads * sk::kBlockRows)};
+}
+
 // This thread's share of y = x @ [parts]^T: the parts' rows are split as one concatenated matrix,
 // in whole kBlockRows blocks, so each thread streams an equal slice of the weights exactly once.
 template <int kParts>
@@ -101,9 +109,7 @@ void gemm_share(const Gemm& gemm, const float* xf, const void* xk, int64_t M, in
                 int tid, int threads) {
   int64_t total = 0;
   for (const Part& p : parts) total += p.rows;
-  const int64_t blocks = (total + sk::kBlockRows - 1) / sk::kBlockRows;
-  const int64_t lo = std::min(total, blocks * tid / threads * sk::kBlockRows);
-  const int64_t hi = std::min(total, blocks * (tid + 1) / threads * sk::kBlockRows);
+  const auto [lo, hi] = row_share(total, tid, threads);
   int64_t offset = 0;
   for (const Part& p : parts) {
     const int64_t begin = std::max(lo, offset) - offset, end = std::min(hi, offset + p.rows) - offset;
@@ -163,9 +169,15 @@ struct LayerCache {
   int64_t width;
 };
 
+// The LM head, when the step ends in logits: a (vocab, hidden) matrix in the model's dtype.
+struct Head {
+  const void* w = nullptr;
+  int64_t vocab = 0;
+};
+
 template <typename T>
 void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, const std::vector<LayerCache>& caches,
-                   const T* final_norm, const T* embedded, const T* cos, const T* sin, T* out,
+                   const T* final_norm, const T* embedded, const T* cos, const T* sin, const Head& head, T* out,
                    const sk::Choice& choice, qt::Kernel quantized) {
   const sk::Variant& variant = choice.variant;
   constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
@@ -187,6 +199,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
   std::vector<float> gate(M * I), up(M * I), h(M * I), down(M * hidden);
   std::vector<float> part_acc(units * G * D), part_max(units * G), part_sum(units * G);
   std::vector<c10::BFloat16> h_b(bf16_inputs ? M * I : 0);
+  std::vector<float> logits(head.w != nullptr && kHalf ? M * head.vocab : 0);  // float32 writes `out` directly
   // Private per thread: the residual stream, its normalised copy, the attention output, scratch.
   std::vector<std::vector<float>> residual(threads), normed(threads), attention(threads), scratch(threads),
       group_sums(threads);
@@ -288,9 +301,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       // SiLU(gate) * up over this thread's intermediate columns: gate and up rows are split alike,
       // so the product needs no barrier between the two matmuls.
       {
-        const int64_t blocks = (I + sk::kBlockRows - 1) / sk::kBlockRows;
-        const int64_t lo = std::min(I, blocks * tid / nt * sk::kBlockRows);
-        const int64_t hi = std::min(I, blocks * (tid + 1) / nt * sk::kBlockRows);
+        const auto [lo, hi] = row_share(I, tid, nt);
         const void* xin = input(x.data(), normed_b[tid].data());
         if (lo < hi) {
           multiply(gemm, w.gate, x.data(), xin, M, hidden, I, gate.data(), lo, hi);
@@ -308,8 +319,22 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       add_to_residual(down.data());
       normalise(l + 1 < s.layers ? weights[l + 1].input_norm : static_cast<const void*>(final_norm));
     }
-    if (tid == 0)
-      for (int64_t i = 0; i < M * hidden; ++i) out[i] = static_cast<T>(x[i]);
+    if (head.w == nullptr) {
+      if (tid == 0)
+        for (int64_t i = 0; i < M * hidden; ++i) out[i] = static_cast<T>(x[i]);
+    } else {
+      // The LM head on the final-normed hidden (which every thread holds), its rows split like the
+      // layers' matmuls: no barrier, and no second parallel region or op call per step. Logits are
+      // rounded to the model's dtype, as the op-by-op forward's matmul returns them.
+      float* y = kHalf ? logits.data() : reinterpret_cast<float*>(out);
+      const Part head_part[1] = {{Matrix{head.w}, head.vocab, y}};
+      gemm_share(gemm, x.data(), input(x.data(), normed_b[tid].data()), M, hidden, head_part, tid, nt);
+      if constexpr (kHalf) {
+        const auto [lo, hi] = row_share(head.vocab, tid, nt);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = lo; n < hi; ++n) out[m * head.vocab + n] = static_cast<T>(y[m * head.vocab + n]);
+      }
+    }
   }
 }
 
@@ -390,7 +415,8 @@ namespace {
 // layer: the weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)) and the norms;
 // `step_caches` per layer: the K/V caches (num_blocks, block_size, KH, D); per layer, or one entry all
 // layers read: slot_mapping (M,) int64, seq_lens (M,) and block_tables (M, width) int32 (layers of a
-// press may hold different slots). -> final-normed hidden (M, hidden). `variant` names the skinny GEMM kernels (the calibration's choice).
+// press may hold different slots). -> final-normed hidden (M, hidden), or with `lm_head` (vocab, hidden)
+// the logits (M, vocab). `variant` names the skinny GEMM kernels (the calibration's choice).
 // A quantized model's step weights hold its matrices' codes as q ... down, and per layer seven entries
 // (q, k, v, o, gate, up, down) of scales, offsets and group sizes (a None scale: that matrix is dense);
 // `quant_variant` names the quantized GEMM kernel (a float one: the integer variant rounds inputs per
@@ -399,7 +425,8 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
                        const c10::intrusive_ptr<StepWeights>& step_weights, const at::Tensor& final_norm,
                        const c10::intrusive_ptr<StepCaches>& step_caches, at::TensorList slot_mappings,
                        at::TensorList seq_lens, at::TensorList block_tables, int64_t num_heads, double eps,
-                       double scale, c10::string_view variant_name, c10::string_view quant_variant_name) {
+                       double scale, c10::string_view variant_name, c10::string_view quant_variant_name,
+                       const std::optional<at::Tensor>& lm_head) {
   const StepWeights& sw = *step_weights;
   const at::TensorList input_norms = sw.input_norms, q = sw.q, k = sw.k, v = sw.v, o = sw.o,
                        post_norms = sw.post_norms, gate = sw.gate, up = sw.up, down = sw.down;
@@ -482,16 +509,23 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
     caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[ml].const_data_ptr<int32_t>(),
                       block_tables[ml].const_data_ptr<int32_t>(), block_tables[ml].size(1)});
   }
-  at::Tensor out = at::empty_like(embedded);
+  Head head;
+  if (lm_head.has_value()) {
+    TORCH_CHECK(lm_head->dim() == 2 && lm_head->size(1) == hidden, "decode_step: lm_head must be (vocab, ", hidden,
+                "), got ", lm_head->sizes());
+    check_weight(*lm_head, lm_head->size(0), hidden, dtype, "lm_head");
+    head = Head{lm_head->const_data_ptr(), lm_head->size(0)};
+  }
+  at::Tensor out = head.w == nullptr ? at::empty_like(embedded) : at::empty({M, head.vocab}, embedded.options());
   if (dtype == at::kFloat)
     decode_layers<float>(shapes, weights, caches, final_norm.const_data_ptr<float>(), embedded.const_data_ptr<float>(),
-                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), out.mutable_data_ptr<float>(), choice,
-                         quant_kernel);
+                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), head, out.mutable_data_ptr<float>(),
+                         choice, quant_kernel);
   else
     decode_layers<c10::BFloat16>(shapes, weights, caches, final_norm.const_data_ptr<c10::BFloat16>(),
                                  embedded.const_data_ptr<c10::BFloat16>(), cos.const_data_ptr<c10::BFloat16>(),
-                                 sin.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(), choice,
-                                 quant_kernel);
+                                 sin.const_data_ptr<c10::BFloat16>(), head, out.mutable_data_ptr<c10::BFloat16>(),
+                                 choice, quant_kernel);
   return out;
 }
 
@@ -508,7 +542,7 @@ TORCH_LIBRARY_FRAGMENT(kvlab, m) {
   m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, __torch__.torch.classes.kvlab.StepWeights weights, "
         "Tensor final_norm, __torch__.torch.classes.kvlab.StepCaches caches, Tensor[] slot_mappings, "
         "Tensor[] seq_lens, Tensor[] block_tables, int num_heads, float eps, float scale, str variant, "
-        "str quant_variant) -> Tensor");
+        "str quant_variant, Tensor? lm_head=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvlab, CPU, m) { m.impl("decode_step", &decode_step); }

@@ -159,6 +159,41 @@ class LlamaEngineModel(EngineModel):
             x = add_rms_norm_(residual, _mlp(layer, x), next_norm, self.eps)
         return x
 
+    def decode_logits(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        """The one-op decode step with the LM head inside it, where the step runs as one op and the
+        head is a dense matrix: one op call and one parallel region per token instead of two, and none
+        of the head's Python (its calibration lookup, dispatch), which runs cold after the step has
+        streamed the weights through the caches."""
+        variant = self._fused_decode_variant(input_ids, kv_caches, metadata, backend)
+        # The head in the step runs the step's skinny variant: only where native.linear would run that
+        # one too (a quantized model's step runs even where the calibration gave these rows to torch).
+        head_in_step = (
+            variant is not None
+            and not isinstance(self.lm_head, QuantizedWeight)
+            and self.lm_head.is_contiguous()
+            and (
+                not self.quantized
+                or cpu_kernels.fused_decode_variant(self.dtype, input_ids.shape[0]) == variant
+            )
+        )
+        if not head_in_step:
+            return super().decode_logits(input_ids, positions, kv_caches, metadata, backend)
+        if len(kv_caches) != self.num_layers:
+            raise ValueError(
+                f"need one (key_cache, value_cache) per layer ({self.num_layers}), got {len(kv_caches)}"
+            )
+        with torch.inference_mode():
+            return self._fused_decode(
+                input_ids, positions, kv_caches, metadata, backend, variant, self.lm_head
+            )
+
     def _fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
         to run op by op: prefill and mixed steps, other backends, biases, GPU, no kernels, quantized
@@ -182,7 +217,9 @@ class LlamaEngineModel(EngineModel):
             )
         return self._whole_blocks
 
-    def _fused_decode(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
+    def _fused_decode(
+        self, input_ids, positions, kv_caches, metadata, backend, variant: str, lm_head: Tensor | None = None
+    ) -> Tensor:
         if self._step_weights is None:
             self._step_weights = self._split_step_weights()
         if self._step_caches is None or self._step_caches[0] is not kv_caches:
@@ -200,6 +237,7 @@ class LlamaEngineModel(EngineModel):
             self.eps,
             self.scale,
             variant,
+            lm_head,
         )
 
     def _split_step_weights(self) -> cpu_kernels.StepWeights:

@@ -186,6 +186,18 @@ class EngineModel:
         """hidden (N, hidden) -> logits (N, vocab), in the model dtype."""
         return linear(hidden, self.lm_head)
 
+    def decode_logits(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        """Logits (N, vocab) of a decode-only step (one new token per row): the forward, then the LM
+        head on every row. A model may run both in one op."""
+        return self.compute_logits(self(input_ids, positions, kv_caches, metadata, backend))
+
     def allocate_kv_caches(
         self,
         num_blocks: int,

@@ -9,6 +9,7 @@ import torch
 from kvlab.bench.serving.config import ServingConfig, from_dict
 from kvlab.bench.serving.report import bars
 from kvlab.bench.serving.runs import measure_mixed
+from kvlab.bench.serving.step_profile import FUSED
 from kvlab.bench.serving.workloads import load_token_ids, mixed_requests
 from kvlab.cli import main
 from kvlab.engine.llm_engine import LLMEngine
@@ -204,7 +205,7 @@ def test_step_profile_attributes_every_step_at_batch_1_and_at_the_engine_concurr
         assert prefill["ms_per_step"]["attention (backend calls)"] > 0  # a prefill calls the backend
         model_work = (
             decode["ms_per_step"]["GEMMs"]
-            + decode["ms_per_step"]["fused decode step (GEMMs + attention + norms in one op)"]
+            + decode["ms_per_step"][FUSED]
         )
         assert model_work > 0 and decode["ms_per_step"]["sampling"] > 0
     assert "## Engine step profile" in (path / "report.md").read_text()

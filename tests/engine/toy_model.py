@@ -42,6 +42,9 @@ class ToyModel(nn.Module):
     def compute_logits(self, hidden):
         return hidden @ self.head
 
+    def decode_logits(self, input_ids, positions, kv_caches, metadata, backend):
+        return self.compute_logits(self(input_ids, positions, kv_caches, metadata, backend))
+
     @torch.no_grad()
     def dense_greedy(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Reference: full causal attention over the whole sequence, recomputed every token."""

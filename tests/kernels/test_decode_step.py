@@ -45,10 +45,12 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def decode_logits(hf_model, dtype, prompt_lens, steps, seed=0):
+def decode_logits(hf_model, dtype, prompt_lens, steps, seed=0, head_in_step=False):
     """Prefill requests of `prompt_lens` tokens, then `steps` batched decode steps of fixed random
     tokens, over shuffled blocks; -> the decode steps' logits (steps, requests, vocab), float32.
-    A bf16 run converts a copy (the fixture is shared; a round trip would round its buffers too)."""
+    A bf16 run converts a copy (the fixture is shared; a round trip would round its buffers too).
+    head_in_step: the steps' logits from `decode_logits` (the LM head inside the fused step), else
+    from the forward and then `compute_logits`."""
     model = build_engine_model(hf_model if dtype == torch.float32 else copy.deepcopy(hf_model).to(dtype))
     generator = torch.Generator().manual_seed(seed)
     total = [n + steps for n in prompt_lens]
@@ -68,7 +70,11 @@ def decode_logits(hf_model, dtype, prompt_lens, steps, seed=0):
         metadata = AttentionMetadata.from_lists([1] * len(tokens), seq_lens, tables, BLOCK_SIZE)
         input_ids = torch.stack([ids[length - 1] for ids, length in zip(tokens, seq_lens, strict=True)])
         positions = torch.tensor(seq_lens) - 1
-        logits.append(model.compute_logits(model(input_ids, positions, caches, metadata, backend)).float())
+        if head_in_step:
+            step_logits = model.decode_logits(input_ids, positions, caches, metadata, backend)
+        else:
+            step_logits = model.compute_logits(model(input_ids, positions, caches, metadata, backend))
+        logits.append(step_logits.float())
     return torch.stack(logits), tokens
 
 
@@ -98,6 +104,29 @@ def test_float32_fused_steps_equal_op_by_op_and_hf(tiny_llama, fused_calls, monk
     with torch.no_grad():
         for row, (ids, n) in enumerate(zip(tokens, prompt_lens, strict=True)):
             assert_float32_close(fused[:, row], tiny_llama.model(ids[None]).logits[0, n : n + steps].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prompt_lens", [[21], [5, 70, 33]])
+def test_the_lm_head_inside_the_step_gives_the_logits_of_the_head_after_it(
+    tiny_llama, fused_calls, monkeypatch, dtype, prompt_lens
+):
+    """The same kernel over the same final-normed rows, rounded alike: equal bit for bit, and the
+    head no longer runs as an op of its own."""
+    steps = 4
+    apart, _ = decode_logits(tiny_llama.model, dtype, prompt_lens, steps)
+    head_calls = []
+    skinny_linear = cpu_kernels.skinny_linear
+    monkeypatch.setattr(
+        cpu_kernels,
+        "skinny_linear",
+        lambda x, w, *a, **k: head_calls.append(w.shape) or skinny_linear(x, w, *a, **k),
+    )
+    inside, _ = decode_logits(tiny_llama.model, dtype, prompt_lens, steps, head_in_step=True)
+    vocab = tiny_llama.model.config.vocab_size
+    assert not [shape for shape in head_calls if shape[0] == vocab]
+    assert fused_calls == [len(prompt_lens)] * (2 * steps)
+    assert torch.equal(inside, apart)
 
 
 @pytest.mark.parametrize("variant", [None, "amx"])

@@ -33,7 +33,7 @@ FUSED_OPS = frozenset({"kvlab::decode_step"})
 
 GEMMS = "GEMMs"
 ATTENTION = "attention (backend calls)"
-FUSED = "fused decode step (GEMMs + attention + norms in one op)"
+FUSED = "fused decode step (GEMMs + attention + norms, and the LM head, in one op)"
 OTHER_OPS = "other ops (norms, RoPE, K/V writes, activations)"
 PYTHON = "Python in the forward pass"
 CATEGORIES = (
