@@ -4,6 +4,8 @@ offline engine's greedy text, streaming through Ray's proxy equals the non-strea
 replica's /metrics (its own registry) shows no block in use afterwards."""
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -42,14 +44,21 @@ def test_two_replicas_answer_the_same_client(client, tiny_llama_dir):
     from kvlab.llm import LLM
     from kvlab.scale.ray_serve import REPLICA_HEADER
 
-    texts = {}
-    for _ in range(40):  # Ray's router picks between idle replicas at random
+    def ask():
         raw = client.completions.with_raw_response.create(
             model=str(tiny_llama_dir), prompt=PROMPT, max_tokens=12, temperature=0
         )
-        texts.setdefault(raw.headers[REPLICA_HEADER], []).append(raw.parse().choices[0].text)
-        if len(texts) == 2:
-            break
+        return raw.headers[REPLICA_HEADER], raw.parse().choices[0].text
+
+    # Requests in flight together: Ray's router sends each to the less busy of two replicas, where
+    # requests one at a time (every replica idle) once all went to one replica. Rounds go on for a
+    # while, as the proxy may learn of the second replica after the deployment reports running.
+    texts = {}
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(4) as pool:
+        while len(texts) < 2 and time.monotonic() < deadline:
+            for replica, text in pool.map(lambda _: ask(), range(4)):
+                texts.setdefault(replica, []).append(text)
     assert len(texts) == 2, texts
     pids = {replica.split(" pid ")[1] for replica in texts}
     assert len(pids) == 2 and str(os.getpid()) not in pids  # two processes, neither this one
