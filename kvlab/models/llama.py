@@ -132,7 +132,7 @@ class LlamaEngineModel(EngineModel):
         backend: AttentionBackend,
     ) -> Tensor:
         """input_ids, positions (T,) -> final-normed hidden states (T, hidden)."""
-        variant = self._fused_decode_variant(input_ids, kv_caches, metadata, backend)
+        variant = self.fused_decode_variant(input_ids, kv_caches, metadata, backend)
         if variant is not None:
             return self._fused_decode(input_ids, positions, kv_caches, metadata, backend, variant)
         num_tokens = input_ids.shape[0]
@@ -171,7 +171,7 @@ class LlamaEngineModel(EngineModel):
         head is a dense matrix: one op call and one parallel region per token instead of two, and none
         of the head's Python (its calibration lookup, dispatch), which runs cold after the step has
         streamed the weights through the caches."""
-        variant = self._fused_decode_variant(input_ids, kv_caches, metadata, backend)
+        variant = self.fused_decode_variant(input_ids, kv_caches, metadata, backend)
         # The head in the step runs the step's skinny variant: only where native.linear would run that
         # one too (a quantized model's step runs even where the calibration gave these rows to torch).
         head_in_step = (
@@ -194,7 +194,7 @@ class LlamaEngineModel(EngineModel):
                 input_ids, positions, kv_caches, metadata, backend, variant, self.lm_head
             )
 
-    def _fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
+    def fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
         to run op by op: prefill and mixed steps, other backends, biases, GPU, no kernels, quantized
         matrices the step's quantized GEMM does not take (see _step_takes_quantized)."""

@@ -186,6 +186,10 @@ class EngineModel:
         """hidden (N, hidden) -> logits (N, vocab), in the model dtype."""
         return linear(hidden, self.lm_head)
 
+    def fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
+        """The skinny GEMM variant a step with these inputs runs as one op, or None: op by op."""
+        return None
+
     def decode_logits(
         self,
         input_ids: Tensor,

@@ -9,7 +9,13 @@ import pytest
 
 from kvlab.bench.kernels.config import from_dict, resolve
 from kvlab.bench.kernels.past_kernel import SOURCE, PastKernelUnavailable, git_show
-from kvlab.bench.kernels.report import arithmetic_peak, rows_floor_seconds
+from kvlab.bench.kernels.report import (
+    FUSED_STEP,
+    MODEL_PATH,
+    arithmetic_peak,
+    decode_path,
+    rows_floor_seconds,
+)
 from kvlab.cli import main
 from kvlab.errors import ConfigError
 from kvlab.kernels import cpu as cpu_kernels
@@ -67,11 +73,14 @@ def test_report_has_a_row_per_rows_count_and_the_bars(experiment):
         # the bandwidth is probed before each timed round of the one-row passes (repeats: 1)
         assert len(gemm["probe_rounds"]) == 1 and max(gemm["probe_rounds"][0].values()) > 0
         for entry in gemm["by_rows"].values():
-            assert {"torch", "kvlab.models"} <= set(entry["seconds"])
+            # the model's matmuls one by one, torch's, and the engine's decode step over the same weights
+            assert {"torch", "kvlab.models", FUSED_STEP} <= set(entry["seconds"])
+            assert entry["fused_step_variant"] in cpu_kernels.supported_variants()
             assert all(len(samples) == 1 and samples[0] > 0 for samples in entry["seconds"].values())
     descriptions = [bar["description"] for bar in payload["bars"]]
-    assert "float32: 16 rows / 1 row (what the model runs)" in descriptions
-    assert "bfloat16: 1 row / read-bandwidth floor" in descriptions
+    assert "float32: 16 rows / 1 row (the fused decode step)" in descriptions
+    assert "bfloat16: 1 row / read-bandwidth floor (the fused decode step)" in descriptions
+    assert "bfloat16: 1 row / read-bandwidth floor (the model's matmuls called one by one)" in descriptions
     assert all(isinstance(bar["met"], bool) and bar["measured"] > 0 for bar in payload["bars"])
 
 
@@ -157,3 +166,10 @@ def test_a_rows_count_floor_is_the_slower_of_reading_the_weights_and_their_arith
     gemm["by_rows"]["32"] = {"seconds": {"kvlab.models": [0.16, 0.12, 0.125]}}  # median 0.125 s: 512 GFLOP/s
     assert arithmetic_peak(gemm) == (pytest.approx(512e9), "kvlab.models at 32 rows")
     assert rows_floor_seconds(gemm, 32) == pytest.approx(0.125)
+
+
+def test_the_decode_path_is_the_fused_step_where_it_ran_at_every_rows_count():
+    timed = {"seconds": {MODEL_PATH: [0.02], FUSED_STEP: [0.018]}}
+    assert decode_path({"by_rows": {"1": timed, "16": timed}}) == FUSED_STEP
+    # a rows count the step did not run at (or results written before the bench timed it)
+    assert decode_path({"by_rows": {"1": timed, "16": {"seconds": {MODEL_PATH: [0.05]}}}}) == MODEL_PATH

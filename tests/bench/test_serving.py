@@ -203,10 +203,7 @@ def test_step_profile_attributes_every_step_at_batch_1_and_at_the_engine_concurr
         total_ms = decode["step_ms"] * decode["steps"] + prefill["step_ms"] * prefill["steps"]
         assert 0 < total_ms <= run["wall_s"] * 1e3
         assert prefill["ms_per_step"]["attention (backend calls)"] > 0  # a prefill calls the backend
-        model_work = (
-            decode["ms_per_step"]["GEMMs"]
-            + decode["ms_per_step"][FUSED]
-        )
+        model_work = decode["ms_per_step"]["GEMMs"] + decode["ms_per_step"][FUSED]
         assert model_work > 0 and decode["ms_per_step"]["sampling"] > 0
     assert "## Engine step profile" in (path / "report.md").read_text()
 

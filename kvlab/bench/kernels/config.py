@@ -35,7 +35,7 @@ class AttentionShape:
 class KernelsConfig(ExperimentConfig):
     technique: str = TECHNIQUE
     rows: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
-    repeats: int = 5  # timed passes over all the weights per (dtype, rows, kernel); the median is shown
+    repeats: int = 11  # timed passes over all the weights per (dtype, rows, kernel); the median is shown
     attention: AttentionShape = field(default_factory=AttentionShape)
 
     def validate(self) -> None:

@@ -4,10 +4,13 @@ torch's SDPA and an earlier revision's op (`attention.past_revision`, built from
 the machine's read bandwidth and matmul peak measured in the same run.
 
 One pass = every Linear weight of the model once (all layers and the LM head), as one decode step of
-`rows` requests reads them. Each (dtype, rows, kernel) is timed over `repeats` passes after a warm-up,
-kernels interleaved pass by pass so that a busy spell of the machine hits them alike.
+`rows` requests reads them: each matrix called one by one per kernel, and the engine's fused decode
+step of `rows` requests (one op over the same weights) where the model has one. Each (dtype, rows,
+kernel) is timed over `repeats` passes after a warm-up, kernels interleaved pass by pass so that a busy
+spell of the machine hits them alike.
 """
 
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +25,7 @@ from kvlab.bench.core.floor import ROUND_ITERS, bandwidth_probes, best_seconds, 
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
 from kvlab.bench.kernels.past_kernel import PastKernelUnavailable, past_paged_attention
-from kvlab.bench.kernels.report import MODEL_PATH, PEAK_SIDE, TORCH, write_kernels_report
+from kvlab.bench.kernels.report import FUSED_STEP, MODEL_PATH, PEAK_SIDE, TORCH, write_kernels_report
 from kvlab.errors import ConfigError
 from kvlab.hardware import emulated_half
 from kvlab.kernels import calibrate
@@ -64,10 +67,13 @@ def time_passes(
     inputs: dict,
     repeats: int,
     before_round: Callable[[], object] | None = None,
+    steps: dict[str, Callable[[], object]] | None = None,
 ) -> dict:
     """Seconds per full pass over `weights`, per kernel: `repeats` samples after one warm-up pass;
-    `before_round` runs before each timed round (the bandwidth probes)."""
-    samples: dict[str, list[float]] = {name: [] for name in kernels}
+    `before_round` runs before each timed round (the bandwidth probes); `steps`: whole passes (a
+    decode step over the same weights) timed once per round after the kernels."""
+    steps = steps or {}
+    samples: dict[str, list[float]] = {name: [] for name in [*kernels, *steps]}
     for index in range(repeats + 1):
         if index and before_round is not None:
             before_round()
@@ -77,7 +83,30 @@ def time_passes(
                 run(inputs[w.shape[1]], w)
             if index:
                 samples[name].append(time.perf_counter() - start)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if index:
+                samples[name].append(time.perf_counter() - start)
     return samples
+
+
+def fused_step(engine_model, rows: int, seed: int) -> tuple[Callable[[], object], str] | None:
+    """(a call of one decode step of `rows` requests, each one token deep, as the engine runs it: every
+    layer's matmuls, norms and attention and the LM head in one op; its skinny variant), or None where
+    the model has no such step (another architecture, or the calibration gives these rows to torch).
+    Its attention reads one cached position per request: the step reads the same weights as a pass."""
+    block = 16
+    caches = engine_model.allocate_kv_caches(num_blocks=rows, block_size=block)
+    metadata = AttentionMetadata.from_lists([1] * rows, [1] * rows, [[row] for row in range(rows)], block)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(engine_model.embed.shape[0], (rows,), generator=generator)
+    positions = torch.zeros(rows, dtype=torch.long)
+    backend = get_backend("auto", torch.device("cpu"))
+    variant = engine_model.fused_decode_variant(input_ids, caches, metadata, backend)
+    if variant is None:
+        return None
+    return (lambda: engine_model.decode_logits(input_ids, positions, caches, metadata, backend)), variant
 
 
 def max_error(kernels: dict[str, Any], weights: list[torch.Tensor], inputs: dict) -> dict[str, float]:
@@ -106,6 +135,7 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
     weights = huge_pages.place_tensors(
         w.to(dtype).contiguous() for w in build_engine_model(model).matmul_weights()
     )
+    engine_model = build_engine_model(model if model.dtype == dtype else copy.deepcopy(model).to(dtype))
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     params = sum(w.numel() for w in weights)
     generator = torch.Generator().manual_seed(config.seed)
@@ -122,12 +152,16 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
             k: torch.randn(rows, k, generator=generator).to(dtype) for k in {w.shape[1] for w in weights}
         }
         kernels = candidates(dtype)
-        samples = time_passes(kernels, weights, inputs, config.repeats, probe if rows == 1 else None)
+        step = fused_step(engine_model, rows, config.seed)
+        steps = {FUSED_STEP: step[0]} if step else {}
+        samples = time_passes(kernels, weights, inputs, config.repeats, probe if rows == 1 else None, steps)
         by_rows[str(rows)] = {
             "seconds": samples,
             "relative_error": max_error(kernels, weights, inputs),
             "model_path_kernel": model_path_kernel(dtype, rows),
         }
+        if step:
+            by_rows[str(rows)]["fused_step_variant"] = step[1]
     return {
         "num_matrices": len(weights),
         "weight_bytes": weight_bytes,
