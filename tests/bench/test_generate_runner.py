@@ -40,9 +40,9 @@ def measured():
     return config, result, calls
 
 
-def test_each_round_runs_every_dtype_before_the_next_round(measured):
+def test_each_round_runs_every_method_at_every_dtype_back_to_back(measured):
     config, _, calls = measured
-    round_calls = [(dtype, method) for dtype in DTYPES for method in ("baseline", "optimized")]
+    round_calls = [(dtype, method) for method in ("baseline", "optimized") for dtype in DTYPES]
     rounds = config.warmup + config.repeats
     expected = [
         (dtype, prompt_len, method)

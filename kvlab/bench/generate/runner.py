@@ -196,8 +196,8 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
     Every dtype's model is loaded first and each round runs every dtype in turn: a VM's memory has
     fast and slow spells of seconds to minutes, and dtypes measured one after the other can each land
     in a different one (on a 2-core AMD EPYC, bfloat16 / float32 TPOT read 0.45x at one prompt length
-    and 0.69x at the other that way). Runs of one round are seconds apart, so each round's ratio of
-    dtypes compares runs in the same spell (`dtype_ratios`)."""
+    and 0.69x at the other that way). A round runs each method at every dtype back to back, so each
+    round's ratio of dtypes compares runs a probe apart, mostly in the same spell (`dtype_ratios`)."""
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -224,8 +224,9 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
         samples = {(dtype, method): [] for dtype in models for method in methods}
         bandwidths = {key: [] for key in samples}  # the best probe right before each run
         for round_index in range(config.warmup + config.repeats):
-            for dtype, loaded in models.items():
-                for method in methods:
+            # dtypes inner: a method's runs at the two dtypes follow each other, a probe apart
+            for method in methods:
+                for dtype, loaded in models.items():
                     if round_index >= config.warmup:
                         probe_rounds[dtype].append(probe_round(loaded.model))
                         bandwidths[dtype, method].append(best_probe(probe_rounds[dtype][-1]))

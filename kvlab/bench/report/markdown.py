@@ -95,9 +95,9 @@ def dtype_ratio_lines(payload: dict) -> list[str]:
         "",
         f"## Dtypes side by side (TPOT / {reference} TPOT)",
         "",
-        "Every dtype's model stays loaded and each round runs every dtype in turn, seconds apart, so both "
-        "runs of a round meet the same spell of the memory's speed. Each cell is the median over the rounds "
-        "of that round's ratio (min–max).",
+        "Every dtype's model stays loaded and each round runs each method at every dtype back to back (a "
+        "bandwidth probe apart), so the two runs of a ratio mostly meet the same spell of the memory's speed. "
+        "Each cell is the median over the rounds of that round's ratio (min–max).",
         "",
         "| dtype | prompt | method | TPOT / " + reference + " TPOT |",
         "|---|---:|---|---:|",
@@ -131,8 +131,8 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         f"Model: `{model['name']}` ({model['source']}). Dataset: `{config['dataset']}`. Batch level: "
         f"{config['batch_level']} (batch {config['batch_size']}, prompts {config['prompt_lengths']}, "
         f"{config['new_tokens']} new tokens, greedy, fixed length). {config['warmup']} warm-up + {config['repeats']} "
-        "measured runs per cell, in rounds that run each dtype's baseline and optimized in turn; cells show "
-        "median (min–max).",
+        "measured runs per cell, in rounds that run the baseline at every dtype, then the optimized path; "
+        "cells show median (min–max).",
         "",
         "Baseline: `model.generate()` (HF defaults, DynamicCache), TTFT/TPOT from a streamer's per-token timestamps. "
         f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'])}.",
