@@ -142,12 +142,30 @@ class NativeForward:
             self.capacity = max(self.lengths) + max_new - 1
             self.kv_caches = self.engine_model.allocate_kv_caches(num_blocks=batch, block_size=self.capacity)
             self.row_start = torch.arange(batch, device=self.device) * self.capacity
-            self.max_seq_len = max(self.lengths)
         # Decode metadata that never changes: one query per row, row r owns block r.
         self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=self.device)
         self.block_tables = torch.arange(batch, dtype=torch.int32, device=self.device)[:, None]
         self.positions = torch.tensor(self.lengths, device=self.device)  # of the next token fed
         self.host_positions = list(self.lengths)
+        self.decode_metadata = None if self.press_cache is not None else self._decode_metadata()
+
+    def _decode_metadata(self) -> AttentionMetadata:
+        """The metadata of the first decode step, which each step then advances in place: without a
+        press, row r's token at position p goes to slot p of block r. Rebuilt every step, its tensors and
+        checks cost ~70 us per token, cold after the step streamed the weights through the caches."""
+        # positions and slots are rows of one tensor, so one add moves both
+        state = torch.stack([self.positions, self.row_start + self.positions])
+        self.positions, slots = state[0], state[1]
+        self.step_state = state
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc,
+            seq_lens=(self.positions + 1).int(),
+            block_tables=self.block_tables,
+            slot_mapping=slots,
+            max_query_len=1,
+            max_seq_len=max(self.lengths) + 1,
+            block_size=self.capacity,
+        )
 
     def prefill(self, input_ids: Tensor) -> Tensor:
         batch, prompt_len = input_ids.shape
@@ -167,22 +185,19 @@ class NativeForward:
     def decode(self, tokens: Tensor) -> Tensor:
         if self.press_cache is not None:
             metadata, backend = self.press_cache.decode(self.host_positions, self.backend)
-        else:
-            # Without a press, row r's token at position p goes to slot p of block r.
-            self.max_seq_len += 1
-            metadata = AttentionMetadata(
-                query_start_loc=self.query_start_loc,
-                seq_lens=(self.positions + 1).int(),
-                block_tables=self.block_tables,
-                slot_mapping=self.row_start + self.positions,
-                max_query_len=1,
-                max_seq_len=self.max_seq_len,
-                block_size=self.capacity,
+            logits = self.engine_model.decode_logits(
+                tokens, self.positions, self.kv_caches, metadata, backend
             )
-            backend = self.backend
-        logits = self.engine_model.decode_logits(tokens, self.positions, self.kv_caches, metadata, backend)
-        self.positions = self.positions + 1
-        self.host_positions = [p + 1 for p in self.host_positions]
+            self.positions = self.positions + 1
+            self.host_positions = [p + 1 for p in self.host_positions]
+            return logits
+        metadata = self.decode_metadata
+        logits = self.engine_model.decode_logits(
+            tokens, self.positions, self.kv_caches, metadata, self.backend
+        )
+        self.step_state.add_(1)  # positions and slots
+        metadata.seq_lens.add_(1)
+        metadata.max_seq_len += 1
         return logits
 
     @property
