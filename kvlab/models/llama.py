@@ -185,10 +185,7 @@ class LlamaEngineModel(EngineModel):
         )
         if not head_in_step:
             return super().decode_logits(input_ids, positions, kv_caches, metadata, backend)
-        if len(kv_caches) != self.num_layers:
-            raise ValueError(
-                f"need one (key_cache, value_cache) per layer ({self.num_layers}), got {len(kv_caches)}"
-            )
+        self.check_caches(kv_caches)
         with torch.inference_mode():
             return self._fused_decode(
                 input_ids, positions, kv_caches, metadata, backend, variant, self.lm_head

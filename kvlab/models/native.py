@@ -174,12 +174,16 @@ class EngineModel:
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> Tensor:
+        self.check_caches(kv_caches)
+        with torch.inference_mode():
+            return self.forward(input_ids, positions, kv_caches, metadata, backend)
+
+    def check_caches(self, kv_caches: list[tuple[Tensor, Tensor]]) -> None:
+        """A step needs one (key_cache, value_cache) per layer."""
         if len(kv_caches) != self.num_layers:
             raise ValueError(
                 f"need one (key_cache, value_cache) per layer ({self.num_layers}), got {len(kv_caches)}"
             )
-        with torch.inference_mode():
-            return self.forward(input_ids, positions, kv_caches, metadata, backend)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:

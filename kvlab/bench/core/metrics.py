@@ -62,3 +62,8 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def same_round_ratios(times: list[float], reference: list[float]) -> list[float]:
+    """Each round's time over the reference's time in the same round (sample i of each ran in round i)."""
+    return [t / r for t, r in zip(times, reference, strict=True)]

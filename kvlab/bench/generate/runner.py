@@ -21,7 +21,7 @@ from kvlab.bench.core.floor import (
 )
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.core.memory import PeakMemory, model_resident_bytes
-from kvlab.bench.core.metrics import Summary, matching_prefix, tpot_s, ttft_s
+from kvlab.bench.core.metrics import Summary, matching_prefix, same_round_ratios, tpot_s, ttft_s
 from kvlab.bench.generate.config import BenchConfig
 from kvlab.bench.generate.registry import TECHNIQUES
 from kvlab.errors import PromptTooLongError
@@ -303,7 +303,7 @@ def dtype_ratios(runs: list[RunRecord], reference: str) -> list[DtypeRatio]:
         base = by_key.get((reference, r.prompt_len, r.method))
         if r.dtype == reference or base is None:
             continue
-        paired = [t / b for t, b in zip(r.tpot_s.samples, base.tpot_s.samples, strict=True)]
+        paired = same_round_ratios(r.tpot_s.samples, base.tpot_s.samples)
         ratios.append(
             DtypeRatio(r.dtype, reference, r.prompt_len, r.method, statistics.median(paired), paired)
         )

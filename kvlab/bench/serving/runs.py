@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from kvlab.bench.core.baselines import hf_static
-from kvlab.bench.core.metrics import matching_prefix, paged_kv_bytes, tpot_between, tpot_s
+from kvlab.bench.core.metrics import matching_prefix, paged_kv_bytes, same_round_ratios, tpot_between, tpot_s
 from kvlab.bench.serving.config import ServingConfig
 from kvlab.bench.serving.workloads import (
     BenchRequest,
@@ -330,7 +330,7 @@ def decode_dtype_ratios(by_prompt: dict[str, dict], reference: str) -> list[dict
                 continue
             for path, times in run["tpot_s"].items():
                 base = by_dtype[reference]["tpot_s"][path]
-                rounds = [t / b for t, b in zip(times, base, strict=True)]
+                rounds = same_round_ratios(times, base)
                 ratios.append(
                     {
                         "prompt_len": int(prompt_len),
