@@ -148,6 +148,7 @@ class NativeForward:
         self.positions = torch.tensor(self.lengths, device=self.device)  # of the next token fed
         self.host_positions = list(self.lengths)
         self.decode_metadata = None if self.press_cache is not None else self._decode_metadata()
+        self.logits_variant: str | None = None  # decided on the first decode step ("": op by op)
 
     def _decode_metadata(self) -> AttentionMetadata:
         """The metadata of the first decode step, which each step then advances in place: without a
@@ -192,9 +193,18 @@ class NativeForward:
             self.host_positions = [p + 1 for p in self.host_positions]
             return logits
         metadata = self.decode_metadata
-        logits = self.engine_model.decode_logits(
-            tokens, self.positions, self.kv_caches, metadata, self.backend
-        )
+        if self.logits_variant is None:  # every step of a generation has the first one's shape
+            self.logits_variant = self.engine_model.decode_logits_variant(
+                tokens, self.kv_caches, metadata, self.backend
+            ) or ""
+        if self.logits_variant:
+            logits = self.engine_model.fused_decode_logits(
+                tokens, self.positions, self.kv_caches, metadata, self.backend, self.logits_variant
+            )
+        else:
+            logits = self.engine_model.decode_logits(
+                tokens, self.positions, self.kv_caches, metadata, self.backend
+            )
         self.step_state.add_(1)  # positions and slots
         metadata.seq_lens.add_(1)
         metadata.max_seq_len += 1

@@ -282,6 +282,8 @@ class PerLayerMetadata(AttentionBackend):
     """Decode attention where layers hold different numbers of slots (PyramidKV): each layer reads
     the metadata of its group instead of the one the model passes to every layer."""
 
+    per_layer_metadata = True
+
     def __init__(
         self,
         inner: AttentionBackend,

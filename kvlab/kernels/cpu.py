@@ -328,9 +328,10 @@ def step_caches(kv_caches: list[tuple[Tensor, Tensor]]) -> torch.ScriptObject:
 
 
 def decode_step(
-    embedded: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    input_ids: Tensor,
+    positions: Tensor,
+    embedding: Tensor,
+    rope: tuple[Tensor, Tensor],
     weights: StepWeights,
     final_norm: Tensor,
     caches: torch.ScriptObject,
@@ -341,15 +342,18 @@ def decode_step(
     variant: str,
     lm_head: Tensor | None = None,
 ) -> Tensor:
-    """One whole Llama decode step (kvlab/kernels/decode_step.cpp); `caches` the per-layer K/V caches
-    as `step_caches` holds them; `metadata` one AttentionMetadata per layer. -> final-normed hidden
+    """One whole Llama decode step (kvlab/kernels/decode_step.cpp) of the tokens `input_ids` (M,) at
+    `positions` (M,): it looks up their rows of `embedding` (vocab, hidden) and of the RoPE tables
+    `rope` = (cos, sin), each (positions, rotary_dim // 2); `caches` the per-layer K/V caches as
+    `step_caches` holds them; `metadata` one AttentionMetadata per layer. -> final-normed hidden
     (M, hidden), or with `lm_head` (vocab, hidden) in the model's dtype the logits (M, vocab)."""
     if all(m is metadata[0] for m in metadata):  # every layer reads the same slots: pass them once
         metadata = metadata[:1]
     return _op().decode_step(
-        embedded,
-        cos.contiguous(),
-        sin.contiguous(),
+        input_ids,
+        positions,
+        embedding,
+        *rope,
         weights.native,
         final_norm,
         caches,

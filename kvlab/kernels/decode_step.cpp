@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <utility>
@@ -169,6 +170,18 @@ struct LayerCache {
   int64_t width;
 };
 
+// The step's inputs, looked up inside the op: row ids[m] of the embedding table and row positions[m]
+// of the RoPE tables. Gathered in Python they were three indexing ops per token, ~0.2 ms on a cold
+// cache (every step streams the weights through all of them), 3% of a bf16 SmolLM2 token.
+template <typename T>
+struct StepInputs {
+  const int64_t* ids;        // (M,)
+  const int64_t* positions;  // (M,)
+  const T* embedding;        // (vocab, hidden)
+  const T* cos;              // (positions, rotary_half)
+  const T* sin;
+};
+
 // The LM head, when the step ends in logits: a (vocab, hidden) matrix in the model's dtype.
 struct Head {
   const void* w = nullptr;
@@ -177,7 +190,7 @@ struct Head {
 
 template <typename T>
 void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, const std::vector<LayerCache>& caches,
-                   const T* final_norm, const T* embedded, const T* cos, const T* sin, const Head& head, T* out,
+                   const T* final_norm, const StepInputs<T>& inputs, const Head& head, T* out,
                    const sk::Choice& choice, qt::Kernel quantized) {
   const sk::Variant& variant = choice.variant;
   constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
@@ -223,7 +236,10 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     const Gemm gemm{kernel, choice.one_row_tiles, quantized, &group_sums[tid]};
     float* scores = scratch[tid].data();
     float* q_group = scores + G * share_len;
-    for (int64_t i = 0; i < M * hidden; ++i) res[i] = static_cast<float>(embedded[i]);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = inputs.embedding + inputs.ids[m] * hidden;
+      for (int64_t i = 0; i < hidden; ++i) res[m * hidden + i] = static_cast<float>(row[i]);
+    }
     const auto normalise = [&](const void* norm_weight) {
       for (int64_t m = 0; m < M; ++m)
         kvlab::normalise_row(res.data() + m * hidden, static_cast<const T*>(norm_weight), x.data() + m * hidden,
@@ -232,8 +248,8 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     };
     // RoPE of one head of request m, rounded as kvlab/kernels/rotary.cpp rounds.
     const auto rotate = [&](const float* in, int64_t m, float* rotated) {
-      const T* c_row = cos + m * s.rotary_half;
-      const T* s_row = sin + m * s.rotary_half;
+      const T* c_row = inputs.cos + inputs.positions[m] * s.rotary_half;
+      const T* s_row = inputs.sin + inputs.positions[m] * s.rotary_half;
       for (int64_t i = 0; i < D; ++i) rotated[i] = round_to<T>(in[i]);
       for (int64_t i = 0; i < s.rotary_half; ++i) {
         const float a = rotated[i], b = rotated[i + s.rotary_half];
@@ -379,6 +395,17 @@ void check_vector(const at::Tensor& w, int64_t n, at::ScalarType dtype, const ch
 
 }  // namespace
 
+// What a step's weights and caches were checked against: the checks read the metadata of ~300
+// tensors, cold on every step (the step itself streams the weights through every cache), so they run
+// on a model's first step and again only when the step's shapes change.
+struct StepShape {
+  at::ScalarType dtype;
+  int64_t hidden, H, KH, D;
+  bool operator==(const StepShape& o) const {
+    return dtype == o.dtype && hidden == o.hidden && H == o.H && KH == o.KH && D == o.D;
+  }
+};
+
 // A model's per-layer step weights, handed to C++ once per model (a torch custom class): each step then
 // passes one object where it passed nine lists of a tensor per layer and, for a quantized model, three
 // lists of seven entries per layer. Converting those lists from Python cost 50 us per step in float32
@@ -387,6 +414,9 @@ struct StepWeights : torch::CustomClassHolder {
   std::vector<at::Tensor> input_norms, q, k, v, o, post_norms, gate, up, down;
   c10::List<std::optional<at::Tensor>> scales, offsets;  // 7 per layer (q ... down), or empty: all dense
   std::vector<int64_t> group_sizes;
+  std::mutex mutex;  // guards the two below (an engine and a generate call may share a model)
+  std::optional<StepShape> checked;
+  std::vector<LayerWeights> layers;  // the checked matrices and norms, for `checked`
 
   StepWeights(std::vector<at::Tensor> input_norms, std::vector<at::Tensor> q, std::vector<at::Tensor> k,
               std::vector<at::Tensor> v, std::vector<at::Tensor> o, std::vector<at::Tensor> post_norms,
@@ -396,118 +426,174 @@ struct StepWeights : torch::CustomClassHolder {
       : input_norms(std::move(input_norms)), q(std::move(q)), k(std::move(k)), v(std::move(v)), o(std::move(o)),
         post_norms(std::move(post_norms)), gate(std::move(gate)), up(std::move(up)), down(std::move(down)),
         scales(std::move(scales)), offsets(std::move(offsets)), group_sizes(std::move(group_sizes)) {}
+
+  // The layers' matrices and norms, checked against `shape` (on the first step of that shape).
+  std::vector<LayerWeights> checked_layers(const StepShape& shape) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!(checked && *checked == shape)) {
+      layers = check_layers(shape);
+      checked = shape;
+    }
+    return layers;
+  }
+
+ private:
+  std::vector<LayerWeights> check_layers(const StepShape& shape) const {
+    const int64_t L = static_cast<int64_t>(q.size());
+    TORCH_CHECK(L >= 1, "decode_step: no layers");
+    for (const at::TensorList list : {at::TensorList(input_norms), at::TensorList(k), at::TensorList(v),
+                                      at::TensorList(o), at::TensorList(post_norms), at::TensorList(gate),
+                                      at::TensorList(up), at::TensorList(down)})
+      TORCH_CHECK(static_cast<int64_t>(list.size()) == L, "decode_step: every per-layer list needs ", L, " entries");
+    const bool quantized = !scales.empty();
+    if (quantized)
+      TORCH_CHECK(static_cast<int64_t>(scales.size()) == 7 * L && static_cast<int64_t>(offsets.size()) == 7 * L &&
+                      static_cast<int64_t>(group_sizes.size()) == 7 * L,
+                  "decode_step: a quantized model needs 7 scales, offsets and group sizes per layer");
+    const int64_t hidden = shape.hidden, H = shape.H, KH = shape.KH, D = shape.D, I = gate[0].size(0);
+    std::vector<LayerWeights> checked_layers;
+    for (int64_t l = 0; l < L; ++l) {
+      // Matrix j of layer l (q, k, v, o, gate, up, down), (rows, cols): dense or quantized.
+      const auto matrix = [&](int j, const at::Tensor& w, int64_t rows, int64_t cols, const char* name) -> Matrix {
+        const std::optional<at::Tensor> s = quantized ? scales.get(7 * l + j) : std::nullopt;
+        if (!s.has_value()) {
+          check_weight(w, rows, cols, shape.dtype, name);
+          return Matrix{w.const_data_ptr()};
+        }
+        return quantized_matrix(w, *s, offsets.get(7 * l + j), group_sizes[7 * l + j], rows, cols, name);
+      };
+      const Matrix mq = matrix(0, q[l], H * D, hidden, "q"), mk = matrix(1, k[l], KH * D, hidden, "k"),
+                   mv = matrix(2, v[l], KH * D, hidden, "v"), mo = matrix(3, o[l], hidden, H * D, "o"),
+                   mgate = matrix(4, gate[l], I, hidden, "gate"), mup = matrix(5, up[l], I, hidden, "up"),
+                   mdown = matrix(6, down[l], hidden, I, "down");
+      check_vector(input_norms[l], hidden, shape.dtype, "input_norm");
+      check_vector(post_norms[l], hidden, shape.dtype, "post_norm");
+      checked_layers.push_back({mq, mk, mv, mo, mgate, mup, mdown, input_norms[l].const_data_ptr(),
+                                post_norms[l].const_data_ptr()});
+    }
+    return checked_layers;
+  }
 };
 
 // A forward's per-layer K/V caches, handed over once per cache set like StepWeights: passed as two
 // lists, torch's Python op call walks every element of them on each step (checking for fake script
 // objects, ~20 us) once any argument is a script object. The op writes into these caches: eager
-// inference only (no autograd, no functionalization sees the writes).
+// inference only (no autograd, no functionalization sees the writes). Checked on their first step.
 struct StepCaches : torch::CustomClassHolder {
   std::vector<at::Tensor> keys, values;
+  std::mutex mutex;
+  std::optional<StepShape> checked;
 
   StepCaches(std::vector<at::Tensor> keys, std::vector<at::Tensor> values)
       : keys(std::move(keys)), values(std::move(values)) {}
+
+  void check(const StepShape& shape) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (checked && *checked == shape) return;
+    TORCH_CHECK(keys.size() == values.size(), "decode_step: as many key caches as value caches");
+    for (size_t l = 0; l < keys.size(); ++l) {
+      const at::Tensor& kc = keys[l];
+      const at::Tensor& vc = values[l];
+      TORCH_CHECK(kc.dim() == 4 && kc.size(2) == shape.KH && kc.size(3) == shape.D && kc.sizes() == vc.sizes(),
+                  "decode_step: layer ", l, "'s caches must be (num_blocks, block_size, ", shape.KH, ", ", shape.D, ")");
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == shape.dtype &&
+                      vc.scalar_type() == shape.dtype && kc.device().is_cpu() && vc.device().is_cpu(),
+                  "decode_step: caches must be contiguous CPU tensors in the model's dtype");
+    }
+    checked = shape;
+  }
 };
 
 namespace {
 
-// embedded (M, hidden): the new tokens' embeddings; cos/sin (M, rotary_dim / 2); `step_weights` per
-// layer: the weights as the HF model holds them (q, k, v, o, gate, up, down: (out, in)) and the norms;
-// `step_caches` per layer: the K/V caches (num_blocks, block_size, KH, D); per layer, or one entry all
-// layers read: slot_mapping (M,) int64, seq_lens (M,) and block_tables (M, width) int32 (layers of a
-// press may hold different slots). -> final-normed hidden (M, hidden), or with `lm_head` (vocab, hidden)
-// the logits (M, vocab). `variant` names the skinny GEMM kernels (the calibration's choice).
+// A (M,) int64 index tensor whose entries must lie in [0, bound).
+const int64_t* checked_indices(const at::Tensor& t, int64_t M, int64_t bound, const char* name, const char* what) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == M && t.scalar_type() == at::kLong && t.is_contiguous() && t.device().is_cpu(),
+              "decode_step: ", name, " must be a contiguous CPU (M,) int64 tensor");
+  const int64_t* values = t.const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(values[m] >= 0 && values[m] < bound, "decode_step: ", name, "[", m, "] = ", values[m],
+                " is outside ", what, " [0, ", bound, ")");
+  return values;
+}
+
+// input_ids, positions (M,) int64: the new tokens and their positions; `embedding` (vocab, hidden) the
+// table the ids index (a quantized model's caller passes the dequantized rows and ids 0..M-1); cos/sin
+// (positions, rotary_dim / 2) the RoPE tables the positions index; `step_weights` per layer: the weights
+// as the HF model holds them (q, k, v, o, gate, up, down: (out, in)) and the norms; `step_caches` per
+// layer: the K/V caches (num_blocks, block_size, KH, D); per layer, or one entry all layers read:
+// slot_mapping (M,) int64, seq_lens (M,) and block_tables (M, width) int32 (layers of a press may hold
+// different slots). -> final-normed hidden (M, hidden), or with `lm_head` (vocab, hidden) the logits
+// (M, vocab). `variant` names the skinny GEMM kernels (the calibration's choice).
 // A quantized model's step weights hold its matrices' codes as q ... down, and per layer seven entries
 // (q, k, v, o, gate, up, down) of scales, offsets and group sizes (a None scale: that matrix is dense);
 // `quant_variant` names the quantized GEMM kernel (a float one: the integer variant rounds inputs per
 // GEMM call).
-at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+at::Tensor decode_step(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embedding,
+                       const at::Tensor& cos, const at::Tensor& sin,
                        const c10::intrusive_ptr<StepWeights>& step_weights, const at::Tensor& final_norm,
                        const c10::intrusive_ptr<StepCaches>& step_caches, at::TensorList slot_mappings,
                        at::TensorList seq_lens, at::TensorList block_tables, int64_t num_heads, double eps,
                        double scale, c10::string_view variant_name, c10::string_view quant_variant_name,
                        const std::optional<at::Tensor>& lm_head) {
-  const StepWeights& sw = *step_weights;
-  const at::TensorList input_norms = sw.input_norms, q = sw.q, k = sw.k, v = sw.v, o = sw.o,
-                       post_norms = sw.post_norms, gate = sw.gate, up = sw.up, down = sw.down;
-  const c10::List<std::optional<at::Tensor>>& scales = sw.scales;
-  const c10::List<std::optional<at::Tensor>>& offsets = sw.offsets;
-  const at::IntArrayRef group_sizes = sw.group_sizes;
-  const at::TensorList key_caches = step_caches->keys, value_caches = step_caches->values;
   const sk::Choice choice = sk::parse_variant(std::string(variant_name));
-  const bool quantized = !scales.empty();
-  TORCH_CHECK(embedded.dim() == 2 && embedded.is_contiguous() && embedded.device().is_cpu(),
-              "decode_step: embedded must be a contiguous CPU (M, hidden) tensor");
-  const at::ScalarType dtype = embedded.scalar_type();
+  TORCH_CHECK(embedding.dim() == 2 && embedding.is_contiguous() && embedding.device().is_cpu(),
+              "decode_step: embedding must be a contiguous CPU (vocab, hidden) tensor");
+  const at::ScalarType dtype = embedding.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_step: float32 or bfloat16 only, got ", dtype);
-  const int64_t L = static_cast<int64_t>(q.size());
-  TORCH_CHECK(L >= 1, "decode_step: no layers");
-  for (const at::TensorList list : {input_norms, k, v, o, post_norms, gate, up, down, key_caches, value_caches})
-    TORCH_CHECK(static_cast<int64_t>(list.size()) == L, "decode_step: every per-layer list needs ", L, " entries");
+  const int64_t M = input_ids.numel(), hidden = embedding.size(1);
+  TORCH_CHECK(M >= 1, "decode_step: no tokens");
+  const int64_t* ids = checked_indices(input_ids, M, embedding.size(0), "input_ids", "the embedding's rows");
+  const at::TensorList key_caches = step_caches->keys, value_caches = step_caches->values;
+  const int64_t L = static_cast<int64_t>(step_weights->q.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(key_caches.size()) == L,
+              "decode_step: one (key, value) cache per layer (", L, "), got ", key_caches.size());
+  TORCH_CHECK(key_caches[0].dim() == 4, "decode_step: caches must be (num_blocks, block_size, kv_heads, head_dim)");
+  const int64_t KH = key_caches[0].size(2), D = key_caches[0].size(3), H = num_heads;
+  TORCH_CHECK(H >= 1 && H % KH == 0 && H / KH <= 64, "decode_step: num_heads must be a multiple (at most 64) of the kv heads");
+  TORCH_CHECK(D % 8 == 0 && D <= 512, "decode_step: head_dim must be a multiple of 8, at most 512");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && 2 * cos.size(1) <= D && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
+              "decode_step: cos and sin must be contiguous (positions, rotary_dim / 2) in the model's dtype");
+  const int64_t* pos = checked_indices(positions, M, cos.size(0), "positions", "the RoPE tables' rows");
+  check_vector(final_norm, hidden, dtype, "final_norm");
+  const StepShape shape{dtype, hidden, H, KH, D};
+  const std::vector<LayerWeights> weights = step_weights->checked_layers(shape);
+  step_caches->check(shape);
+  const int64_t I = step_weights->gate[0].size(0);
+  const Shapes shapes{M, hidden, H, KH, D, I, cos.size(1), L, static_cast<float>(eps), static_cast<float>(scale)};
+  qt::Kernel quant_kernel = nullptr;
+  if (!step_weights->scales.empty()) {
+    const std::string name(quant_variant_name);
+    TORCH_CHECK(name != "avx512vnni", "decode_step: the quantized GEMM variant must be a float one, got ", name);
+    quant_kernel = qt::find_kernel(name);
+  }
   // The metadata: one entry per layer, or one that every layer reads (a cache without a press).
   const bool shared_metadata = slot_mappings.size() == 1;
   for (const at::TensorList list : {slot_mappings, seq_lens, block_tables})
     TORCH_CHECK(static_cast<int64_t>(list.size()) == (shared_metadata ? 1 : L),
                 "decode_step: slot_mappings, seq_lens and block_tables need one entry, or one per layer (", L, ")");
-  const int64_t M = embedded.size(0), hidden = embedded.size(1);
-  TORCH_CHECK(key_caches[0].dim() == 4, "decode_step: caches must be (num_blocks, block_size, kv_heads, head_dim)");
-  const int64_t KH = key_caches[0].size(2), D = key_caches[0].size(3), H = num_heads;
-  TORCH_CHECK(H >= 1 && H % KH == 0 && H / KH <= 64, "decode_step: num_heads must be a multiple (at most 64) of the kv heads");
-  TORCH_CHECK(D % 8 == 0 && D <= 512, "decode_step: head_dim must be a multiple of 8, at most 512");
-  const int64_t I = gate[0].size(0);
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == M && 2 * cos.size(1) <= D &&
-                  cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
-              "decode_step: cos and sin must be contiguous (M, rotary_dim / 2) in the model's dtype");
-  check_vector(final_norm, hidden, dtype, "final_norm");
-  const Shapes shapes{M, hidden, H, KH, D, I, cos.size(1), L, static_cast<float>(eps), static_cast<float>(scale)};
-  qt::Kernel quant_kernel = nullptr;
-  if (quantized) {
-    const std::string name(quant_variant_name);
-    TORCH_CHECK(name != "avx512vnni", "decode_step: the quantized GEMM variant must be a float one, got ", name);
-    quant_kernel = qt::find_kernel(name);
-    TORCH_CHECK(static_cast<int64_t>(scales.size()) == 7 * L && static_cast<int64_t>(offsets.size()) == 7 * L &&
-                    static_cast<int64_t>(group_sizes.size()) == 7 * L,
-                "decode_step: a quantized model needs 7 scales, offsets and group sizes per layer");
-  }
-  std::vector<LayerWeights> weights;
   std::vector<LayerCache> caches;
+  int64_t checked_num_blocks = -1, checked_block_size = -1;  // a shared entry is checked once per cache shape
   for (int64_t l = 0; l < L; ++l) {
-    // Matrix j of layer l (q, k, v, o, gate, up, down), (rows, cols): dense or quantized.
-    const auto matrix = [&](int j, const at::Tensor& w, int64_t rows, int64_t cols, const char* name) -> Matrix {
-      const std::optional<at::Tensor> s = quantized ? scales.get(7 * l + j) : std::nullopt;
-      if (!s.has_value()) {
-        check_weight(w, rows, cols, dtype, name);
-        return Matrix{w.const_data_ptr()};
-      }
-      return quantized_matrix(w, *s, offsets.get(7 * l + j), group_sizes[7 * l + j], rows, cols, name);
-    };
-    const Matrix mq = matrix(0, q[l], H * D, hidden, "q"), mk = matrix(1, k[l], KH * D, hidden, "k"),
-                 mv = matrix(2, v[l], KH * D, hidden, "v"), mo = matrix(3, o[l], hidden, H * D, "o"),
-                 mgate = matrix(4, gate[l], I, hidden, "gate"), mup = matrix(5, up[l], I, hidden, "up"),
-                 mdown = matrix(6, down[l], hidden, I, "down");
-    check_vector(input_norms[l], hidden, dtype, "input_norm");
-    check_vector(post_norms[l], hidden, dtype, "post_norm");
     const at::Tensor& kc = key_caches[l];
-    const at::Tensor& vc = value_caches[l];
-    TORCH_CHECK(kc.dim() == 4 && kc.size(2) == KH && kc.size(3) == D && kc.sizes() == vc.sizes(),
-                "decode_step: layer ", l, "'s caches must be (num_blocks, block_size, ", KH, ", ", D, ")");
-    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == dtype && vc.scalar_type() == dtype,
-                "decode_step: caches must be contiguous, in the model's dtype");
-    const int64_t ml = shared_metadata ? 0 : l;
+    const int64_t ml = shared_metadata ? 0 : l, NB = kc.size(0), BS = kc.size(1);
     const at::Tensor& slots = slot_mappings[ml];
-    TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
-                "decode_step: slot_mapping must be (M,) int64");
-    TORCH_CHECK(seq_lens[ml].numel() == M, "decode_step: seq_lens must be (M,)");
-    const int64_t NB = kc.size(0), BS = kc.size(1);
-    kvlab::check_paged_metadata("decode_step", seq_lens[ml], block_tables[ml], NB, BS);
-    const int64_t* slot = slots.const_data_ptr<int64_t>();
-    for (int64_t m = 0; m < M; ++m)
-      TORCH_CHECK(slot[m] >= 0 && slot[m] < NB * BS, "decode_step: slot_mapping[", m, "] = ", slot[m],
-                  " is outside the cache's ", NB * BS, " slots");
-    weights.push_back({mq, mk, mv, mo, mgate, mup, mdown, input_norms[l].const_data_ptr(),
-                       post_norms[l].const_data_ptr()});
-    caches.push_back({kc.data_ptr(), vc.data_ptr(), BS, slot, seq_lens[ml].const_data_ptr<int32_t>(),
-                      block_tables[ml].const_data_ptr<int32_t>(), block_tables[ml].size(1)});
+    if (!shared_metadata || NB != checked_num_blocks || BS != checked_block_size) {
+      TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
+                  "decode_step: slot_mapping must be (M,) int64");
+      TORCH_CHECK(seq_lens[ml].numel() == M, "decode_step: seq_lens must be (M,)");
+      kvlab::check_paged_metadata("decode_step", seq_lens[ml], block_tables[ml], NB, BS);
+      const int64_t* slot = slots.const_data_ptr<int64_t>();
+      for (int64_t m = 0; m < M; ++m)
+        TORCH_CHECK(slot[m] >= 0 && slot[m] < NB * BS, "decode_step: slot_mapping[", m, "] = ", slot[m],
+                    " is outside the cache's ", NB * BS, " slots");
+      checked_num_blocks = NB;
+      checked_block_size = BS;
+    }
+    caches.push_back({kc.data_ptr(), value_caches[l].data_ptr(), BS, slots.const_data_ptr<int64_t>(),
+                      seq_lens[ml].const_data_ptr<int32_t>(), block_tables[ml].const_data_ptr<int32_t>(),
+                      block_tables[ml].size(1)});
   }
   Head head;
   if (lm_head.has_value()) {
@@ -516,16 +602,17 @@ at::Tensor decode_step(const at::Tensor& embedded, const at::Tensor& cos, const 
     check_weight(*lm_head, lm_head->size(0), hidden, dtype, "lm_head");
     head = Head{lm_head->const_data_ptr(), lm_head->size(0)};
   }
-  at::Tensor out = head.w == nullptr ? at::empty_like(embedded) : at::empty({M, head.vocab}, embedded.options());
+  at::Tensor out = at::empty({M, head.w == nullptr ? hidden : head.vocab}, embedding.options());
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const StepInputs<T> inputs{ids, pos, embedding.const_data_ptr<T>(), cos.const_data_ptr<T>(), sin.const_data_ptr<T>()};
+    decode_layers<T>(shapes, weights, caches, final_norm.const_data_ptr<T>(), inputs, head, out.mutable_data_ptr<T>(),
+                     choice, quant_kernel);
+  };
   if (dtype == at::kFloat)
-    decode_layers<float>(shapes, weights, caches, final_norm.const_data_ptr<float>(), embedded.const_data_ptr<float>(),
-                         cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), head, out.mutable_data_ptr<float>(),
-                         choice, quant_kernel);
+    run(float{});
   else
-    decode_layers<c10::BFloat16>(shapes, weights, caches, final_norm.const_data_ptr<c10::BFloat16>(),
-                                 embedded.const_data_ptr<c10::BFloat16>(), cos.const_data_ptr<c10::BFloat16>(),
-                                 sin.const_data_ptr<c10::BFloat16>(), head, out.mutable_data_ptr<c10::BFloat16>(),
-                                 choice, quant_kernel);
+    run(c10::BFloat16{});
   return out;
 }
 
@@ -539,7 +626,7 @@ TORCH_LIBRARY_FRAGMENT(kvlab, m) {
                        c10::List<std::optional<at::Tensor>>, c10::List<std::optional<at::Tensor>>,
                        std::vector<int64_t>>());
   m.class_<StepCaches>("StepCaches").def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>());
-  m.def("decode_step(Tensor embedded, Tensor cos, Tensor sin, __torch__.torch.classes.kvlab.StepWeights weights, "
+  m.def("decode_step(Tensor input_ids, Tensor positions, Tensor embedding, Tensor cos, Tensor sin, __torch__.torch.classes.kvlab.StepWeights weights, "
         "Tensor final_norm, __torch__.torch.classes.kvlab.StepCaches caches, Tensor[] slot_mappings, "
         "Tensor[] seq_lens, Tensor[] block_tables, int num_heads, float eps, float scale, str variant, "
         "str quant_variant, Tensor? lm_head=None) -> Tensor");

@@ -171,9 +171,17 @@ class LlamaEngineModel(EngineModel):
         head is a dense matrix: one op call and one parallel region per token instead of two, and none
         of the head's Python (its calibration lookup, dispatch), which runs cold after the step has
         streamed the weights through the caches."""
-        variant = self.fused_decode_variant(input_ids, kv_caches, metadata, backend)
+        variant = self.decode_logits_variant(input_ids, kv_caches, metadata, backend)
+        if variant is None:
+            return super().decode_logits(input_ids, positions, kv_caches, metadata, backend)
+        self.check_caches(kv_caches)
+        with torch.inference_mode():
+            return self.fused_decode_logits(input_ids, positions, kv_caches, metadata, backend, variant)
+
+    def decode_logits_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         # The head in the step runs the step's skinny variant: only where native.linear would run that
         # one too (a quantized model's step runs even where the calibration gave these rows to torch).
+        variant = self.fused_decode_variant(input_ids, kv_caches, metadata, backend)
         head_in_step = (
             variant is not None
             and not isinstance(self.lm_head, QuantizedWeight)
@@ -183,13 +191,10 @@ class LlamaEngineModel(EngineModel):
                 or cpu_kernels.fused_decode_variant(self.dtype, input_ids.shape[0]) == variant
             )
         )
-        if not head_in_step:
-            return super().decode_logits(input_ids, positions, kv_caches, metadata, backend)
-        self.check_caches(kv_caches)
-        with torch.inference_mode():
-            return self._fused_decode(
-                input_ids, positions, kv_caches, metadata, backend, variant, self.lm_head
-            )
+        return variant if head_in_step else None
+
+    def fused_decode_logits(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
+        return self._fused_decode(input_ids, positions, kv_caches, metadata, backend, variant, self.lm_head)
 
     def fused_decode_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant for a one-op decode step (kvlab/kernels/decode_step.cpp), or None
@@ -221,15 +226,21 @@ class LlamaEngineModel(EngineModel):
             self._step_weights = self._split_step_weights()
         if self._step_caches is None or self._step_caches[0] is not kv_caches:
             self._step_caches = (kv_caches, cpu_kernels.step_caches(kv_caches))
-        cos, sin = self.rotary.tables(positions)
+        if isinstance(self.embed, Tensor):
+            table = self.embed
+        else:  # a quantized table: its rows dequantized here, which the step then reads as a table
+            table, input_ids = embedding(input_ids, self.embed, self.dtype), torch.arange(input_ids.shape[0])
         return cpu_kernels.decode_step(
-            embedding(input_ids, self.embed, self.dtype),
-            cos,
-            sin,
+            input_ids,
+            positions,
+            table,
+            (self.rotary.cos, self.rotary.sin),
             self._step_weights,
             self.final_norm,
             self._step_caches[1],
-            [backend.layer_metadata(key_cache, metadata) for key_cache, _ in kv_caches],
+            [backend.layer_metadata(key_cache, metadata) for key_cache, _ in kv_caches]
+            if backend.per_layer_metadata
+            else [metadata],
             self.num_heads,
             self.eps,
             self.scale,

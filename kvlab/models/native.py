@@ -206,6 +206,18 @@ class EngineModel:
         head on every row. A model may run both in one op."""
         return self.compute_logits(self(input_ids, positions, kv_caches, metadata, backend))
 
+    def decode_logits_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
+        """The skinny GEMM variant a decode_logits call with these inputs runs as one op, LM head
+        included, or None. Its checks run cold on every token (each step streams the weights through
+        the caches, ~0.1 ms in all): a loop of same-shaped steps decides once and calls
+        fused_decode_logits with the answer."""
+        return None
+
+    def fused_decode_logits(self, input_ids, positions, kv_caches, metadata, backend, variant: str) -> Tensor:
+        """decode_logits as one op with `variant`, from decode_logits_variant for steps of this shape
+        (one query per row, these caches); the caller runs in inference mode."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-op decode step")
+
     def allocate_kv_caches(
         self,
         num_blocks: int,

@@ -102,6 +102,7 @@ class QuantizedPagedBackend(AttentionBackend):
         self.name = inner.name
         self.spec = spec
         self.head_dim = head_dim
+        self.per_layer_metadata = inner.per_layer_metadata
 
     def layer_metadata(self, key_cache: Tensor, metadata: AttentionMetadata) -> AttentionMetadata:
         return self.inner.layer_metadata(key_cache, metadata)

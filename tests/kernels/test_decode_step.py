@@ -14,6 +14,7 @@ from kvlab.attention.backends.registry import get_backend
 from kvlab.attention.metadata import AttentionMetadata
 from kvlab.generate import generate
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models.llama import LlamaEngineModel
 from kvlab.models.native import build_engine_model
 from kvlab.press.budget import Budget
 from kvlab.press.registry import get_press
@@ -37,9 +38,9 @@ def fused_calls(monkeypatch):
     calls = []
     original = cpu_kernels.decode_step
 
-    def counting(embedded, *args, **kwargs):
-        calls.append(embedded.shape[0])
-        return original(embedded, *args, **kwargs)
+    def counting(input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return original(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "decode_step", counting)
     return calls
@@ -216,6 +217,25 @@ def test_presses_run_fused_with_their_per_layer_slots(tiny_llama, fused_calls, m
     )
 
 
+def test_a_generation_decides_its_one_op_step_once(tiny_llama, fused_calls, monkeypatch):
+    """Every decode step of a kvlab.generate call has the first one's shape, so the checks that pick
+    the step's variant run once, not per token; the tokens are those of the op-by-op forward."""
+    decisions = []
+    original = LlamaEngineModel.decode_logits_variant
+
+    def counting(self, *args):
+        decisions.append(original(self, *args))
+        return decisions[-1]
+
+    monkeypatch.setattr(LlamaEngineModel, "decode_logits_variant", counting)
+    prompt = torch.randint(10, 49000, (2, 12), generator=torch.Generator().manual_seed(3))
+    fused = generate(tiny_llama.model, prompt, 9)
+    assert len(decisions) == 1 and decisions[0] and fused_calls == [2] * 8
+    monkeypatch.setenv("KVLAB_FUSED_DECODE", "0")
+    assert torch.equal(fused.tokens, generate(tiny_llama.model, prompt, 9).tokens)
+    assert set(decisions[1:]) == {None} and len(fused_calls) == 8  # op by op when switched off
+
+
 def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tiny_llama):
     model = build_engine_model(tiny_llama.model)
     caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
@@ -227,6 +247,19 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tiny_lla
         model(torch.tensor([5]), torch.tensor([2]), caches, metadata, get_backend("cpu_paged"))
     assert all(not cache.any() for pair in caches for cache in pair)
 
+
+
+@pytest.mark.parametrize("field", ["input_ids", "positions"])
+def test_a_token_or_position_outside_its_table_is_refused_before_anything_is_written(tiny_llama, field):
+    """The step looks up the embedding and RoPE rows itself: an index past a table is an error."""
+    model = build_engine_model(tiny_llama.model)
+    caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+    metadata = AttentionMetadata.from_lists([1], [3], [[1]], BLOCK_SIZE)
+    bound = model.embed.shape[0] if field == "input_ids" else model.rotary.cos.shape[0]
+    inputs = {"input_ids": torch.tensor([5]), "positions": torch.tensor([2])} | {field: torch.tensor([bound])}
+    with pytest.raises(RuntimeError, match=rf"decode_step: {field}\[0\] = {bound} is outside .* \[0, {bound}\)"):
+        model(inputs["input_ids"], inputs["positions"], caches, metadata, get_backend("cpu_paged"))
+    assert all(not cache.any() for pair in caches for cache in pair)
 
 def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
     model = build_engine_model(tiny_llama.model)
@@ -240,14 +273,14 @@ def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
     )
     metadata = AttentionMetadata.from_lists([1], [3], [[1]], BLOCK_SIZE)
     model._step_weights = model._step_weights or model._split_step_weights()
-    cos, sin = model.rotary.tables(torch.tensor([2]))
     variant = cpu_kernels.fused_decode_variant(torch.float32, 1)
 
     def step(per_layer):
         return cpu_kernels.decode_step(
-            model.embed[torch.tensor([7])],
-            cos,
-            sin,
+            torch.tensor([7]),
+            torch.tensor([2]),
+            model.embed,
+            (model.rotary.cos, model.rotary.sin),
             model._step_weights,
             model.final_norm,
             cpu_kernels.step_caches(caches),

@@ -20,6 +20,8 @@ class AttentionBackend(ABC):
     # Whether a CPU decode step may run as one fused op (kvlab/kernels/decode_step.cpp) that writes
     # and reads the paged cache itself, exactly as this backend's write_kv + forward would.
     fused_cpu_decode: bool = False
+    # Whether layers read metadata of their own (layer_metadata is not the model's for every layer).
+    per_layer_metadata: bool = False
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
