@@ -194,9 +194,9 @@ class NativeForward:
             return logits
         metadata = self.decode_metadata
         if self.logits_variant is None:  # every step of a generation has the first one's shape
-            self.logits_variant = self.engine_model.decode_logits_variant(
-                tokens, self.kv_caches, metadata, self.backend
-            ) or ""
+            self.logits_variant = (
+                self.engine_model.decode_logits_variant(tokens, self.kv_caches, metadata, self.backend) or ""
+            )
         if self.logits_variant:
             logits = self.engine_model.fused_decode_logits(
                 tokens, self.positions, self.kv_caches, metadata, self.backend, self.logits_variant

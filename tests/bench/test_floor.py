@@ -1,14 +1,18 @@
 """The floor is the best of several bandwidth probes, names the probe, and a TPOT under it is flagged."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from kvlab.bench.core.floor import (
+    MAX_RUN_ATTEMPTS,
     Floor,
     decode_weight_bytes,
     kv_bytes_per_position,
     mean_decode_context,
     measure_floor,
+    probed_run,
     round_over_floor,
 )
 from kvlab.bench.report.floor import below_floor_warning, decode_over_floor, floor_lines, over_floor
@@ -105,3 +109,34 @@ def test_floor_section_names_the_probe_that_set_it():
     text = "\n".join(floor_lines({"bfloat16": floor}))
     assert "| stream dot (30.0 GB/s) |" in text and "9.0 |" in text
     assert torch.isclose(torch.tensor(floor["floor_tpot_s"]), torch.tensor(2**20 / 30e9))
+    assert "measured again" not in text  # this floor's bench did not probe after its runs
+    remeasured = dataclasses.replace(Floor.from_probes(2**20, {"stream dot": 30e9}), remeasured_runs=2)
+    assert "Runs measured again: bfloat16 2." in "\n".join(floor_lines({"bfloat16": remeasured.to_dict()}))
+
+
+def probe_sequence(*bandwidths):
+    """A probe that reads the given best bandwidths one call after another."""
+    readings = iter(bandwidths)
+    return lambda model: {"stream sum": next(readings), "torch matvec": 1e9}
+
+
+def test_a_run_between_agreeing_probes_is_measured_once():
+    runs = []
+    probed = probed_run(None, lambda: runs.append(len(runs)) or len(runs), probe_sequence(60e9, 55e9))
+    assert (probed.result, probed.attempts, runs) == (1, 1, [0])
+    assert probed.probes == {"stream sum": 60e9, "torch matvec": 1e9}  # each probe's better reading
+
+
+def test_a_run_during_which_the_memory_changed_speed_is_measured_again():
+    """Fast before, slow after: neither floor describes the run. The retry's "before" is the failed
+    attempt's "after"; the criterion reads the probes, never the run's time."""
+    runs = []
+    probed = probed_run(None, lambda: runs.append(len(runs)) or len(runs), probe_sequence(60e9, 34e9, 35e9))
+    assert (probed.result, probed.attempts) == (2, 2)
+    assert probed.probes["stream sum"] == 35e9
+
+
+def test_a_run_that_never_meets_agreeing_probes_keeps_its_last_attempt():
+    flips = [60e9, 34e9] * MAX_RUN_ATTEMPTS
+    probed = probed_run(None, lambda: "timed", probe_sequence(*flips))
+    assert (probed.result, probed.attempts) == ("timed", MAX_RUN_ATTEMPTS)

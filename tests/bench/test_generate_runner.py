@@ -74,3 +74,25 @@ def test_rises_are_taken_over_the_memory_with_every_model_loaded(measured):
         assert r.peak_memory_rise_bytes.samples == [
             max(0.0, peak - result.model_resident_bytes[r.dtype]) for peak in r.peak_memory_bytes.samples
         ]
+
+
+def test_runs_whose_probes_disagree_are_measured_again_and_counted(monkeypatch):
+    """Each timed run sits between two probe rounds; a speed change across it (the probes 2x apart)
+    measures it again, and the floor records how many runs were."""
+    config = BenchConfig(
+        model="tiny-llama",
+        dtypes=["float32"],
+        prompt_lengths=[8],
+        new_tokens=3,
+        warmup=0,
+        repeats=2,
+        method="optimized",
+        ppl=PplConfig(enabled=False),
+    )
+    readings = iter([2e10, 4e10, 4e10, 4e10, 4e10])  # run 1: before 2e10, after 4e10 -> again
+    monkeypatch.setattr(runner, "probe_round", lambda model: {"stream sum": next(readings)})
+    calls = []
+    measure = runner.measure
+    monkeypatch.setattr(runner, "measure", lambda *args: calls.append(1) or measure(*args))
+    result = runner.run(config, torch.arange(100, 200))
+    assert len(calls) == 3 and result.floors["float32"].remeasured_runs == 1

@@ -253,7 +253,11 @@ def test_decode_runs_every_prompt_and_dtype_and_pairs_dtypes_by_round(experiment
         half, full = by_dtype["bfloat16"]["tpot_s"][name], by_dtype["float32"]["tpot_s"][name]
         assert ratio["round_ratios"] == pytest.approx([h / f for h, f in zip(half, full, strict=True)])
         assert (ratio["dtype"], ratio["reference"]) == ("bfloat16", "float32")
+        # each path's runs against the probes around each of them (probed_run), counted when measured again
+        floors = by_dtype["bfloat16"]["round_decode_floor_tpot_s"][name]
+        assert len(floors) == len(half) and by_dtype["bfloat16"]["remeasured_runs"] >= 0
     assert "TPOT over float32's, per round" in (path / "report.md").read_text()
+    assert "Runs measured again: float32, prompt 16" in (path / "report.md").read_text()
 
 
 def test_decode_prompt_lengths_must_be_a_list_of_positive_lengths():

@@ -248,7 +248,6 @@ def test_a_slot_outside_the_cache_is_refused_before_anything_is_written(tiny_lla
     assert all(not cache.any() for pair in caches for cache in pair)
 
 
-
 @pytest.mark.parametrize("field", ["input_ids", "positions"])
 def test_a_token_or_position_outside_its_table_is_refused_before_anything_is_written(tiny_llama, field):
     """The step looks up the embedding and RoPE rows itself: an index past a table is an error."""
@@ -257,9 +256,12 @@ def test_a_token_or_position_outside_its_table_is_refused_before_anything_is_wri
     metadata = AttentionMetadata.from_lists([1], [3], [[1]], BLOCK_SIZE)
     bound = model.embed.shape[0] if field == "input_ids" else model.rotary.cos.shape[0]
     inputs = {"input_ids": torch.tensor([5]), "positions": torch.tensor([2])} | {field: torch.tensor([bound])}
-    with pytest.raises(RuntimeError, match=rf"decode_step: {field}\[0\] = {bound} is outside .* \[0, {bound}\)"):
+    with pytest.raises(
+        RuntimeError, match=rf"decode_step: {field}\[0\] = {bound} is outside .* \[0, {bound}\)"
+    ):
         model(inputs["input_ids"], inputs["positions"], caches, metadata, get_backend("cpu_paged"))
     assert all(not cache.any() for pair in caches for cache in pair)
+
 
 def test_metadata_is_one_entry_every_layer_reads_or_one_per_layer(tiny_llama):
     model = build_engine_model(tiny_llama.model)

@@ -29,6 +29,12 @@ it (their best), a row's TPOT / floor is the median over its runs of those ratio
 (`round_over_floor`), its floor ms the median of its runs' floors, and the fastest probe of any round
 is kept beside them. The report names the probe that set the floor. A TPOT below the floor is a
 measurement error.
+
+A spell can also begin or end during a run, and then no probe describes it: the generation bench
+probes again right after each run (`probed_run`) and measures the run again, up to
+MAX_RUN_ATTEMPTS times, while the best probes before and after it differ by more than
+PROBE_AGREEMENT. The criterion reads the probes alone, never the run's time; the report counts the
+runs measured again.
 """
 
 import dataclasses
@@ -46,6 +52,8 @@ STREAM_BYTES = 512 * 2**20
 HUGE_PAGES_SUFFIX = " (2 MiB pages)"
 MATVEC_BYTES = 256 * 2**20
 ROUND_ITERS = 3  # timed passes per probe when a bench probes every round
+PROBE_AGREEMENT = 0.15  # best probes before and after a run further apart: the speed changed during it
+MAX_RUN_ATTEMPTS = 3
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -231,6 +239,7 @@ class Floor:
     kv_bytes_per_position: int = 0
     rounds: int = 1
     fastest_bytes_per_s: float = 0.0  # the fastest probe of any round
+    remeasured_runs: int | None = None  # runs measured again by probed_run (None: not probed after)
 
     @property
     def tpot_s(self) -> float:
@@ -278,7 +287,7 @@ class Floor:
             "probes_bytes_per_s": self.probes,
             "probe_rounds": self.rounds,
             "fastest_probe_bytes_per_s": self.fastest_bytes_per_s,
-        }
+        } | ({} if self.remeasured_runs is None else {"remeasured_runs": self.remeasured_runs})
 
 
 def measure_floor(model: torch.nn.Module) -> Floor:
@@ -289,6 +298,41 @@ def measure_floor(model: torch.nn.Module) -> Floor:
 def probe_round(model: torch.nn.Module) -> dict[str, float]:
     """One round's probes at `model`'s dtype and device, shortened to be taken beside every timed round."""
     return bandwidth_probes(model.dtype, model.device, iters=ROUND_ITERS)
+
+
+@dataclass
+class ProbedRun:
+    """A timed run between two probe rounds (`probed_run`)."""
+
+    result: object
+    probes: dict[str, float]  # per probe, the better of its readings before and after the run
+    attempts: int  # runs measured, the kept one last
+
+
+def probes_agree(before: dict[str, float], after: dict[str, float]) -> bool:
+    """Whether two probe rounds saw one memory speed: their best probes within PROBE_AGREEMENT."""
+    first, second = best_probe(before), best_probe(after)
+    return abs(first - second) <= PROBE_AGREEMENT * max(first, second)
+
+
+def probed_run(
+    model: torch.nn.Module,
+    run: Callable[[], object],
+    probe: Callable[[torch.nn.Module], dict[str, float]] = probe_round,
+    attempts: int = MAX_RUN_ATTEMPTS,
+) -> ProbedRun:
+    """`run()` between two probe rounds, measured again while the probes before and after it disagree
+    (the memory changed speed during it, so neither describes it), at most `attempts` times; the last
+    run is kept either way. A retry's "before" is the failed attempt's "after"."""
+    before = probe(model)
+    for attempt in range(1, attempts + 1):
+        result = run()
+        after = probe(model)
+        if probes_agree(before, after) or attempt == attempts:
+            merged = {name: max(before[name], after.get(name, 0.0)) for name in before}
+            return ProbedRun(result, merged, attempt)
+        before = after
+    raise ValueError(f"attempts must be >= 1, got {attempts}")
 
 
 def floor_of_rounds(model: torch.nn.Module, rounds: Sequence[dict[str, float]]) -> Floor:

@@ -4,6 +4,7 @@ Per dtype and prompt length: warm-up runs, then `repeats` rounds that alternate 
 so that drift of the machine hits both alike. Output length is fixed (min = max new tokens).
 """
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from kvlab.bench.core.floor import (
     floor_of_rounds,
     mean_decode_context,
     probe_round,
+    probed_run,
     round_over_floor,
 )
 from kvlab.bench.core.machine import machine_info, prepare_kernels
@@ -218,6 +220,7 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
     # The memory's bandwidth is probed right before every timed run, which is set against that
     # probe's floor (kvlab.bench.core.floor).
     probe_rounds: dict[str, list[dict[str, float]]] = {dtype: [] for dtype in models}
+    attempts: dict[str, list[int]] = {dtype: [] for dtype in models}  # per timed run (probed_run)
     measured: list[tuple[torch.Tensor, dict, dict]] = []  # per prompt length: samples, bandwidths
     for prompt_len in config.prompt_lengths:
         input_ids = make_inputs(token_ids, config.batch_size, prompt_len).to(device)
@@ -227,16 +230,28 @@ def run(config: BenchConfig, token_ids: torch.Tensor, ppl_fn=None) -> BenchResul
             # dtypes inner: a method's runs at the two dtypes follow each other, a probe apart
             for method in methods:
                 for dtype, loaded in models.items():
-                    if round_index >= config.warmup:
-                        probe_rounds[dtype].append(probe_round(loaded.model))
-                        bandwidths[dtype, method].append(best_probe(probe_rounds[dtype][-1]))
-                    sample = measure(method, loaded, input_ids, config)
-                    if round_index >= config.warmup:
-                        samples[dtype, method].append(sample)
+                    if round_index < config.warmup:
+                        measure(method, loaded, input_ids, config)
+                    else:
+                        probed = probed_run(
+                            loaded.model,
+                            lambda: measure(method, loaded, input_ids, config),  # noqa: B023 (called now)
+                            probe=probe_round,
+                        )
+                        probe_rounds[dtype].append(probed.probes)
+                        bandwidths[dtype, method].append(best_probe(probed.probes))
+                        samples[dtype, method].append(probed.result)
+                        attempts[dtype].append(probed.attempts)
                     progress.update()
         measured.append((input_ids, samples, bandwidths))
     progress.close()
-    floors = {dtype: floor_of_rounds(models[dtype].model, probe_rounds[dtype]) for dtype in models}
+    floors = {
+        dtype: dataclasses.replace(
+            floor_of_rounds(models[dtype].model, probe_rounds[dtype]),
+            remeasured_runs=sum(count > 1 for count in attempts[dtype]),
+        )
+        for dtype in models
+    }
     runs, agreements = [], []
     for dtype in models:
         for input_ids, samples, bandwidths in measured:

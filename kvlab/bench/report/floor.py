@@ -3,7 +3,7 @@ as the measurement error it is (kvlab.bench.core.floor)."""
 
 import statistics
 
-from kvlab.bench.core.floor import round_over_floor
+from kvlab.bench.core.floor import MAX_RUN_ATTEMPTS, PROBE_AGREEMENT, round_over_floor
 from kvlab.bench.report.format import format_mib, format_ms
 
 
@@ -32,10 +32,12 @@ def decode_floor(run: dict) -> float:
 
 
 def decode_over_floor(run: dict, path: str) -> float:
-    """A serving bench path's batch-1 TPOT over the floor: each round's TPOT over that round's floor,
-    median over the rounds (results written before the floor was probed per round: median TPOT over
-    the one floor)."""
+    """A serving bench path's batch-1 TPOT over the floor: each run's TPOT over the floor of the probes
+    around it (per path; results written before: one probe round per round of paths, or before the
+    floor was probed per round: median TPOT over the one floor), median over the rounds."""
     times, floors = run["tpot_s"][path], run.get("round_decode_floor_tpot_s")
+    if isinstance(floors, dict):
+        floors = floors.get(path)
     if not floors or len(floors) != len(times):
         return statistics.median(times) / decode_floor(run)
     return round_over_floor(times, floors)
@@ -79,4 +81,16 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
             f"| {floor.get('fastest_probe_bytes_per_s', floor['bandwidth_bytes_per_s']) / 1e9:.1f} "
             f"| {format_ms(floor['floor_tpot_s'])} |"
         )
+    remeasured = {
+        dtype: floor["remeasured_runs"] for dtype, floor in floors.items() if "remeasured_runs" in floor
+    }
+    if remeasured:
+        counts = ", ".join(f"{dtype} {count}" for dtype, count in remeasured.items())
+        lines += [
+            "",
+            f"The probes also ran right after each timed run; a run whose best probes before and after differed "
+            f"by more than {PROBE_AGREEMENT:.0%} met a change of the memory's speed and was measured again, up to "
+            f"{MAX_RUN_ATTEMPTS} times (the last kept either way; the criterion reads the probes alone). Runs "
+            f"measured again: {counts}. A run's floor is that of the better reading of each probe around it.",
+        ]
     return lines

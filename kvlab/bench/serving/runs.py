@@ -274,7 +274,13 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
     stay loaded and each round runs every dtype's paths in turn: dtypes measured one after the other
     can land in different spells of a VM's memory speed, so their ratio is taken round by round
     (`dtype_ratios`), as in the generation bench (kvlab.bench.generate.runner)."""
-    from kvlab.bench.core.floor import best_probe, floor_of_rounds, mean_decode_context, probe_round
+    from kvlab.bench.core.floor import (
+        best_probe,
+        floor_of_rounds,
+        mean_decode_context,
+        probe_round,
+        probed_run,
+    )
     from kvlab.engine.llm_engine import LLMEngine
     from kvlab.models.loader import load_model
 
@@ -291,25 +297,36 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
         prompt = token_ids[:prompt_len]
         paths = {dtype: decode_paths(*models[dtype], prompt, workload.new_tokens) for dtype in models}
         samples = {dtype: {name: [] for name in paths[dtype]} for dtype in models}
-        probe_rounds = {
-            dtype: [] for dtype in models
-        }  # each round against its probes (kvlab.bench.core.floor)
+        # Each timed run between two probe rounds, measured again if the memory changed speed
+        # during it (kvlab.bench.core.floor.probed_run); each path's run against its own probes.
+        probe_rounds = {dtype: [] for dtype in models}
+        bandwidths = {dtype: {name: [] for name in paths[dtype]} for dtype in models}
+        remeasured = dict.fromkeys(models, 0)
         for round_index in range(workload.warmup + workload.repeats):
             for dtype, (loaded, _) in models.items():
-                if round_index >= workload.warmup:
-                    probe_rounds[dtype].append(probe_round(loaded.model))
                 for name, run in paths[dtype].items():
-                    times = run()
-                    if round_index >= workload.warmup:
-                        samples[dtype][name].append(tpot_s(times))
+                    if round_index < workload.warmup:
+                        run()
+                        continue
+                    probed = probed_run(loaded.model, run, probe=probe_round)
+                    samples[dtype][name].append(tpot_s(probed.result))
+                    probe_rounds[dtype].append(probed.probes)
+                    bandwidths[dtype][name].append(best_probe(probed.probes))
+                    remeasured[dtype] += probed.attempts > 1
         context = mean_decode_context(len(prompt), workload.new_tokens)
         by_prompt[str(prompt_len)] = {}
         for dtype, (loaded, _) in models.items():
             floor = floor_of_rounds(loaded.model, probe_rounds[dtype])
-            round_floors = [floor.at_bandwidth(best_probe(r)).tpot_at(context) for r in probe_rounds[dtype]]
+            round_floors = {
+                name: [floor.at_bandwidth(b).tpot_at(context) for b in path_bandwidths]
+                for name, path_bandwidths in bandwidths[dtype].items()
+            }
             by_prompt[str(prompt_len)][dtype] = floor.to_dict() | {
-                "decode_floor_tpot_s": statistics.median(round_floors),
+                "decode_floor_tpot_s": statistics.median(
+                    f for floors in round_floors.values() for f in floors
+                ),
                 "round_decode_floor_tpot_s": round_floors,
+                "remeasured_runs": remeasured[dtype],
                 "tpot_s": samples[dtype],
             }
     return {
