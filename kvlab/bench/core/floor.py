@@ -30,9 +30,9 @@ it (their best), a row's TPOT / floor is the median over its runs of those ratio
 is kept beside them. The report names the probe that set the floor. A TPOT below the floor is a
 measurement error.
 
-A spell can also begin or end during a run, and then no probe describes it: the generation bench
-probes again right after each run (`probed_run`) and measures the run again, up to
-MAX_RUN_ATTEMPTS times, while the best probes before and after it differ by more than
+A spell can also begin or end during a run, and then no probe describes it: the generation bench and
+the paged bench's batch-1 decode probe again right after each run (`probed_run`) and measure the run
+again, up to MAX_RUN_ATTEMPTS times, while the best probes before and after it differ by more than
 PROBE_AGREEMENT. The criterion reads the probes alone, never the run's time; the report counts the
 runs measured again.
 """
