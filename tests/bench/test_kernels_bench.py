@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from kvlab.bench.kernels.config import from_dict, resolve
 from kvlab.bench.kernels.past_kernel import SOURCE, PastKernelUnavailable, git_show
@@ -173,3 +174,15 @@ def test_the_decode_path_is_the_fused_step_where_it_ran_at_every_rows_count():
     assert decode_path({"by_rows": {"1": timed, "16": timed}}) == FUSED_STEP
     # a rows count the step did not run at (or results written before the bench timed it)
     assert decode_path({"by_rows": {"1": timed, "16": {"seconds": {MODEL_PATH: [0.05]}}}}) == MODEL_PATH
+
+
+def test_the_decode_steps_model_at_another_dtype_holds_its_weights_in_huge_pages(tiny_llama):
+    """As a model loaded at that dtype does: the step is timed over weights laid out as in use."""
+    from kvlab.bench.kernels.runs import model_at
+    from kvlab.models import huge_pages
+
+    assert model_at(tiny_llama.model, tiny_llama.model.dtype) is tiny_llama.model
+    copied = model_at(tiny_llama.model, torch.bfloat16)
+    assert copied.dtype == torch.bfloat16 and copied is not tiny_llama.model
+    if huge_pages.enabled():
+        assert all(huge_pages.is_placed(p) for p in copied.parameters())
