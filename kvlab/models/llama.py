@@ -159,26 +159,11 @@ class LlamaEngineModel(EngineModel):
             x = add_rms_norm_(residual, _mlp(layer, x), next_norm, self.eps)
         return x
 
-    def decode_logits(
-        self,
-        input_ids: Tensor,
-        positions: Tensor,
-        kv_caches: list[tuple[Tensor, Tensor]],
-        metadata: AttentionMetadata,
-        backend: AttentionBackend,
-    ) -> Tensor:
+    def decode_logits_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The one-op decode step with the LM head inside it, where the step runs as one op and the
         head is a dense matrix: one op call and one parallel region per token instead of two, and none
         of the head's Python (its calibration lookup, dispatch), which runs cold after the step has
         streamed the weights through the caches."""
-        variant = self.decode_logits_variant(input_ids, kv_caches, metadata, backend)
-        if variant is None:
-            return super().decode_logits(input_ids, positions, kv_caches, metadata, backend)
-        self.check_caches(kv_caches)
-        with torch.inference_mode():
-            return self.fused_decode_logits(input_ids, positions, kv_caches, metadata, backend, variant)
-
-    def decode_logits_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         # The head in the step runs the step's skinny variant: only where native.linear would run that
         # one too (a quantized model's step runs even where the calibration gave these rows to torch).
         variant = self.fused_decode_variant(input_ids, kv_caches, metadata, backend)

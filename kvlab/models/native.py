@@ -202,9 +202,14 @@ class EngineModel:
         metadata: AttentionMetadata,
         backend: AttentionBackend,
     ) -> Tensor:
-        """Logits (N, vocab) of a decode-only step (one new token per row): the forward, then the LM
-        head on every row. A model may run both in one op."""
-        return self.compute_logits(self(input_ids, positions, kv_caches, metadata, backend))
+        """Logits (N, vocab) of a decode-only step (one new token per row): one op where the model has
+        one for these inputs (decode_logits_variant), else the forward, then the LM head on every row."""
+        variant = self.decode_logits_variant(input_ids, kv_caches, metadata, backend)
+        if variant is None:
+            return self.compute_logits(self(input_ids, positions, kv_caches, metadata, backend))
+        self.check_caches(kv_caches)
+        with torch.inference_mode():
+            return self.fused_decode_logits(input_ids, positions, kv_caches, metadata, backend, variant)
 
     def decode_logits_variant(self, input_ids, kv_caches, metadata, backend) -> str | None:
         """The skinny GEMM variant a decode_logits call with these inputs runs as one op, LM head

@@ -316,7 +316,9 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
         context = mean_decode_context(len(prompt), workload.new_tokens)
         by_prompt[str(prompt_len)] = {}
         for dtype, (loaded, _) in models.items():
-            floor = floor_of_rounds(loaded.model, probe_rounds[dtype])
+            floor = replace(
+                floor_of_rounds(loaded.model, probe_rounds[dtype]), remeasured_runs=remeasured[dtype]
+            )
             round_floors = {
                 name: [floor.at_bandwidth(b).tpot_at(context) for b in path_bandwidths]
                 for name, path_bandwidths in bandwidths[dtype].items()
@@ -326,7 +328,6 @@ def measure_decode(config: ServingConfig, token_ids: list[int], loaded_by_dtype:
                     f for floors in round_floors.values() for f in floors
                 ),
                 "round_decode_floor_tpot_s": round_floors,
-                "remeasured_runs": remeasured[dtype],
                 "tpot_s": samples[dtype],
             }
     return {
