@@ -121,23 +121,27 @@ void gemm_share(const Gemm& gemm, const float* xf, const void* xk, int64_t M, in
 
 
 void to_bf16(const float* in, c10::BFloat16* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::BFloat16>(in[i]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) kvlab::store8(out + i, kvlab::round_bf16(_mm256_loadu_ps(in + i)));
+  for (; i < n; ++i) out[i] = static_cast<c10::BFloat16>(in[i]);
 }
 
-// Rounds 8 float32 lanes to bfloat16 precision (nearest even), as a float32 -> bf16 -> float32 trip.
-inline __m256 round_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
-  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+// res += y, rounded as the op-by-op forward rounds: y as its op returns it, the sum as the residual holds it.
+template <typename T>
+void add_rounded(float* res, const float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(res + i), kvlab::round8<T>(_mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(res + i, kvlab::round8<T>(sum));
+  }
+  for (; i < n; ++i) res[i] = round_to<T>(res[i] + round_to<T>(y[i]));
 }
 
 // h = SiLU(gate) * up (Ramachandran et al. 2017: x * sigmoid(x)), with the model dtype's roundings of
 // the op-by-op forward: gate and up as their matmul returns them, SiLU's output, the product.
 template <typename T>
 void silu_mul(const float* gate, const float* up, float* h, int64_t n) {
-  constexpr bool kHalf = std::is_same_v<T, c10::BFloat16>;
-  const auto round = [](__m256 v) { return kHalf ? round_bf16(v) : v; };
+  const auto round = [](__m256 v) { return kvlab::round8<T>(v); };
   const __m256 one = _mm256_set1_ps(1.f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -260,9 +264,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
     };
     const auto input = [&](const float* f, const c10::BFloat16* b) -> const void* { return bf16_inputs ? static_cast<const void*>(b) : f; };
     // A sublayer's output is rounded as the op it replaces returns it, then added.
-    const auto add_to_residual = [&](const float* y) {
-      for (int64_t i = 0; i < M * hidden; ++i) res[i] = round_to<T>(res[i] + round_to<T>(y[i]));
-    };
+    const auto add_to_residual = [&](const float* y) { add_rounded<T>(res.data(), y, M * hidden); };
     normalise(weights[0].input_norm);
 
     for (int64_t l = 0; l < s.layers; ++l) {

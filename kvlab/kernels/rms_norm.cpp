@@ -62,8 +62,10 @@ at::Tensor add_rms_norm_(at::Tensor& residual, const at::Tensor& x, const at::Te
     at::parallel_for(0, x.size(0), grain(H), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         T* row = res + r * H;
-        for (int64_t i = 0; i < H; ++i)
-          row[i] = static_cast<T>(static_cast<float>(row[i]) + static_cast<float>(in[r * H + i]));
+        int64_t i = 0;
+        for (; i + 8 <= H; i += 8)
+          kvlab::store8(row + i, kvlab::round8<T>(_mm256_add_ps(kvlab::load8(row + i), kvlab::load8(in + r * H + i))));
+        for (; i < H; ++i) row[i] = static_cast<T>(static_cast<float>(row[i]) + static_cast<float>(in[r * H + i]));
         normalise_row(row, weight.const_data_ptr<T>(), o + r * H, H, eps);
       }
     });

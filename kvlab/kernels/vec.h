@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace kvlab {
 
@@ -15,6 +16,30 @@ inline __m256 load8(const c10::BFloat16* p) {
   // A bfloat16 is the upper half of a float32: widen each lane to 32 bits and shift it up.
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+// Rounds 8 float32 lanes to bfloat16 precision (nearest even), as a float32 -> bf16 -> float32 trip.
+inline __m256 round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// 8 lanes rounded to T's precision: a float32 -> T -> float32 trip.
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return round_bf16(v);
+  else return v;
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+// Stores 8 lanes already rounded to bfloat16 precision (round_bf16): their upper halves.
+inline void store8(c10::BFloat16* p, __m256 rounded) {
+  const __m256i upper = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(upper), _mm256_extracti128_si256(upper, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
 inline float horizontal_sum(__m256 v) {

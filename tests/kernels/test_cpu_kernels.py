@@ -19,19 +19,21 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_and_fused_add_equal_torch(dtype):
+@pytest.mark.parametrize("hidden", [576, 100], ids=["whole-vectors", "vector-tail"])
+def test_rms_norm_and_fused_add_equal_torch(dtype, hidden):
+    """Rows of whole 8-lane vectors, and rows whose last 4 values take the kernel's scalar tail."""
     generator = torch.Generator().manual_seed(0)
-    residual = torch.randn(7, 576, generator=generator).to(dtype)
-    x = torch.randn(7, 576, generator=generator).to(dtype)
-    weight = torch.randn(576, generator=generator).to(dtype)
+    residual = torch.randn(7, hidden, generator=generator).to(dtype)
+    x = torch.randn(7, hidden, generator=generator).to(dtype)
+    weight = torch.randn(hidden, generator=generator).to(dtype)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(
-        cpu_kernels.rms_norm(residual, weight, 1e-5), F.rms_norm(residual, (576,), weight, 1e-5), **tolerance
+        cpu_kernels.rms_norm(residual, weight, 1e-5), F.rms_norm(residual, (hidden,), weight, 1e-5), **tolerance
     )
     summed = residual + x
     normed = cpu_kernels.add_rms_norm_(residual, x, weight, 1e-5)
     assert torch.equal(residual, summed)  # the residual stream is updated in place, rounded as torch's add
-    torch.testing.assert_close(normed, F.rms_norm(summed, (576,), weight, 1e-5), **tolerance)
+    torch.testing.assert_close(normed, F.rms_norm(summed, (hidden,), weight, 1e-5), **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
