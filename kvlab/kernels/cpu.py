@@ -254,6 +254,16 @@ def _op():
     return ops()
 
 
+def peak_flops(variant: str, dtype: torch.dtype, iterations: int = 2_000_000, repeats: int = 3) -> float:
+    """FLOP/s of `variant`'s multiply-add at `dtype` on registers, every torch thread at once (the best of
+    `repeats` runs of `iterations` rounds): the arithmetic peak its kernels can approach. bf16 variants
+    that widen the weights issue float32 FMAs; AMX's tiles are not probed (its vdpbf16ps fallback is)."""
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype)
+    if name is None:
+        raise ValueError(f"peak_flops: float32 or bfloat16, got {dtype}")
+    return max(_op().skinny_peak_flops(variant, name, iterations) for _ in range(repeats))
+
+
 def skinny_variant(dtype: torch.dtype, rows: int = 1) -> str:
     """The variant skinny_linear runs for `rows` rows at `dtype` (for reports)."""
     return calibration().decision(dtype, min(max(rows, 1), SKINNY_MAX_ROWS)).variant

@@ -16,6 +16,8 @@ struct Variant {
   Kernel f32;
   Kernel bf16;
   bool bf16_reads_bf16_inputs;  // vdpbf16ps multiplies bf16 by bf16; the others widen x to float32
+  PeakLoop f32_peak;  // the multiply-add its float32 kernel issues (skinny_peak.h)
+  PeakLoop bf16_peak;  // and its bf16 kernel's (AMX: its vdpbf16ps fallback's; the tiles are not probed)
 };
 
 // The variant called `name`; a clear error if it is unknown or this CPU lacks its instructions.

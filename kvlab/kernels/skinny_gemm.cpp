@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -49,10 +50,10 @@ bool has_amx() {
 
 // Best first: the order in which variants are offered to the calibration.
 const Variant kVariants[] = {
-    {"amx", has_amx, avx512_f32, amx_bf16, true},  // float32 has no AMX math: the AVX-512 kernel
-    {"avx512bf16", has_avx512bf16, avx512_f32, avx512bf16_bf16, true},
-    {"avx512", has_avx512, avx512_f32, avx512_bf16, false},
-    {"avx2", has_avx2, avx2_f32, avx2_bf16, false},
+    {"amx", has_amx, avx512_f32, amx_bf16, true, avx512_f32_peak, avx512bf16_bf16_peak},  // float32: AVX-512
+    {"avx512bf16", has_avx512bf16, avx512_f32, avx512bf16_bf16, true, avx512_f32_peak, avx512bf16_bf16_peak},
+    {"avx512", has_avx512, avx512_f32, avx512_bf16, false, avx512_f32_peak, avx512_f32_peak},
+    {"avx2", has_avx2, avx2_f32, avx2_bf16, false, avx2_f32_peak, avx2_f32_peak},
 };
 
 }  // namespace
@@ -127,10 +128,31 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
   return y.to(x.scalar_type());
 }
 
+// FLOP/s of the variant's multiply-add at `dtype` ("float32" or "bfloat16") on registers, every thread
+// running `iterations` rounds of it at once: the arithmetic peak the variant's kernels can approach.
+double skinny_peak_flops(c10::string_view variant_name, c10::string_view dtype, int64_t iterations) {
+  TORCH_CHECK(iterations >= 1, "skinny_peak_flops: iterations must be >= 1, got ", iterations);
+  TORCH_CHECK(dtype == "float32" || dtype == "bfloat16", "skinny_peak_flops: dtype float32 or bfloat16, got ",
+              std::string(dtype));
+  const Variant& variant = sk::parse_variant(std::string(variant_name)).variant;
+  const sk::PeakLoop loop = dtype == "bfloat16" ? variant.bf16_peak : variant.f32_peak;
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> flops(threads, 0.0);
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) flops[t] = loop(iterations);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double total = 0.0;
+  for (double f : flops) total += f;
+  return total / seconds;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvlab, m) {
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias, str variant) -> Tensor");
+  m.def("skinny_peak_flops(str variant, str dtype, int iterations) -> float", &skinny_peak_flops);
   m.def("skinny_variants() -> str[]", &skinny_variants);  // no tensor argument: one kernel for all
 }
 

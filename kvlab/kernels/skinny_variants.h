@@ -33,4 +33,11 @@ void avx512_bf16(const Problem&, int64_t, int64_t);
 void avx512bf16_bf16(const Problem&, int64_t, int64_t);  // vdpbf16ps: x in bfloat16
 void amx_bf16(const Problem&, int64_t, int64_t);         // TDPBF16PS tiles: x in bfloat16
 
+// FLOPs of `iterations` rounds of the variant's multiply-add on registers, on the calling thread
+// (skinny_peak.h): the arithmetic peak its kernels can approach.
+using PeakLoop = double (*)(int64_t iterations);
+double avx2_f32_peak(int64_t);          // 256-bit FMA; also what the AVX2 bf16 kernel runs (widened weights)
+double avx512_f32_peak(int64_t);        // 512-bit FMA; also the AVX-512 widening bf16 kernel's
+double avx512bf16_bf16_peak(int64_t);   // vdpbf16ps
+
 }  // namespace kvlab::skinny

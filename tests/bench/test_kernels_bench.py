@@ -19,7 +19,9 @@ from kvlab.bench.kernels.report import (
 )
 from kvlab.cli import main
 from kvlab.errors import ConfigError
+from kvlab.kernels import calibrate
 from kvlab.kernels import cpu as cpu_kernels
+from kvlab.models.loader import resolve_dtype
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs kvlab's CPU kernels")
 
@@ -78,6 +80,12 @@ def test_report_has_a_row_per_rows_count_and_the_bars(experiment):
             assert {"torch", "kvlab.models", FUSED_STEP} <= set(entry["seconds"])
             assert entry["fused_step_variant"] in cpu_kernels.supported_variants()
             assert all(len(samples) == 1 and samples[0] > 0 for samples in entry["seconds"].values())
+        # every variant's multiply-add peak, stated in the report
+        assert set(gemm["multiply_add_peak_flops"]) == set(
+            calibrate.distinct_variants(resolve_dtype(dtype), cpu_kernels.variants())
+        )
+        assert all(flops > 0 for flops in gemm["multiply_add_peak_flops"].values())
+        assert "Multiply-add peak (each variant's instruction on registers" in report
     descriptions = [bar["description"] for bar in payload["bars"]]
     assert "float32: 16 rows / 1 row (the fused decode step)" in descriptions
     assert "bfloat16: 1 row / read-bandwidth floor (the fused decode step)" in descriptions
@@ -167,6 +175,10 @@ def test_a_rows_count_floor_is_the_slower_of_reading_the_weights_and_their_arith
     gemm["by_rows"]["32"] = {"seconds": {"kvlab.models": [0.16, 0.12, 0.125]}}  # median 0.125 s: 512 GFLOP/s
     assert arithmetic_peak(gemm) == (pytest.approx(512e9), "kvlab.models at 32 rows")
     assert rows_floor_seconds(gemm, 32) == pytest.approx(0.125)
+    # the arithmetic units' own peak (a variant's multiply-add on registers) is above any matmul's
+    gemm["multiply_add_peak_flops"] = {"avx2": 300e9, "avx512": 640e9}
+    assert arithmetic_peak(gemm) == (640e9, "kvlab avx512's multiply-add on registers")
+    assert rows_floor_seconds(gemm, 32) == pytest.approx(0.1)
 
 
 def test_the_decode_path_is_the_fused_step_where_it_ran_at_every_rows_count():

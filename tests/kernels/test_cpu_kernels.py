@@ -28,7 +28,9 @@ def test_rms_norm_and_fused_add_equal_torch(dtype, hidden):
     weight = torch.randn(hidden, generator=generator).to(dtype)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(
-        cpu_kernels.rms_norm(residual, weight, 1e-5), F.rms_norm(residual, (hidden,), weight, 1e-5), **tolerance
+        cpu_kernels.rms_norm(residual, weight, 1e-5),
+        F.rms_norm(residual, (hidden,), weight, 1e-5),
+        **tolerance,
     )
     summed = residual + x
     normed = cpu_kernels.add_rms_norm_(residual, x, weight, 1e-5)

@@ -110,6 +110,25 @@ def test_one_row_with_the_tiles_option_is_computed_as_in_a_batch(variant):
     torch.testing.assert_close(walked, batched[:1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_variant_reports_its_multiply_add_peak(dtype):
+    """The kernel bench's arithmetic floor: each variant's multiply-add on registers, all threads."""
+    for variant in cpu_kernels.supported_variants():
+        flops = cpu_kernels.peak_flops(variant, dtype, iterations=20_000, repeats=1)
+        assert 0 < flops < float("inf")
+
+
+def test_the_multiply_add_peak_refuses_bad_arguments():
+    with pytest.raises(RuntimeError, match="unknown variant 'sse9'"):
+        cpu_kernels.ops().skinny_peak_flops("sse9", "float32", 10)
+    with pytest.raises(RuntimeError, match="dtype float32 or bfloat16, got float16"):
+        cpu_kernels.ops().skinny_peak_flops("avx2", "float16", 10)
+    with pytest.raises(RuntimeError, match="iterations must be >= 1"):
+        cpu_kernels.ops().skinny_peak_flops("avx2", "float32", 0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_kernels.peak_flops("avx2", torch.float16)
+
+
 def test_op_rejects_an_unknown_variant_option():
     with pytest.raises(RuntimeError, match="unknown variant option '/rows'"):
         cpu_kernels.skinny_linear(torch.randn(1, 8), torch.randn(4, 8), variant="avx2/rows")

@@ -1,7 +1,8 @@
 """The kernel micro-benchmark: kvlab's skinny GEMM against torch over every weight matrix a decode step
 multiplies (the model's real weights), per rows count and dtype, and paged decode attention against
 torch's SDPA and an earlier revision's op (`attention.past_revision`, built from git history), with
-the machine's read bandwidth and matmul peak measured in the same run.
+the machine's read bandwidth and arithmetic peak (each variant's multiply-add on registers, torch's matmul)
+measured in the same run.
 
 One pass = every Linear weight of the model once (all layers and the LM head), as one decode step of
 `rows` requests reads them: each matrix called one by one per kernel, and the engine's fused decode
@@ -181,6 +182,11 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
         "params": params,
         "probe_rounds": probe_rounds or [bandwidth_probes(dtype, torch.device("cpu"))],
         "matmul_peak_flops": matmul_peak_flops(dtype),
+        # Each distinct variant's multiply-add on registers: the arithmetic units' own peak.
+        "multiply_add_peak_flops": {
+            variant: cpu_kernels.peak_flops(variant, dtype)
+            for variant in calibrate.distinct_variants(dtype, cpu_kernels.variants())
+        },
         "by_rows": by_rows,
     }
 
