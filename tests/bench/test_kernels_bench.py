@@ -8,6 +8,8 @@ import statistics
 import pytest
 import torch
 
+from kvlab.bench.core.floor import ProbedRun
+from kvlab.bench.kernels import runs
 from kvlab.bench.kernels.config import from_dict, resolve
 from kvlab.bench.kernels.past_kernel import SOURCE, PastKernelUnavailable, git_show
 from kvlab.bench.kernels.report import (
@@ -80,6 +82,9 @@ def test_report_has_a_row_per_rows_count_and_the_bars(experiment):
             assert {"torch", "kvlab.models", FUSED_STEP} <= set(entry["seconds"])
             assert entry["fused_step_variant"] in cpu_kernels.supported_variants()
             assert all(len(samples) == 1 and samples[0] > 0 for samples in entry["seconds"].values())
+        # probed around each one-row round, rounds measured again counted
+        assert gemm["remeasured_rounds"] in (0, 1)
+        assert "probed before and after each of the 1 timed one-row rounds" in report
         # every variant's multiply-add peak, stated in the report
         assert set(gemm["multiply_add_peak_flops"]) == set(
             calibrate.distinct_variants(resolve_dtype(dtype), cpu_kernels.variants())
@@ -198,3 +203,28 @@ def test_the_decode_steps_model_at_another_dtype_holds_its_weights_in_huge_pages
     assert copied.dtype == torch.bfloat16 and copied is not tiny_llama.model
     if huge_pages.enabled():
         assert all(huge_pages.is_placed(p) for p in copied.parameters())
+
+
+def test_one_row_rounds_are_probed_around_and_measured_again_when_the_probes_disagree(monkeypatch):
+    """time_passes hands each timed round to probed_run (probes before and after, a retry while they
+    disagree) and keeps the kept attempt's times, the merged probes of each round and the retry count."""
+    calls = []
+
+    def fake_probed_run(model, run):
+        calls.append(model)
+        attempts = 2 if len(calls) == 1 else 1  # the first round's probes disagreed once
+        for _ in range(attempts):
+            result = run()
+        return ProbedRun(result, {"stream sum": 50e9 + len(calls)}, attempts)
+
+    monkeypatch.setattr(runs, "probed_run", fake_probed_run)
+    ran = []
+    kernels = {"k": lambda x, w: ran.append(w.shape)}
+    weights = [torch.zeros(4, 3), torch.zeros(2, 5)]
+    inputs = {3: torch.zeros(1, 3), 5: torch.zeros(1, 5)}
+    samples, rounds, remeasured = runs.time_passes(kernels, weights, inputs, 3, probed_model="model")
+    assert calls == ["model"] * 3 and remeasured == 1
+    assert rounds == [{"stream sum": 50e9 + i} for i in (1, 2, 3)]
+    assert len(samples["k"]) == 3 and len(ran) == 2 * (1 + 4)  # the warm-up, 3 rounds, 1 round again
+    samples, rounds, remeasured = runs.time_passes(kernels, weights, inputs, 2)
+    assert len(samples["k"]) == 2 and rounds == [] and remeasured == 0 and len(calls) == 3

@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.floor import Floor, best_probe, round_over_floor
+from kvlab.bench.core.floor import PROBE_AGREEMENT, Floor, best_probe, round_over_floor
 from kvlab.bench.core.writer import SCHEMA_VERSION, write_experiment
 from kvlab.bench.report.format import bar, bars_table, title_lines
 from kvlab.kernels.calibrate import TIE
@@ -65,6 +65,17 @@ def arithmetic_peak(gemm: dict[str, Any]) -> tuple[float, str]:
             if flops > best:
                 best, source = flops, f"{name} at {rows} rows"
     return best, source
+
+
+def probing_phrase(gemm: dict[str, Any], rounds: int) -> str:
+    """How the one-row rounds were probed: before each (older results), or before and after each, a
+    round measured again while the two disagreed (kvlab.bench.core.floor.probed_run)."""
+    if "remeasured_rounds" not in gemm:
+        return f"before each of the {rounds} timed one-row rounds"
+    return (
+        f"before and after each of the {rounds} timed one-row rounds, a round measured again while the two "
+        f"disagreed by more than {PROBE_AGREEMENT:.0%} ({gemm['remeasured_rounds']} were)"
+    )
 
 
 def multiply_add_sentence(gemm: dict[str, Any]) -> str:
@@ -187,8 +198,9 @@ def gemm_section(dtype: str, gemm: dict[str, Any]) -> list[str]:
         f"## Skinny GEMM, {dtype}",
         "",
         f"{gemm['num_matrices']} matrices, {gemm['params'] / 1e6:.1f}M parameters, "
-        f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth, probed before each of the "
-        f"{len(rounds)} timed one-row rounds (each round's best probe, median over the rounds; best most "
+        f"{gemm['weight_bytes'] / 2**20:.1f} MiB per pass. Read bandwidth, probed "
+        + probing_phrase(gemm, len(rounds))
+        + " (each round's best probe, median over the rounds; best most "
         f"often: {floor.probe}): {floor.bandwidth_bytes_per_s / 1e9:.1f} GB/s (each probe's median: "
         f"{', '.join(f'{name} {value / 1e9:.1f}' for name, value in floor.probes.items())}; the fastest probe "
         f"of any round {floor.fastest_bytes_per_s / 1e9:.1f}), so one pass cannot take less than "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kvlab.attention.backends.registry import get_backend
 from kvlab.attention.metadata import AttentionMetadata
-from kvlab.bench.core.floor import ROUND_ITERS, bandwidth_probes, best_seconds, kv_shape
+from kvlab.bench.core.floor import bandwidth_probes, best_seconds, kv_shape, probed_run
 from kvlab.bench.core.machine import machine_info, prepare_kernels
 from kvlab.bench.kernels.config import KernelsConfig
 from kvlab.bench.kernels.past_kernel import PastKernelUnavailable, past_paged_attention
@@ -67,29 +67,45 @@ def time_passes(
     weights: list[torch.Tensor],
     inputs: dict,
     repeats: int,
-    before_round: Callable[[], object] | None = None,
+    probed_model: Any = None,  # an EngineModel or torch module: its dtype and device are probed
     steps: dict[str, Callable[[], object]] | None = None,
-) -> dict:
-    """Seconds per full pass over `weights`, per kernel: `repeats` samples after one warm-up pass;
-    `before_round` runs before each timed round (the bandwidth probes); `steps`: whole passes (a
-    decode step over the same weights) timed once per round after the kernels."""
+) -> tuple[dict[str, list[float]], list[dict[str, float]], int]:
+    """Seconds per full pass over `weights`, per kernel: `repeats` rounds after one warm-up round, each
+    round every kernel once, then each of `steps` (whole passes: a decode step over the same weights).
+    With `probed_model` the read bandwidth is probed at its dtype before and after each timed round, and
+    a round is measured again while the two disagree (kvlab.bench.core.floor.probed_run): a probe taken
+    before a round alone can meet another memory speed than the round. -> (samples, each timed round's
+    probes (the better reading of each), rounds measured again)."""
     steps = steps or {}
     samples: dict[str, list[float]] = {name: [] for name in [*kernels, *steps]}
-    for index in range(repeats + 1):
-        if index and before_round is not None:
-            before_round()
+
+    def one_round() -> dict[str, float]:
+        seconds = {}
         for name, run in kernels.items():
             start = time.perf_counter()
             for w in weights:
                 run(inputs[w.shape[1]], w)
-            if index:
-                samples[name].append(time.perf_counter() - start)
+            seconds[name] = time.perf_counter() - start
         for name, step in steps.items():
             start = time.perf_counter()
             step()
-            if index:
-                samples[name].append(time.perf_counter() - start)
-    return samples
+            seconds[name] = time.perf_counter() - start
+        return seconds
+
+    one_round()  # warm-up
+    rounds: list[dict[str, float]] = []
+    remeasured = 0
+    for _ in range(repeats):
+        if probed_model is None:
+            seconds = one_round()
+        else:
+            probed = probed_run(probed_model, one_round)
+            seconds = probed.result
+            rounds.append(probed.probes)
+            remeasured += probed.attempts > 1
+        for name, value in seconds.items():
+            samples[name].append(value)
+    return samples, rounds, remeasured
 
 
 def fused_step(engine_model, rows: int, seed: int) -> tuple[Callable[[], object], str] | None:
@@ -154,13 +170,10 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
     params = sum(w.numel() for w in weights)
     generator = torch.Generator().manual_seed(config.seed)
     by_rows = {}
-    # The read bandwidth is probed before every round of the one-row passes, which the floor bounds,
+    # The read bandwidth is probed around every round of the one-row passes, which the floor bounds,
     # so it describes the minutes they ran in (kvlab.bench.core.floor).
     probe_rounds: list[dict[str, float]] = []
-
-    def probe() -> None:
-        probe_rounds.append(bandwidth_probes(dtype, torch.device("cpu"), iters=ROUND_ITERS))
-
+    remeasured_rounds = 0
     for rows in config.rows:
         inputs = {
             k: torch.randn(rows, k, generator=generator).to(dtype) for k in {w.shape[1] for w in weights}
@@ -168,7 +181,11 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
         kernels = candidates(dtype)
         step = fused_step(engine_model, rows, config.seed)
         steps = {FUSED_STEP: step[0]} if step else {}
-        samples = time_passes(kernels, weights, inputs, config.repeats, probe if rows == 1 else None, steps)
+        samples, rounds, remeasured = time_passes(
+            kernels, weights, inputs, config.repeats, engine_model if rows == 1 else None, steps
+        )
+        probe_rounds += rounds
+        remeasured_rounds += remeasured
         by_rows[str(rows)] = {
             "seconds": samples,
             "relative_error": max_error(kernels, weights, inputs),
@@ -181,6 +198,7 @@ def measure_gemm(config: KernelsConfig, model: torch.nn.Module, dtype_name: str)
         "weight_bytes": weight_bytes,
         "params": params,
         "probe_rounds": probe_rounds or [bandwidth_probes(dtype, torch.device("cpu"))],
+        "remeasured_rounds": remeasured_rounds,
         "matmul_peak_flops": matmul_peak_flops(dtype),
         # Each distinct variant's multiply-add on registers: the arithmetic units' own peak.
         "multiply_add_peak_flops": {

@@ -50,7 +50,7 @@ def _compare(weights: list[QuantizedWeight], repeats: int) -> dict[str, Any]:
         scale = reference.abs().max().item() or 1.0
         for name, run in kernels.items():
             errors[name] = max(errors[name], (run(x, w).double() - reference).abs().max().item() / scale)
-    samples = time_passes(kernels, weights, inputs, repeats)  # QuantizedWeight.shape is (N, K) too
+    samples, _, _ = time_passes(kernels, weights, inputs, repeats)  # QuantizedWeight.shape is (N, K) too
     return {
         "matrices": len(weights),
         "bytes": sum(w.nbytes for w in weights),
