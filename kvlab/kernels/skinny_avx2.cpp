@@ -52,20 +52,10 @@ struct Avx2Bf16 : Avx2Base {
   }
 };
 
-struct Avx2Fma {
-  using Acc = __m256;
-  using In = __m256;
-  static constexpr double kFlops = 16;  // 8 lanes x (multiply + add)
-  static Acc start(int j) { return _mm256_set1_ps(static_cast<float>(j)); }
-  static In operand(int index) { return _mm256_set1_ps(index ? 1e-3f : 1.f); }
-  static Acc madd(Acc acc, In a, In b) { return _mm256_fmadd_ps(a, b, acc); }
-  static float sum(Acc acc) { return _mm256_cvtss_f32(acc); }
-};
-
 }  // namespace
 
 namespace kvlab::skinny {
-double avx2_f32_peak(int64_t iterations) { return multiply_add_flops<Avx2Fma>(iterations); }
+double avx2_f32_peak(int64_t iterations) { return multiply_add_flops<Avx2F32>(iterations); }
 void avx2_f32(const Problem& p, int64_t n_begin, int64_t n_end) { run<Avx2F32>(p, n_begin, n_end); }
 void avx2_bf16(const Problem& p, int64_t n_begin, int64_t n_end) { run<Avx2Bf16>(p, n_begin, n_end); }
 }  // namespace kvlab::skinny

@@ -90,20 +90,10 @@ void split_pairs(const float* x, int64_t K, float* out) {
   }
 }
 
-struct Avx512Fma {
-  using Acc = __m512;
-  using In = __m512;
-  static constexpr double kFlops = 32;  // 16 lanes x (multiply + add)
-  static Acc start(int j) { return _mm512_set1_ps(static_cast<float>(j)); }
-  static In operand(int index) { return _mm512_set1_ps(index ? 1e-3f : 1.f); }
-  static Acc madd(Acc acc, In a, In b) { return _mm512_fmadd_ps(a, b, acc); }
-  static float sum(Acc acc) { return _mm512_cvtss_f32(acc); }
-};
-
 }  // namespace
 
 namespace kvlab::skinny {
-double avx512_f32_peak(int64_t iterations) { return multiply_add_flops<Avx512Fma>(iterations); }
+double avx512_f32_peak(int64_t iterations) { return multiply_add_flops<Avx512F32>(iterations); }
 void avx512_f32(const Problem& p, int64_t n_begin, int64_t n_end) { run<Avx512F32>(p, n_begin, n_end); }
 void avx512_bf16(const Problem& p, int64_t n_begin, int64_t n_end) {
   // At one row each widened weight vector feeds one FMA, and the widening's cross-lane zero-extension

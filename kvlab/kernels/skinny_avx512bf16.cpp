@@ -38,19 +38,9 @@ struct Avx512Bf16Dot {
   static void reduce4(const Acc* acc, float* out) { reduce4_zmm(acc, out); }
 };
 
-struct Avx512Bf16Madd {
-  using Acc = __m512;
-  using In = __m512bh;
-  static constexpr double kFlops = 64;  // 16 lanes x 2 products x (multiply + add)
-  static Acc start(int j) { return _mm512_set1_ps(static_cast<float>(j)); }
-  static In operand(int index) { return as_pairs(_mm512_set1_epi16(static_cast<short>(index ? 0x3a83 : 0x3f80))); }
-  static Acc madd(Acc acc, In a, In b) { return _mm512_dpbf16_ps(acc, a, b); }
-  static float sum(Acc acc) { return _mm512_cvtss_f32(acc); }
-};
-
 }  // namespace
 
 namespace kvlab::skinny {
-double avx512bf16_bf16_peak(int64_t iterations) { return multiply_add_flops<Avx512Bf16Madd>(iterations); }
+double avx512bf16_bf16_peak(int64_t iterations) { return multiply_add_flops<Avx512Bf16Dot>(iterations); }
 void avx512bf16_bf16(const Problem& p, int64_t n_begin, int64_t n_end) { run<Avx512Bf16Dot>(p, n_begin, n_end); }
 }  // namespace kvlab::skinny
