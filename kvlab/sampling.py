@@ -1,5 +1,7 @@
 """Token sampling: greedy, temperature, top-k and top-p (nucleus), seeded, without host syncs."""
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +20,16 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        # Checked here, where the request is made: a value that only failed inside a step would fail
+        # the whole batch that step runs, other requests included.
+        if not _is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -32,7 +38,17 @@ class SamplingConfig:
     def make_generator(self, device: torch.device) -> torch.Generator | None:
         if self.is_greedy or self.seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+        # Any integer seeds a generator: torch takes 64 bits, so the seed is reduced modulo 2^64 (the
+        # server seeds choice i of a request with seed + i, which may step past 2^64 - 1).
+        return torch.Generator(device=device).manual_seed(self.seed % 2**64)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def sample(
@@ -41,7 +57,10 @@ def sample(
     """logits: (batch, vocab) -> token ids (batch,)."""
     if config.is_greedy:
         return greedy(logits)
-    logits = logits.float() / config.temperature
+    # Shifted by each row's maximum before the division, so a temperature near 0 sends the others to
+    # -inf (sampling then picks among the maxima, greedy's limit) instead of overflowing to inf - inf.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / config.temperature
     if config.top_k > 0 and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

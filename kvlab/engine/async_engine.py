@@ -58,6 +58,9 @@ class AsyncLLM:
         loop early (break, cancellation) aborts the request. `press`: see kvlab.engine.compression."""
         if self._closed:
             raise RuntimeError("AsyncLLM is shut down")
+        task = self._task
+        if task is not None and task.done() and task.get_loop() is asyncio.get_running_loop():
+            raise EngineDeadError("the engine's driver task has ended: this AsyncLLM serves no more requests")
         # Validation errors (PromptTooLongError, an unsupported press) surface here, in the caller.
         request = self.engine.make_request(prompt, params, request_id, press)
         if request.request_id in self._queues:
@@ -104,9 +107,20 @@ class AsyncLLM:
 
     def _submit(self, request_id: str, operation: Callable[[], None]) -> None:
         self._pending.append((request_id, operation))
-        if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if not self._closed:
+            self._start_driver()
         self._wake.set()
+
+    def _start_driver(self) -> None:
+        """Start the driver task in the running loop, unless one runs already. A driver left by an event
+        loop that has since closed (e.g. an earlier asyncio.run) is replaced: its wake-up event is bound
+        to that loop, so the new driver gets its own; the operations it left pending run first."""
+        loop, task = asyncio.get_running_loop(), self._task
+        if task is not None:
+            if task.get_loop() is loop or not (task.done() or task.get_loop().is_closed()):
+                return
+            self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run())
 
     def _abort_now(self, request_id: str) -> None:
         output = self.engine.abort(request_id)

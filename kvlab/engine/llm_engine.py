@@ -67,6 +67,24 @@ class EngineStats:
         return self.num_used_blocks / self.num_blocks
 
 
+def _config_for_loaded(loaded: LoadedModel, config: EngineConfig, given: set[str]) -> EngineConfig:
+    """`config` for a model loaded by the caller: the dtype and device its weights have, which the KV
+    cache must share. Taken from the weights where the caller gave none; a different one is an error
+    (the engine would fail in its first step otherwise)."""
+    weights = {"dtype": str(loaded.model.dtype).removeprefix("torch."), "device": loaded.model.device.type}
+    wanted = {"dtype": config.dtype, "device": resolve_device(config.device).type}
+    for name in ("dtype", "device"):
+        if wanted[name] == weights[name]:
+            continue
+        if name in given:
+            raise ConfigError(
+                f"the model's weights are {weights[name]} but the engine's {name} is {wanted[name]}: "
+                f"pass {name}={weights[name]!r}, or load the model at {wanted[name]}"
+            )
+        config = replace(config, **{name: weights[name]})
+    return config
+
+
 @dataclass(slots=True)
 class _Counters:
     step_seconds: float = 0.0
@@ -114,7 +132,10 @@ class LLMEngine:
         cls, model: str | LoadedModel, config: EngineConfig | None = None, **overrides
     ) -> "LLMEngine":
         """`overrides` are EngineConfig fields (unknown names raise ConfigError)."""
+        given = set(overrides) | ({"dtype", "device"} if config else set())
         config = EngineConfig.from_dict({**(config.to_dict() if config else {}), **overrides})
+        if isinstance(model, LoadedModel):
+            config = _config_for_loaded(model, config, given)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype, config.device)
         if config.quantization is not None:
             from kvlab.quant.methods import quantize_loaded
@@ -171,13 +192,16 @@ class LLMEngine:
                     f"prompt token ids must be in [0, {self.vocab_size}), the model's vocabulary"
                 )
         if not token_ids:
-            raise PromptTooLongError("the prompt is empty after tokenisation")
+            raise ConfigError("the prompt is empty after tokenisation")
         if len(token_ids) >= self.config.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {len(token_ids)} tokens; the model's context is {self.config.max_model_len} "
                 "and at least one token must be generated"
             )
-        request_id = request_id if request_id is not None else f"req-{next(self._counters.ids)}"
+        if request_id is None:
+            request_id = f"req-{next(self._counters.ids)}"
+            while request_id in self.scheduler.requests:  # a caller named a request "req-<n>" itself
+                request_id = f"req-{next(self._counters.ids)}"
         budget = None
         if press is not None:
             if self.config.kv_cache_dtype != "auto":
@@ -262,6 +286,10 @@ class LLMEngine:
             if text.stopped and not request.is_finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
                 finished.add(request.request_id)
+            elif text.stopped and request.status == RequestStatus.FINISHED_LENGTH:
+                # The token that completed a stop string was also the last one allowed: the text is cut
+                # at the stop string, so that is why it ended (as OpenAI and vLLM report it).
+                request.status = RequestStatus.FINISHED_STOPPED
             if request.request_id in finished:
                 self.runner.release(request.request_id)
                 self._texts.pop(request.request_id, None)
@@ -306,7 +334,13 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order. `press` applies to every prompt."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp, press=press) for p, sp in zip(prompts, params_list, strict=True)]
+        if len(params_list) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        # Every prompt is checked before any is queued: a bad one leaves the engine as it was.
+        requests = [self.make_request(p, sp, press=press) for p, sp in zip(prompts, params_list)]
+        for request in requests:
+            self.scheduler.add_request(request)
+        ids = [r.request_id for r in requests]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for output in self.step():

@@ -160,3 +160,30 @@ def test_preempted_request_queries_are_dropped_even_when_the_step_runs_nothing()
         for output in engine.step():
             final = output
     assert final.output_token_ids == expected.output_token_ids
+
+
+def test_an_async_llm_serves_a_second_event_loop_after_the_first_closed():
+    # asyncio.run cancels the driver task when its loop ends; the next loop gets a driver of its own
+    # (the old one's wake-up event is bound to the closed loop), where the stream used to wait forever.
+    llm = AsyncLLM.from_engine(make_engine(num_blocks=64))
+    expected = make_engine().generate(["first loop", "second loop"], SamplingParams(max_tokens=4))
+    for prompt, request_id, reference in zip(["first loop", "second loop"], "ab", expected, strict=True):
+        stream = asyncio.run(asyncio.wait_for(collect(llm, prompt, request_id, max_tokens=4), TIMEOUT_S))
+        assert stream[-1].output_token_ids == reference.output_token_ids
+
+
+def test_a_driver_that_died_in_this_loop_refuses_new_requests():
+    from kvlab.engine.async_engine import EngineDeadError
+
+    async def main():
+        llm = AsyncLLM.from_engine(make_engine(num_blocks=64))
+        await collect(llm, "warm", "a", max_tokens=2)
+        llm._task.cancel()  # what a bug in the driver leaves: a finished task in this loop
+        await asyncio.sleep(0)
+        try:
+            await collect(llm, "after", "b", max_tokens=2)
+        except EngineDeadError:
+            return True
+        return False
+
+    assert asyncio.run(asyncio.wait_for(main(), TIMEOUT_S))

@@ -73,3 +73,20 @@ def test_prefix_cache_hit_skips_recomputation(tiny_model):
     assert engine.get_stats().prefix_cache_hit_rate > 0.4
     assert first.output_token_ids == hf_greedy(tiny_model, prompts[0], 4)
     assert finals[0].output_token_ids == hf_greedy(tiny_model, prompts[1], 4)
+
+
+def test_an_engine_takes_the_dtype_of_a_model_loaded_for_it(tiny_model):
+    # The KV cache follows the weights' dtype when the caller names none; a different one is refused
+    # at construction (it failed inside the first step, in the attention backend's copy into the cache).
+    import copy
+    import dataclasses
+
+    from kvlab.errors import ConfigError
+
+    loaded = dataclasses.replace(tiny_model, model=copy.deepcopy(tiny_model.model).to(torch.bfloat16))
+    engine = LLMEngine.from_model(loaded, block_size=4, num_blocks=64)
+    assert engine.config.dtype == "bfloat16"
+    (output,) = engine.generate([prompts_of([9])[0]], SamplingParams(max_tokens=4))
+    assert len(output.output_token_ids) == 4
+    with pytest.raises(ConfigError, match="weights are float32 but the engine's dtype is bfloat16"):
+        LLMEngine.from_model(tiny_model, block_size=4, num_blocks=64, dtype="bfloat16")

@@ -76,6 +76,38 @@ def test_stop_string_and_eos_finish_with_stop():
     )
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_finishes_with_stop():
+    free = make_engine().generate(["hello"], SamplingParams(max_tokens=8))[0]
+    stop = free.text[6:8]  # its last character comes with the 8th (last allowed) token
+    (stopped,) = make_engine().generate(["hello"], SamplingParams(max_tokens=8, stop=(stop,)))
+    assert stopped.text == free.text[: free.text.index(stop)] and stopped.finish_reason == "stop"
+
+
+def test_an_empty_prompt_is_a_config_error_not_a_long_prompt():
+    engine = make_engine()
+    with pytest.raises(ConfigError, match="empty") as raised:
+        engine.add_request([])
+    assert not isinstance(raised.value, PromptTooLongError)
+
+
+def test_generate_queues_nothing_when_any_prompt_is_refused():
+    engine = make_engine()
+    with pytest.raises(PromptTooLongError):
+        engine.generate(["first", "second", "x" * 80], SamplingParams(max_tokens=4))
+    with pytest.raises(ConfigError, match="2 prompts but 1 sampling params"):
+        engine.generate(["first", "second"], [SamplingParams(max_tokens=4)])
+    assert not engine.has_unfinished_requests()
+    (output,) = engine.generate(["next"], SamplingParams(max_tokens=2))
+    assert engine.get_stats().num_generated_tokens == len(output.output_token_ids) == 2
+
+
+def test_unnamed_requests_get_ids_no_caller_has_taken():
+    engine = make_engine()
+    engine.add_request("mine", SamplingParams(max_tokens=4), request_id="req-1")
+    ids = {engine.add_request(prompt, SamplingParams(max_tokens=4)) for prompt in ("one", "two", "three")}
+    assert len(ids) == 3 and "req-1" not in ids
+
+
 def test_abort_frees_blocks():
     engine = make_engine()
     request_id = engine.add_request("hello world", SamplingParams(max_tokens=20))
