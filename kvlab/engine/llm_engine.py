@@ -337,7 +337,7 @@ class LLMEngine:
         if len(params_list) != len(prompts):
             raise ConfigError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         # Every prompt is checked before any is queued: a bad one leaves the engine as it was.
-        requests = [self.make_request(p, sp, press=press) for p, sp in zip(prompts, params_list)]
+        requests = [self.make_request(p, sp, press=press) for p, sp in zip(prompts, params_list, strict=True)]
         for request in requests:
             self.scheduler.add_request(request)
         ids = [r.request_id for r in requests]
