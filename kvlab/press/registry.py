@@ -39,10 +39,27 @@ def press_options(name: str) -> dict[str, object]:
 
 
 def _press_class(name: str) -> type[Press]:
-    try:
-        return PRESSES[name]
-    except KeyError:
-        raise ConfigError(f"unknown press {name!r}; choose one of {', '.join(PRESSES)}") from None
+    if not isinstance(name, str) or name not in PRESSES:
+        raise ConfigError(f"unknown press {name!r}; choose one of {', '.join(PRESSES)}")
+    return PRESSES[name]
+
+
+def _check_option(press: str, option: dataclasses.Field, value: object) -> object:
+    """`value` for `option`, of the kind its default is (an int where a float is expected becomes one):
+    a string where a number belongs failed deep inside the press's own checks, as a TypeError."""
+    kinds = {
+        bool: ((bool,), "true or false"),
+        int: ((int,), "an integer"),
+        float: ((int, float), "a number"),
+        str: ((str,), "a string"),
+    }
+    kind = type(option.default)
+    if kind not in kinds:
+        return value
+    accepted, described = kinds[kind]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
+        raise ConfigError(f"press {press!r}: {option.name} must be {described}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 def get_press(name: str, *, rerotate: bool = False, per_head: bool = False, **options) -> Press:
@@ -55,6 +72,8 @@ def get_press(name: str, *, rerotate: bool = False, per_head: bool = False, **op
             f"press {name!r} has no option(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(known)) or 'none'}"
         )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options = {key: _check_option(name, fields[key], value) for key, value in options.items()}
     press: Press = cls(**options)
     if per_head:
         press = PerHeadBudgetPress(press)

@@ -50,14 +50,18 @@ class Admission:
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="service_unavailable", code="draining")
 
+    def check_size(self, n: int) -> None:
+        """ApiError 400 for a request of `n` choices, more than the queue could ever hold: checked
+        before the request's choices are built (a body with n = 10^9 would otherwise take the
+        server's memory and event loop first)."""
+        if n > self.max_queue:
+            raise ApiError(400, f"n={n} exceeds the server's max_queue ({self.max_queue})", param="n")
+
     def admit(self, request_ids: list[str]) -> Ticket:
         """Take room for `request_ids`, or raise ApiError 503 (draining) / 429 (full) / 400 (more than
         the queue could ever hold)."""
         self.check_open()
-        if len(request_ids) > self.max_queue:
-            raise ApiError(
-                400, f"n={len(request_ids)} exceeds the server's max_queue ({self.max_queue})", param="n"
-            )
+        self.check_size(len(request_ids))
         if len(self._in_flight) + len(request_ids) > self.max_queue:
             raise ApiError(
                 429,

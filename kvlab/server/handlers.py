@@ -133,6 +133,7 @@ class Generation:
     def _job(self, request_id, prompt_ids, body, max_tokens, logprobs, default_max_tokens) -> Job:
         """The engine requests of a validated body; raises ApiError(400) for a prompt or max_tokens that
         cannot run. `default_max_tokens` None: all the room the context (and the KV pool) leaves."""
+        self.admission.check_size(body.n)
         engine = self.llm.engine
         context = engine.config.max_model_len
         if len(prompt_ids) >= context:

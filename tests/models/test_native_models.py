@@ -202,3 +202,11 @@ def test_architecture_variants_match_hf(model_type, overrides):
     ids = torch.randint(0, 128, (12,))
     logits = run_schedule(build_engine_model(hf_model), get_backend("sdpa"), [ids], [[7], [3], [1], [1]])[0]
     assert_logits_close(logits, hf_logits(hf_model, ids))
+
+
+def test_the_registry_knows_each_loaded_models_context_without_loading_it(smollm2, tiny_model):
+    # Bench configs check prompt lengths against it before any model loads.
+    from kvlab.models.registry import MODELS
+
+    for loaded in (smollm2, tiny_model):
+        assert MODELS[loaded.name].known_context_length == loaded.context_length

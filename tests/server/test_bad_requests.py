@@ -86,6 +86,7 @@ CASES = [
     ("stop-not-a-string", completion(stop=[1]), AUTH, 400, "stop"),
     ("n-zero", completion(n=0), AUTH, 400, "n"),
     ("n-beyond-the-queue", completion(n=9), AUTH, 400, "n"),
+    ("n-a-billion", completion(n=10**9), AUTH, 400, "n"),
     ("temperature-negative", completion(temperature=-0.5), AUTH, 400, "temperature"),
     ("top-p-above-one", completion(top_p=1.5), AUTH, 400, "top_p"),
     ("top-p-zero", completion(top_p=0), AUTH, 400, "top_p"),
@@ -163,6 +164,15 @@ def test_the_key_opens_the_models_route_and_health_needs_none(keyed_server):
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 200
         assert client.get("/metrics").status_code == 200
+
+
+def test_a_temperature_near_zero_samples_the_greedy_tokens(keyed_server):
+    # It overflowed the scaled logits to NaN, failed the engine's step and every request in flight.
+    with httpx.Client(base_url=keyed_server.base_url, timeout=60) as client:
+        greedy = send(client, completion(max_tokens=4, temperature=0), AUTH)
+        cold = send(client, completion(max_tokens=4, temperature=1e-40, seed=3), AUTH)
+    assert greedy.status_code == cold.status_code == 200, cold.text
+    assert cold.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
 def test_the_matrix_has_at_least_twenty_cases():

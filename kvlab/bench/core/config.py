@@ -7,6 +7,7 @@ from the code's defaults (see tests/bench/test_config.py).
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from kvlab.models.loader import DTYPES
 from kvlab.models.registry import DEFAULT_MODEL
 
 BATCH_LEVELS = ("small", "medium", "large")
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 METHODS = ("baseline", "optimized", "both")
 CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 
@@ -52,10 +54,20 @@ class ExperimentConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.threads is not None:
             positive("threads", self.threads)
-        if not self.experiment_name or "/" in self.experiment_name:
+        # The name is a directory under results/<technique>/ that --overwrite replaces: "." or ".."
+        # would name the technique's folder or the results root itself.
+        if not isinstance(self.experiment_name, str) or not EXPERIMENT_NAME.fullmatch(self.experiment_name):
             raise ConfigError(
-                f"experiment name must be a non-empty name without '/', got {self.experiment_name!r}"
+                "experiment name must be letters, digits, '.', '_' or '-', starting with a letter or "
+                f"digit, got {self.experiment_name!r}"
             )
+        for name in ("technique", "model", "dataset", "method"):
+            text(name, getattr(self, name))
+        for name in ("split", "data_dir"):
+            if getattr(self, name) is not None:
+                text(name, getattr(self, name))
+        non_negative("seed", self.seed)
+        flag("benchmark_memory", self.benchmark_memory)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +83,16 @@ def positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -81,6 +103,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:  # a directory, no permission, not UTF-8 text
+        raise ConfigError(f"cannot read config file {path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -105,8 +129,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
         node = result
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"--set {key}: {'.'.join(parents[: depth + 1])} was set to a value, not a mapping"
+                )
         node[leaf] = value
     return result
 

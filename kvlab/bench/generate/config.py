@@ -12,12 +12,13 @@ from kvlab.bench.core.config import (
     as_lists,
     check_batch_level,
     check_keys,
+    flag,
     layer,
     non_negative,
     positive,
     take_section,
 )
-from kvlab.errors import ConfigError
+from kvlab.errors import ConfigError, PromptTooLongError
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class PplConfig:
     max_tokens: int = 4096
 
     def validate(self) -> None:
+        flag("ppl.enabled", self.enabled)
         positive("ppl.max_length", self.max_length)
         positive("ppl.stride", self.stride)
         positive("ppl.max_tokens", self.max_tokens)
@@ -69,10 +71,24 @@ class BenchConfig(ExperimentConfig):
             raise ConfigError("new_tokens must be >= 2 (TPOT needs a token after the first)")
         non_negative("warmup", self.warmup)
         self.ppl.validate()
+        check_context(
+            self.model, max(self.prompt_lengths) + self.new_tokens, "the longest prompt + new_tokens"
+        )
         from kvlab.bench.generate.registry import TECHNIQUES
 
         if self.technique in TECHNIQUES:
             TECHNIQUES[self.technique].validate(self)
+
+
+def check_context(model: str, tokens: int, what: str) -> None:
+    """`tokens` must fit the context of `model` where the registry knows it without loading the model
+    (a hub id or a local model is checked once loaded)."""
+    from kvlab.models.registry import MODELS
+
+    spec = MODELS.get(model)
+    context = spec.known_context_length if spec is not None else None
+    if context is not None and tokens > context:
+        raise PromptTooLongError(f"{what} ({tokens} tokens) exceeds {model}'s context of {context} tokens")
 
 
 def from_dict(data: dict[str, Any]) -> BenchConfig:

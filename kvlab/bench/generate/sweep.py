@@ -15,9 +15,15 @@ from kvlab.errors import ConfigError
 
 def parse_sweep(spec: str) -> tuple[str, list]:
     key, sep, raw = spec.partition("=")
-    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()] if sep else []
+    try:
+        values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()] if sep else []
+    except yaml.YAMLError:
+        raise ConfigError(f"--sweep {key}: cannot parse the values {raw!r}") from None
     if not key or len(values) < 2:
         raise ConfigError(f"--sweep expects KEY=V1,V2[,...] with at least two values, got {spec!r}")
+    names = [str(value) for value in values]  # each value's experiment is <name>-<value>
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--sweep {key}: the values {names} repeat one (each names its own experiment)")
     return key, values
 
 

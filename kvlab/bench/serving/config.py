@@ -10,6 +10,7 @@ from kvlab.bench.core.config import (
     ExperimentConfig,
     as_lists,
     check_keys,
+    flag,
     layer,
     non_negative,
     positive,
@@ -110,6 +111,9 @@ class ServingConfig(ExperimentConfig):
             raise ConfigError("output lengths must be >= 2 (TPOT needs a token after the first)")
         if self.prefix.num_requests < 2:
             raise ConfigError("prefix.num_requests must be >= 2 (the first request only fills the cache)")
+        for section in SECTIONS:
+            if hasattr(getattr(self, section), "enabled"):
+                flag(f"{section}.enabled", getattr(self, section).enabled)
         if self.compression.enabled:
             from kvlab.engine.compression import RequestPress
             from kvlab.press import get_press
