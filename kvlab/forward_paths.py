@@ -270,6 +270,12 @@ def select_forward(
                 raise  # auto falls back to HF where the twin cannot run (e.g. dynamic RoPE)
     total = input_ids.shape[1] + max_new
     if press is not None:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # A PressCache counts positions and budgets from a row's first slot, padding included.
+            raise ConfigError(
+                f"{press.describe()} on the HF modules takes batches without padding; run the rows one "
+                "at a time (the native path runs padded batches for the presses it supports)"
+            )
         cache = PressCache(press, model, budget=budget, kv_quant=kv_quant)
         return HFForward(model, cache, attention_mask, total, observe=True)
     if kv_quant is not None:

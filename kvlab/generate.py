@@ -12,6 +12,7 @@ of the new token, samples on device, and reads the sampled token to the host (fo
 tokens and timing) -- nothing else.
 """
 
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,21 @@ class GenerationResult:
 
 
 @torch.inference_mode()
+def check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """An attention mask as `model.generate` takes it: input_ids' shape, 0 / 1, zeros (padding) only
+    before the ones of each row, and at least one token per row."""
+    if attention_mask.shape != input_ids.shape:
+        raise ConfigError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ConfigError("attention_mask must hold only 0 (padding) and 1")
+    if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+        raise ConfigError("attention_mask must be left padding (zeros before ones in every row)")
+    if not bool(attention_mask[:, -1].all()):
+        raise ConfigError("every row of attention_mask needs at least one token (a 1)")
+
+
 def generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -80,15 +96,29 @@ def generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ConfigError(f"input_ids must be (batch, prompt_len>0), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, numbers.Integral)
+        or max_new_tokens <= 0
+    ):
+        raise ConfigError(f"max_new_tokens must be an integer > 0, got {max_new_tokens!r}")
+    if attention_mask is not None:
+        check_left_padding(attention_mask, input_ids)
+    if press is not None and not isinstance(press, Press):
+        raise ConfigError(f"press must be a Press (kvlab.get_press(name, ...)), got {press!r}")
+    if budget is not None and not isinstance(budget, Budget):
+        raise ConfigError(
+            f"budget must be a Budget (max_cache_tokens= or compression_ratio=), got {budget!r}"
+        )
     batch, prompt_len = input_ids.shape
     context = int(model.config.max_position_embeddings)
     total = prompt_len + max_new_tokens
     # A ring press (StreamingLLM) bounds the cache, so it may stream past the context, as through
-    # a PressCache; every other request must fit the positions the model was trained on.
+    # a PressCache; every other request must fit the positions the model was trained on. The last
+    # token sampled is never fed back, so positions 0 .. total - 2 are the ones used (as HF's
+    # generate allows a prompt of the whole context and one new token).
     bounded = press is not None and press.evicts_during_decode
-    if cache is None and not bounded and total > context:
+    if cache is None and not bounded and total - 1 > context:
         raise PromptTooLongError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({context})"
         )

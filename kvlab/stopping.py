@@ -5,6 +5,7 @@ end-of-turn token beside the end-of-text one (Llama 3 lists three). Every decodi
 of them, so they travel as one normalised tuple.
 """
 
+import numbers
 from collections.abc import Iterable
 
 from kvlab.errors import ConfigError
@@ -14,10 +15,12 @@ def eos_ids(value: int | Iterable[int] | None) -> tuple[int, ...]:
     """None, an int or an iterable of ints -> a tuple of distinct ids in their first-seen order."""
     if value is None:
         return ()
-    items = [value] if isinstance(value, int) else list(value)
+    if hasattr(value, "tolist"):  # a tensor or numpy array (or scalar) of ids
+        value = value.tolist()
+    items = [value] if isinstance(value, numbers.Integral) else list(value)
     ids: list[int] = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 0:
             raise ConfigError(f"an EOS token id must be an integer >= 0, got {item!r} (in {value!r})")
         if item not in ids:
             ids.append(int(item))

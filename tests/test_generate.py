@@ -74,12 +74,76 @@ def test_stream_callback_sees_every_token(tiny_model, prompt_ids):
     assert seen == result.tokens[0].tolist()
 
 
-def test_prompt_longer_than_context_is_rejected(tiny_model):
-    too_long = torch.zeros(1, tiny_model.context_length, dtype=torch.long)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_prompt_of_the_whole_context_gets_one_token_as_from_hf(tiny_model, path):
+    # The last token sampled is never fed back: the context bounds prompt + new tokens - 1.
+    context = tiny_model.context_length
+    ids = torch.randint(10, 49000, (1, context), generator=torch.Generator().manual_seed(2))
+    result = generate(tiny_model.model, ids, 1, path=path)
+    assert torch.equal(result.tokens, hf_greedy(tiny_model.model, ids, 1))
     with pytest.raises(PromptTooLongError):
-        generate(tiny_model.model, too_long, 1)
+        generate(tiny_model.model, ids, 2, path=path)
+    with pytest.raises(PromptTooLongError):
+        generate(tiny_model.model, torch.zeros(1, context + 1, dtype=torch.long), 1, path=path)
 
 
-def test_bad_lengths_are_rejected(tiny_model, prompt_ids):
-    with pytest.raises(ConfigError):
-        generate(tiny_model.model, prompt_ids, 0)
+@pytest.mark.parametrize("max_new_tokens", [0, -3, 4.0, True, "8"])
+def test_bad_lengths_are_rejected(tiny_model, prompt_ids, max_new_tokens):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(tiny_model.model, prompt_ids, max_new_tokens)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.ones(2, 23, dtype=torch.long), "shape"),
+        (torch.ones(1, 24, dtype=torch.long), "shape"),
+        (torch.full((2, 24), 2), "only 0"),
+        (torch.cat([torch.ones(2, 20), torch.zeros(2, 4)], dim=1).long(), "left padding"),
+        (torch.stack([torch.ones(24), torch.zeros(24)]).long(), "at least one token"),
+    ],
+    ids=["short", "one-row", "twos", "right-padding", "empty-row"],
+)
+def test_a_bad_attention_mask_is_refused_before_any_forward(tiny_model, prompt_ids, path, mask, message):
+    # Each of these ran on one path or the other: dropping tokens silently, or failing deep inside.
+    with pytest.raises(ConfigError, match=message):
+        generate(tiny_model.model, prompt_ids, 3, attention_mask=mask, path=path)
+
+
+def test_eos_ids_may_be_numpy_or_tensor_integers(tiny_model, prompt_ids):
+    import numpy as np
+
+    free = generate(tiny_model.model, prompt_ids[:1], 8).tokens[0].tolist()
+    eos = free[3]
+    for given in (np.int64(eos), torch.tensor(eos), [np.int64(eos)], torch.tensor([eos])):
+        stopped = generate(tiny_model.model, prompt_ids[:1], 8, eos_token_id=given).tokens[0].tolist()
+        assert stopped == free[: free.index(eos) + 1]
+
+
+def test_press_and_budget_must_be_a_press_and_a_budget(tiny_model, prompt_ids):
+    from kvlab.press import get_press
+    from kvlab.press.budget import Budget
+
+    with pytest.raises(ConfigError, match="press must be a Press"):
+        generate(tiny_model.model, prompt_ids, 3, press="knorm", budget=Budget(compression_ratio=0.5))
+    with pytest.raises(ConfigError, match="budget must be a Budget"):
+        generate(tiny_model.model, prompt_ids, 3, press=get_press("knorm"), budget=10)
+
+
+def test_a_press_on_the_hf_path_refuses_a_padded_batch(tiny_model, prompt_ids):
+    # Its PressCache counts positions and budgets from the first slot, padding included.
+    from kvlab.press import get_press
+    from kvlab.press.budget import Budget
+
+    mask = torch.ones_like(prompt_ids)
+    mask[1, :6] = 0
+    with pytest.raises(ConfigError, match="without padding"):
+        generate(
+            tiny_model.model,
+            prompt_ids,
+            3,
+            attention_mask=mask,
+            press=get_press("h2o"),
+            budget=Budget(compression_ratio=0.5),
+        )

@@ -61,6 +61,8 @@ class RequestPress:
     compression_ratio: float | None = None
 
     def __post_init__(self):
+        if not isinstance(self.press, Press):
+            raise ConfigError(f"press must be a Press (kvlab.get_press(name, ...)), got {self.press!r}")
         _ = self.spec  # ConfigError for a missing, doubled or out-of-range budget
         name = self.press.describe()
         if self.press.needs_mask_hook and self.press.layer_weights(2) is None:

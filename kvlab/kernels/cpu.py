@@ -437,9 +437,13 @@ def calibrated_quant_variants() -> tuple[str, ...]:
 
 
 def quant_serves(x: Tensor, weight) -> bool:
-    """Whether quant_linear takes x @ weight.T: a CPU float input and the kernels built."""
+    """Whether quant_linear takes x @ weight.T: a CPU input of a dtype it reads (float32, bf16,
+    float16; float64 takes the dequantizing path) and the kernels built."""
     return (
-        x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype.is_floating_point and available()
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and available()
     )
 
 

@@ -65,6 +65,12 @@ def _check_option(press: str, option: dataclasses.Field, value: object) -> objec
 def get_press(name: str, *, rerotate: bool = False, per_head: bool = False, **options) -> Press:
     """Build a press by name; an unknown option is an error. `rerotate`/`per_head` add the wrappers."""
     cls = _press_class(name)
+    if rerotate and per_head:
+        # Re-rotation gives a head's kept keys contiguous positions, ranked over its slots; under
+        # per-head budgets a head's slots include masked ones, which would take positions between them.
+        raise ConfigError(
+            "key re-rotation and per-head budgets do not combine; choose one of rerotate, per_head"
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -76,15 +76,19 @@ class QuantSpec:
                 f"unknown weight quantization {text!r}; e.g. int8, int4-g128, int4-g64-asym"
             ) from None
         granularity, group_size, symmetric = "channel", 128, True
+        seen: set[str] = set()
         for part in parts[1:]:
             if part == "asym":
-                symmetric = False
+                kind, symmetric = "asym", False
             elif part == "tensor":
-                granularity = "tensor"
-            elif part.startswith("g") and part[1:].isdigit():
-                granularity, group_size = "group", int(part[1:])
+                kind, granularity = "granularity", "tensor"
+            elif part.startswith("g") and part[1:].isascii() and part[1:].isdigit():
+                kind, granularity, group_size = "granularity", "group", int(part[1:])
             else:
                 raise ConfigError(f"unknown part {part!r} in weight quantization {text!r}")
+            if kind in seen:  # int4-g64-g128, int4-tensor-g128: which one was meant?
+                raise ConfigError(f"weight quantization {text!r} gives its {kind} twice")
+            seen.add(kind)
         return cls(bits, granularity, group_size, symmetric)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from kvlab.errors import ConfigError
 from kvlab.models import huge_pages
 from kvlab.quant.formats import QuantizedWeight, QuantSpec
 from kvlab.quant.linear import quantized_embedding, quantized_linear
@@ -66,6 +67,13 @@ class QuantizedEmbedding(_QuantizedModule):
         self._hold(qweight)
         self.num_embeddings, self.embedding_dim, self.dtype = qweight.out_features, qweight.in_features, dtype
 
+    def _apply(self, fn, recurse=True):
+        """The rows come out in the dtype the model was moved to (`.to(torch.bfloat16)`), as an
+        nn.Embedding's would: every layer after it computes in that dtype."""
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     def forward(self, input_ids: Tensor) -> Tensor:
         return quantized_embedding(input_ids, self.qweight, self.dtype)
 
@@ -100,6 +108,9 @@ def quantize_model(
     embedding and the LM head) by its quantized twin. `quantize(name, weight)` produces each decoder
     weight (round-to-nearest under `spec` by default; GPTQ / AWQ pass their own). The embedding and
     the head take round-to-nearest under `embedding_spec` (default: default_embedding_spec(spec))."""
+    existing = getattr(model.config, "kvlab_quantization", None)
+    if existing is not None:  # its quantized layers would be skipped and the label overwritten
+        raise ConfigError(f"the model is already quantized ({existing}); quantize the float model instead")
     quantize = quantize or (lambda _name, weight: quantize_weight(weight, spec))
     table_spec = embedding_spec or default_embedding_spec(spec)
     head = model.get_output_embeddings()

@@ -200,3 +200,8 @@ def test_llm_generate_applies_one_press_to_every_prompt(llama):
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output.output_token_ids == hf_press_greedy(llama, prompt, press, max_cache_tokens=12)
     assert llm.get_stats().num_press_evicted_tokens == sum(len(p) + NEW - 1 - 12 for p in prompts)
+
+
+def test_a_request_press_must_be_a_press():
+    with pytest.raises(ConfigError, match="press must be a Press"):
+        RequestPress("knorm", compression_ratio=0.5)

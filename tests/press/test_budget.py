@@ -128,3 +128,13 @@ def test_press_cache_and_engine_resolve_the_same_budget(tiny_model, name):
 def test_per_head_budgets_share_the_layer_total_above_a_floor():
     assert Budget.heads(20, 4, 0.2) == (4, 80)
     assert Budget.heads(7, 2, 0.0) == (0, 14)
+
+
+def test_key_rerotation_and_per_head_budgets_do_not_combine():
+    # Under per-head budgets a head's slots include masked ones, which re-rotation would rank among
+    # the kept keys (gaps in the positions it promises contiguous).
+    from kvlab.errors import ConfigError
+    from kvlab.press import get_press
+
+    with pytest.raises(ConfigError, match="do not combine"):
+        get_press("knorm", rerotate=True, per_head=True)

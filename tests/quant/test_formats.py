@@ -94,7 +94,23 @@ def test_cat_and_split_are_inverse():
         assert torch.equal(original.dequantize(), back.dequantize())
 
 
-@pytest.mark.parametrize("text", ["int3", "int4-g48", "int4-g0", "int8-asym", "int4-x", "float8", "int4-g16"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "int3",
+        "int4-g48",
+        "int4-g0",
+        "int8-asym",
+        "int4-x",
+        "float8",
+        "int4-g16",
+        "int4-g64-g128",
+        "int4-tensor-g128",
+        "int4-g128-tensor",
+        "int4-asym-asym",
+        "int4-g\u00b2",
+    ],
+)
 def test_bad_specs_are_refused(text):
     with pytest.raises(ConfigError):
         QuantSpec.parse(text)

@@ -85,6 +85,29 @@ def test_a_dtype_change_keeps_the_scales_in_float16():
     assert generate(loaded.model, ids, 4).tokens.shape == (1, 4)
 
 
+def test_a_dtype_change_reaches_the_quantized_embeddings_rows():
+    # Its rows stayed float32, so every layer after it computed in float32 on the HF path.
+    model = quantize_model(load_tiny("tiny-llama").model, QuantSpec.parse("int8")).to(torch.bfloat16)
+    ids = torch.randint(10, 49000, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert model.get_input_embeddings()(ids).dtype == torch.bfloat16
+    assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_a_quantized_model_is_not_quantized_again():
+    model = quantize_model(load_tiny("tiny-llama").model, QuantSpec.parse("int8"))
+    for include_embeddings in (False, True):
+        with pytest.raises(ConfigError, match="already quantized"):
+            quantize_model(model, QuantSpec.parse("int4-g32"), include_embeddings=include_embeddings)
+
+
+def test_a_float64_input_takes_the_dequantizing_path():
+    model = quantize_model(load_tiny("tiny-llama").model, QuantSpec.parse("int4-g32"))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features, dtype=torch.float64)
+    expected = x @ layer.qweight.dequantize().double().T
+    assert torch.allclose(layer(x), expected, atol=1e-9)
+
+
 def test_weight_bytes_count_the_codes_and_the_tied_table_once():
     float_bytes = decode_weight_bytes(load_tiny("tiny-llama").model)
     int8 = decode_weight_bytes(quantized("tiny-llama", "int8").model)
