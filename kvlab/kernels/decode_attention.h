@@ -24,7 +24,8 @@ namespace kvlab {
 // (truncation error below 2e-7 relative on that interval), 2^n built in the exponent field.
 // Inputs are clamped to float32's normal range, so a very negative score gives ~1e-38, not 0.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37f)), _mm256_set1_ps(-87.33f));
+  // min/max return their second operand when either is NaN: x goes second, so a NaN score stays NaN.
+  x = _mm256_max_ps(_mm256_set1_ps(-87.33f), _mm256_min_ps(_mm256_set1_ps(88.37f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -51,7 +52,7 @@ inline float max_of(const float* s, int64_t n) {
     for (int j = 0; j < 4; ++j) top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(s + i + 8 * j));
   float result = horizontal_max(_mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3])));
   for (; i < n; ++i) result = std::max(result, s[i]);
-  return result;
+  return result;  // a NaN score may be dropped here; exp8 keeps it NaN, and the softmax with it
 }
 
 // s[i] = e^(s[i] - max) for i < n; returns the sum of the new values.

@@ -554,8 +554,9 @@ at::Tensor decode_step(const at::Tensor& input_ids, const at::Tensor& positions,
               "decode_step: one (key, value) cache per layer (", L, "), got ", key_caches.size());
   TORCH_CHECK(key_caches[0].dim() == 4, "decode_step: caches must be (num_blocks, block_size, kv_heads, head_dim)");
   const int64_t KH = key_caches[0].size(2), D = key_caches[0].size(3), H = num_heads;
+  TORCH_CHECK(KH >= 1, "decode_step: the caches have no kv heads");
   TORCH_CHECK(H >= 1 && H % KH == 0 && H / KH <= 64, "decode_step: num_heads must be a multiple (at most 64) of the kv heads");
-  TORCH_CHECK(D % 8 == 0 && D <= 512, "decode_step: head_dim must be a multiple of 8, at most 512");
+  TORCH_CHECK(D >= 8 && D % 8 == 0 && D <= 512, "decode_step: head_dim must be a multiple of 8, at most 512");
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && 2 * cos.size(1) <= D && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.scalar_type() == dtype && sin.scalar_type() == dtype,
               "decode_step: cos and sin must be contiguous (positions, rotary_dim / 2) in the model's dtype");
@@ -586,7 +587,8 @@ at::Tensor decode_step(const at::Tensor& input_ids, const at::Tensor& positions,
     if (!shared_metadata || NB != checked_num_blocks || BS != checked_block_size) {
       TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M,
                   "decode_step: slot_mapping must be (M,) int64");
-      TORCH_CHECK(seq_lens[ml].numel() == M, "decode_step: seq_lens must be (M,)");
+      TORCH_CHECK(seq_lens[ml].dim() == 1 && seq_lens[ml].numel() == M && block_tables[ml].size(0) == M,
+                  "decode_step: seq_lens must be (M,) and block_tables (M, width)");
       kvlab::check_paged_metadata("decode_step", seq_lens[ml], block_tables[ml], NB, BS);
       const int64_t* slot = slots.const_data_ptr<int64_t>();
       for (int64_t m = 0; m < M; ++m)

@@ -78,8 +78,10 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
               "paged_decode_attention: contiguous inputs only");
   const int64_t B = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t BS = key_cache.size(1), KH = key_cache.size(2);
-  TORCH_CHECK(key_cache.size(3) == D && D % 8 == 0, "paged_decode_attention: head_dim must match and be a multiple of 8");
-  TORCH_CHECK(H % KH == 0 && H / KH <= 64, "paged_decode_attention: query heads must be a multiple (at most 64) of kv heads");
+  TORCH_CHECK(key_cache.size(3) == D && D >= 8 && D % 8 == 0,
+              "paged_decode_attention: head_dim must match and be a multiple of 8");
+  TORCH_CHECK(KH >= 1 && H >= 1 && H % KH == 0 && H / KH <= 64,
+              "paged_decode_attention: query heads must be a multiple (at most 64) of kv heads");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode_attention: one table and length per request");
   kvlab::check_paged_metadata("paged_decode_attention", seq_lens, block_tables, key_cache.size(0), BS);
   at::Tensor out = at::empty_like(query);

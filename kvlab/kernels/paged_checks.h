@@ -13,7 +13,7 @@ inline void check_paged_metadata(const char* op, const at::Tensor& seq_lens, con
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, op,
               ": block_tables and seq_lens must be int32");
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous() && block_tables.dim() == 2 &&
-                  block_tables.size(0) == seq_lens.size(0),
+                  seq_lens.dim() == 1 && block_tables.size(0) == seq_lens.size(0),
               op, ": contiguous block_tables (B, width) and seq_lens (B,)");
   const int64_t B = seq_lens.size(0), width = block_tables.size(1);
   const int32_t* lens = seq_lens.const_data_ptr<int32_t>();

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -136,8 +137,15 @@ QuantizedInputs quantize_inputs(const at::Tensor& xin, const Format& f) {
     for (int64_t b = 0; b < f.Kp / qt::kBlockColumns; ++b) {
       const float* block = x + m * f.Kp + b * qt::kBlockColumns;
       float absmax = 0.0f;
-      for (int j = 0; j < qt::kBlockColumns; ++j) absmax = std::max(absmax, std::fabs(block[j]));
-      const float scale = absmax / 127.0f, inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+      bool finite = true;
+      for (int j = 0; j < qt::kBlockColumns; ++j) {
+        absmax = std::max(absmax, std::fabs(block[j]));
+        finite = finite && std::isfinite(block[j]);
+      }
+      // A block holding inf or NaN gets a NaN scale, so the row's outputs are NaN as the float
+      // variants' would be (std::max drops a NaN, and a NaN cast to int8 is undefined).
+      const float scale = finite ? absmax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inverse = finite && absmax > 0.0f ? 127.0f / absmax : 0.0f;
       const int64_t chunk = b / 2, half = b % 2, at = m * chunks + chunk;
       for (int lane = 0; lane < 16; ++lane) {
         const bool in_b = f.bits == 4 ? (lane / 4) % 2 == 1 : lane >= 8;
@@ -265,6 +273,8 @@ at::Tensor quant_dequantize(const at::Tensor& data, const at::Tensor& scales, co
   const Format f = check_format(data, scales, offsets, bits, group_size, in_features);
   at::Tensor index;
   if (rows.has_value()) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong || rows->scalar_type() == at::kInt,
+                "quant_dequantize: rows must be int64 or int32 indices");
     index = rows->to(at::kLong).contiguous().view({-1});
     if (index.numel() > 0) {
       TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < f.N,

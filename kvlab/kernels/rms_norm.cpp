@@ -17,7 +17,7 @@ namespace {
 using kvlab::normalise_row;
 
 // Rows per thread chunk: enough work that a parallel region pays for itself.
-int64_t grain(int64_t H) { return std::max<int64_t>(1, 16384 / H); }
+int64_t grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H)); }
 
 void check(const at::Tensor& t, const at::Tensor& weight) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "rms_norm: rows must be a contiguous (T, hidden) tensor");

@@ -3,6 +3,7 @@
 // Works on a strided view (the q and k heads inside the fused QKV output), float32 math, one
 // rounding per value. One call replaces the six torch ops of RotaryEmbedding.rotate_.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,7 +14,7 @@ namespace {
 template <typename T>
 void rotate(T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads, int64_t half, int64_t token_stride,
             int64_t head_stride, int64_t table_stride) {
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / (heads * half)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, heads * half)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* c = cos + t * table_stride;
       const T* s = sin + t * table_stride;
@@ -33,6 +34,7 @@ void rotate(T* x, const T* cos, const T* sin, int64_t tokens, int64_t heads, int
 
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "rotary_: x must be (T, heads, head_dim) with unit last stride");
+  at::assert_no_internal_overlap(x);  // an expanded view would be rotated once per alias
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous(),
               "rotary_: cos and sin must be contiguous (T, rotary_dim / 2)");
   TORCH_CHECK(cos.size(0) == x.size(0) && 2 * cos.size(1) <= x.size(2), "rotary_: tables do not fit x");

@@ -15,12 +15,17 @@ def test_portable_names_replace_machine_paths(tmp_path, monkeypatch):
         "data": [f"local file {data_dir}/pg19/test/1.txt"],
         "cwd": f"{Path.cwd()}/configs/x.yaml",
         "other": f"{home}x/not-home",  # a sibling of the home directory is not the home directory
+        "inside": ["file:/srv/tmp/sample.txt", f"file:/data{home}/notes.txt"],  # a known prefix mid-path
+        "kept": "VmHWM via /proc/self/clear_refs; 62 GB/s; EleutherAI/pythia-70m; https://example.org/a/b",
     }
     out = portable(value)
     assert out["source"] == "gguf (cached at ~/.cache/kvlab/models/m)"
     assert out["data"] == ["local file $KVLAB_DATA_DIR/pg19/test/1.txt"]
     assert out["cwd"] == "./configs/x.yaml"
-    assert out["other"] == f"{home}x/not-home"
+    # any other absolute path keeps only its last part (it would not name a file on another machine)
+    assert out["other"] == "<path>/not-home"
+    assert out["inside"] == ["file:<path>/sample.txt", "file:<path>/notes.txt"]
+    assert out["kept"] == value["kept"]
 
 
 def test_written_experiment_holds_no_absolute_path_of_the_machine(tmp_path, monkeypatch):

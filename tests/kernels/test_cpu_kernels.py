@@ -197,3 +197,50 @@ def test_rms_norm_rejects_a_non_contiguous_weight():
         cpu_kernels.rms_norm(x, strided_weight, 1e-5)
     with pytest.raises(RuntimeError, match="weight must be contiguous"):
         cpu_kernels.add_rms_norm_(x.clone(), x, strided_weight, 1e-5)
+
+
+def test_paged_attention_rejects_metadata_of_the_wrong_rank_and_heads_it_cannot_divide():
+    query, keys, values, table, _, scale = _paged_inputs(3, [1])
+    with pytest.raises(RuntimeError, match=r"seq_lens \(B,\)"):  # it read a (B, 2) tensor flat
+        cpu_kernels.paged_decode_attention(
+            query, keys, values, table, torch.tensor([[3, 9]], dtype=torch.int32), scale
+        )
+    no_heads = keys[:, :, :0]
+    with pytest.raises(RuntimeError, match="multiple"):  # a division by zero kv heads killed the process
+        cpu_kernels.paged_decode_attention(
+            query, no_heads, no_heads, table, torch.tensor([3], dtype=torch.int32), scale
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_of_a_nan_query_or_an_infinite_key_is_nan_as_the_softmax(dtype):
+    # exp8's clamp turned a NaN score into e^88 and an infinite one into a mix of 0, +-inf and NaN.
+    query, keys, values, table, lens, scale = _paged_inputs(6, [1, 2])
+    query[0, 0, 0] = 1.0  # so the infinite key component gives a score of +inf
+    bad_query = query.clone()
+    bad_query[0, 0, 3] = float("nan")
+    bad_keys = keys.clone()
+    bad_keys[1, 2, 0, 0] = float("inf")
+    for q, k in ((bad_query, keys), (query, bad_keys)):
+        args = (q.to(dtype), k.to(dtype), values.to(dtype), table, lens, scale)
+        assert cpu_kernels.paged_decode_attention(*args).float().isnan().all()
+
+
+def test_rms_norm_and_rotary_take_empty_rows_and_heads():
+    # Each divided by the row or head width to size its thread chunks (a SIGFPE at width 0).
+    empty = torch.randn(2, 0)
+    assert cpu_kernels.rms_norm(empty, torch.randn(0), 1e-5).shape == (2, 0)
+    assert cpu_kernels.add_rms_norm_(empty.clone(), empty, torch.randn(0), 1e-5).shape == (2, 0)
+    x = torch.randn(3, 0, 8)
+    cpu_kernels.rotary_(x, torch.randn(3, 4), torch.randn(3, 4))
+    x = torch.randn(3, 2, 8)
+    before = x.clone()
+    cpu_kernels.rotary_(x, torch.randn(3, 0), torch.randn(3, 0))
+    assert torch.equal(x, before)
+
+
+def test_rotary_refuses_a_view_whose_heads_share_memory():
+    # An expanded view was rotated once per alias of the same values.
+    x = torch.randn(1, 1, 8).expand(1, 4, 8)
+    with pytest.raises(RuntimeError, match="more than one element"):
+        cpu_kernels.rotary_(x, torch.randn(1, 4), torch.randn(1, 4))

@@ -335,3 +335,15 @@ def test_new_caches_are_handed_to_the_step_anew(tiny_llama, fused_calls):
     )
     assert torch.equal(outputs[1], expected) and not torch.equal(outputs[0], outputs[1])
     assert len(fused_calls) == 3  # every decode step above ran as the one op
+
+
+def test_metadata_of_one_row_for_several_requests_is_refused(tiny_llama):
+    # (1, M) lengths and a (1, width) table passed the numel check, then request 1's length and table
+    # were read unchecked past the end of the buffers (a segfault).
+    model = build_engine_model(tiny_llama.model)
+    caches = model.allocate_kv_caches(num_blocks=2, block_size=BLOCK_SIZE)
+    metadata = AttentionMetadata.from_lists([1, 1], [1, 3], [[1], [0]], BLOCK_SIZE)
+    metadata.seq_lens = metadata.seq_lens.view(1, 2)
+    metadata.block_tables = metadata.block_tables[:1]
+    with pytest.raises(RuntimeError, match=r"seq_lens must be \(M,\) and block_tables \(M, width\)"):
+        model(torch.tensor([5, 6]), torch.tensor([0, 2]), caches, metadata, get_backend("cpu_paged"))

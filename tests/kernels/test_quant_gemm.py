@@ -247,17 +247,26 @@ def test_quant_variant_follows_the_calibration_unless_forced(monkeypatch):
     assert cpu_kernels.quant_variant(8) == "avx2"
 
 
+@pytest.mark.parametrize("variant", ["avx512vnni-x16", "avx512vnni"])
 @pytest.mark.parametrize("spec", ["int8", "int4-g128"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_int16_variant_keeps_a_non_finite_input_visible(spec, bad):
-    """Rounding to int16 must not turn a NaN or inf activation into finite numbers: its row's outputs
-    are non-finite, as the float variants' are; the other rows are untouched."""
-    if "avx512vnni-x16" not in _variants():
-        pytest.skip("this CPU lacks AVX512-VNNI")
+def test_integer_variants_keep_a_non_finite_input_visible(variant, spec, bad):
+    """Rounding to int16 or int8 must not turn a NaN or inf activation into finite numbers: its row's
+    outputs are non-finite, as the float variants' are; the other rows are untouched."""
+    if variant not in _variants():
+        pytest.skip(f"this CPU lacks the {variant} variant")
     q = quantize_weight(torch.randn(24, 320), QuantSpec.parse(spec))
     x = torch.randn(3, 320)
-    clean = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16")
+    clean = cpu_kernels.quant_linear(x, q, None, variant)
     x[1, 300] = bad
-    y = cpu_kernels.quant_linear(x, q, None, "avx512vnni-x16")
+    y = cpu_kernels.quant_linear(x, q, None, variant)
     assert not torch.isfinite(y[1]).any()
     assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
+def test_dequantize_op_takes_integer_row_indices_only():
+    # A bool mask was read as the indices 0 and 1, a float index truncated.
+    q = quantize_weight(torch.randn(4, 64), QuantSpec.parse("int8"))
+    for rows in (torch.tensor([False, False, True, True]), torch.tensor([2.9, 0.5])):
+        with pytest.raises(RuntimeError, match="int64 or int32 indices"):
+            cpu_kernels.quant_dequantize(q, rows)

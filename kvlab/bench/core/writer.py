@@ -44,15 +44,26 @@ def machine_prefixes(data_dir: str | os.PathLike | None = None) -> list[tuple[st
     return unique
 
 
+# Where a path may start: not inside a word, a name or another path ("GB/s", "org/model", "~/x").
+_PATH_START = r"(?<![\w.$~/\\-])"
+# An absolute path left after the known prefixes (e.g. --results-dir /srv/runs, file:/data/t.txt); the
+# kernel's own files (/proc, /sys, /dev), which reports name as methods, are not the writer's.
+_OTHER_ABSOLUTE = re.compile(_PATH_START + r"/(?!(?:proc|sys|dev)/)(?:[\w.+@-]+/)+[\w.+@-]*")
+
+
 def portable(value: Any, data_dir: str | os.PathLike | None = None) -> Any:
-    """`value` (str, or dicts/lists of them) with this machine's absolute paths made portable."""
+    """`value` (str, or dicts/lists of them) with this machine's absolute paths made portable: the known
+    directories by name, any other absolute path cut to `<path>/` and its last part."""
     prefixes = machine_prefixes(data_dir)
-    pattern = re.compile("|".join(f"{re.escape(prefix)}(?![\\w.-])" for prefix, _ in prefixes))
+    pattern = re.compile("|".join(f"{_PATH_START}{re.escape(prefix)}(?![\\w.-])" for prefix, _ in prefixes))
     names = dict(prefixes)
+
+    def other(match: re.Match) -> str:
+        return "<path>/" + match.group(0).rstrip("/").rsplit("/", 1)[-1]
 
     def convert(item: Any) -> Any:
         if isinstance(item, str):
-            return pattern.sub(lambda match: names[match.group(0)], item)
+            return _OTHER_ABSOLUTE.sub(other, pattern.sub(lambda match: names[match.group(0)], item))
         if isinstance(item, dict):
             return {key: convert(v) for key, v in item.items()}
         if isinstance(item, (list, tuple)):

@@ -27,6 +27,7 @@ def perplexity_of(config: BenchConfig, text: Text, tokens):
         return dataclasses.asdict(result) | {
             "protocol": result.protocol,
             "tokens_scored": result.num_tokens_scored,
+            "dtype": str(loaded.model.dtype).removeprefix("torch."),  # measured at the first dtype only
         }
 
     return measure

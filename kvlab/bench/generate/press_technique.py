@@ -118,8 +118,11 @@ def validate(config: BenchConfig) -> None:
         raise ConfigError(
             f"unknown config key 'press.{unknown[0]}'; valid keys: {', '.join('press.' + k for k in PRESS_KEYS)}"
         )
-    _budget(section)
-    build_press(config)
+    budget, press = _budget(section), build_press(config)
+    # A budget the press cannot run at some prompt length fails here, before any cell of a sweep runs
+    # (the average layer's budget; PyramidKV's per-layer split keeps each layer at least the minimum).
+    for prompt_len in config.prompt_lengths:
+        budget.layers(press, 1, prompt_len)
 
 
 def press_and_budget(config: BenchConfig) -> tuple[Press, Budget]:

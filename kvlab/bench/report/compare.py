@@ -16,9 +16,13 @@ def compare(paths: list[Path]) -> str:
     for path in paths:
         payload = read_results(path)
         name = f"{payload['config']['technique']}/{payload['config']['experiment_name']}"
-        ppl = f"{payload['ppl']['ppl']:.2f}" if payload.get("ppl") else ""
+        measured = payload.get("ppl") or {}
         base = {(r["dtype"], r["prompt_len"]): r for r in payload["runs"] if r["method"] == "baseline"}
         for r in payload["runs"]:
+            # The PPL was measured at one dtype (the first; results before it was recorded: float32 only
+            # if that was the first), so only that dtype's rows show it.
+            ppl_dtype = measured.get("dtype", payload["config"]["dtypes"][0])
+            ppl = f"{measured['ppl']:.2f}" if measured and r["dtype"] == ppl_dtype else ""
             b = base.get((r["dtype"], r["prompt_len"]))
             ratio = (
                 f"{r['tpot_s']['median'] / b['tpot_s']['median']:.2f}x"

@@ -61,8 +61,9 @@ def floor_lines(floors: dict[str, dict]) -> list[str]:
         "them, as kvlab keeps model weights there. Each run's TPOT is set against the floor of the probes "
         "right before it (their best): a row's TPOT / floor is the median over its runs of those ratios, its "
         "floor ms the median of its runs' floors (a VM's memory has fast spells that come and go between "
-        "runs). Below, per dtype over all its probe rounds: each probe's median, the best probe's median (the "
-        "weights' floor) and the fastest probe of any round.",
+        "runs). Below, per dtype over all its probe rounds: each probe's median, the median over the rounds "
+        "of each round's best probe (the weights' floor; beside it the probe that was best most often) and "
+        "the fastest probe of any round.",
         "",
         "| dtype | weight MiB per token | KV KiB per position | "
         + " | ".join(f"{name} GB/s" for name in names)

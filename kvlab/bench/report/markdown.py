@@ -111,10 +111,15 @@ def dtype_ratio_lines(payload: dict) -> list[str]:
     return lines
 
 
-def _forward_path(runs: list[dict]) -> str:
+def _forward_path(runs: list[dict], press: bool) -> str:
     paths = {r.get("forward_path", "hf") for r in runs if r["method"] == "optimized"}
     if paths == {"native"}:
-        return "running the model's engine-native twin (kvlab/models, same weights) over a static K/V buffer"
+        cache = (
+            "with the press compressing each layer's K/V buffer (kvlab/native_press.py)"
+            if press
+            else "over a static K/V buffer"
+        )
+        return f"running the model's engine-native twin (kvlab/models, same weights) {cache}"
     return "running the Hugging Face model's own modules"
 
 
@@ -135,7 +140,7 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
         "cells show median (min–max).",
         "",
         "Baseline: `model.generate()` (HF defaults, DynamicCache), TTFT/TPOT from a streamer's per-token timestamps. "
-        f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'])}.",
+        f"Optimized: `kvlab.generate` with the technique's cache, {_forward_path(payload['runs'], bool(config.get('press')))}.",
         "",
         "## Baseline vs optimized",
         "",
@@ -179,7 +184,8 @@ def render_markdown(payload: dict, plots: list[str]) -> str:
             "",
             "## Perplexity",
             "",
-            f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens.",
+            f"PPL = **{ppl['ppl']:.3f}** over {ppl['tokens_scored']} tokens"
+            + (f", of the {ppl['dtype']} model." if ppl.get("dtype") else "."),
             "",
             f"Protocol: {ppl['protocol']}",
         ]
