@@ -53,6 +53,11 @@ def run_cli(*args, env=None):
         (["bench", "--sweep", "new_tokens=[1,2"], "cannot parse"),
         (["bench", "--sweep", "new_tokens=4,4.0,4"], "repeat"),
         (["ppl", "--press", "h2o", "--cache-tokens", "16"], "--press, --cache-tokens need --mode streaming"),
+        (
+            ["bench", "--technique", "snapkv", "--model", "tiny-llama", "--set", "prompt_lengths=[64]"]
+            + ["--sweep", "press.compression_ratio=0.25,0.75"],
+            "is too small",  # the second cell's budget: refused before the first cell runs
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):

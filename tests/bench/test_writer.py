@@ -62,3 +62,28 @@ def test_committed_results_hold_no_absolute_machine_path():
         if file.suffix in (".json", ".md", ".yaml") and pattern.search(file.read_text())
     ]
     assert offending == []
+
+
+def test_report_compare_shows_the_ppl_on_the_rows_of_the_dtype_it_was_measured_at(tmp_path):
+    import json
+
+    from kvlab.bench.report.compare import compare
+
+    run = {"prompt_len": 16, "batch_size": 1, "ttft_s": {"median": 0.1}, "tpot_s": {"median": 0.01}}
+    runs = [
+        run | {"dtype": dtype, "method": method}
+        for dtype in ("float32", "bfloat16")
+        for method in ("baseline",)
+    ]
+    payload = {
+        "schema_version": 1,
+        "config": {"technique": "static-cache", "experiment_name": "x", "dtypes": ["bfloat16", "float32"]},
+        "model": {"name": "tiny-llama"},
+        "runs": [r | {"kv_cache_bytes": 1024} for r in runs],
+        "ppl": {"ppl": 12.5, "dtype": "bfloat16"},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    rows = {line.split("|")[3].strip(): line for line in compare([tmp_path]).splitlines()[2:]}
+    assert rows["bfloat16"].rstrip(" |").endswith("12.50") and not rows["float32"].rstrip(" |").endswith(
+        "12.50"
+    )
