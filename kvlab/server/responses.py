@@ -131,7 +131,10 @@ class ChunkWriter:
                 if self.envelope.is_chat
                 else completion_logprobs(entries, self.token_text, self.text_lengths[index])
             )
-        if output.new_text or new_logprobs is not None:
+        if output.new_text or new_logprobs is not None or output.new_token_ids:
+            # One chunk per token, its text empty where the token completes no character yet (part
+            # of a multi-byte character, a skipped special token): a client timing tokens by chunks
+            # (TTFT, TPOT) sees every one.
             events.append(self._chunk(index, output.new_text, new_logprobs, None))
             self.text_lengths[index] += len(output.new_text)
         if output.finished:

@@ -265,3 +265,16 @@ def test_decode_prompt_lengths_must_be_a_list_of_positive_lengths():
     for bad in ([], [128, 0]):
         with pytest.raises(ConfigError, match="decode.prompt_lens"):
             from_dict({"decode": {"prompt_lens": bad}}).validate()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["compression.prompt_len=500", "mixed.prompt_len_max=600"],
+    ids=["compression", "mixed"],
+)
+def test_a_workload_longer_than_the_registry_models_context_fails_before_loading(tmp_path, capsys, override):
+    # The compression workload was left out of the check: the engine cut its outputs at the context
+    # while its throughput counted the tokens asked for.
+    args = ["bench", "--technique", "paged", "--model", "tiny-llama", "--set", override]
+    assert main([*args, "--results-dir", str(tmp_path)]) == 2
+    assert "exceeds tiny-llama's context of 512" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -13,7 +13,7 @@ from kvlab.bench.loadgen.scrape import Scrape
 from kvlab.bench.loadgen.stats import agreement, summarize
 from kvlab.bench.loadgen.workload import load_requests, load_token_ids
 from kvlab.cli import main
-from kvlab.errors import ConfigError
+from kvlab.errors import ConfigError, PromptTooLongError
 
 LOAD = [
     *("--set", "load.num_clients=4", "--set", "load.num_requests=8", "--set", "load.abort_fraction=0.25"),
@@ -135,6 +135,17 @@ def test_agreement_finds_a_different_output_and_an_abort_off_the_reference():
     result = agreement(other, reference)
     assert not result["equal"] and result["differing_requests"] == [0]
     assert result["aborted_not_a_prefix"] == [1]
+
+
+def test_agreement_with_nothing_compared_is_not_equality():
+    # Every request failed: 0 of 0 compared read as "identical", and the report marked the check met.
+    reference = [record(0, "completed", [0.1], "hello world", 2)]
+    assert not agreement([record(0, "error", [], "")], reference)["equal"]
+
+
+def test_a_request_longer_than_the_registry_models_context_fails_before_any_server_starts():
+    with pytest.raises(PromptTooLongError, match="exceeds tiny-llama's context of 512"):
+        resolve("small", None, ["model=tiny-llama", "load.prompt_len_min=500", "load.prompt_len_max=520"], {})
 
 
 def test_seeded_aborts_are_exact_and_inside_each_request():

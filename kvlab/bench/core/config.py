@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from kvlab.errors import ConfigError
+from kvlab.errors import ConfigError, PromptTooLongError
 from kvlab.models.loader import DTYPES
 from kvlab.models.registry import DEFAULT_MODEL
 
@@ -71,6 +71,17 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_context(model: str, tokens: int, what: str) -> None:
+    """`tokens` must fit the context of `model` where the registry knows it without loading the model
+    (a hub id or a local model is checked once loaded)."""
+    from kvlab.models.registry import MODELS
+
+    spec = MODELS.get(model)
+    context = spec.known_context_length if spec is not None else None
+    if context is not None and tokens > context:
+        raise PromptTooLongError(f"{what} ({tokens} tokens) exceeds {model}'s context of {context} tokens")
 
 
 def check_batch_level(level: str) -> None:

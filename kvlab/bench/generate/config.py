@@ -11,6 +11,7 @@ from kvlab.bench.core.config import (
     ExperimentConfig,
     as_lists,
     check_batch_level,
+    check_context,
     check_keys,
     flag,
     layer,
@@ -18,7 +19,7 @@ from kvlab.bench.core.config import (
     positive,
     take_section,
 )
-from kvlab.errors import ConfigError, PromptTooLongError
+from kvlab.errors import ConfigError
 
 
 @dataclass(slots=True)
@@ -78,17 +79,6 @@ class BenchConfig(ExperimentConfig):
 
         if self.technique in TECHNIQUES:
             TECHNIQUES[self.technique].validate(self)
-
-
-def check_context(model: str, tokens: int, what: str) -> None:
-    """`tokens` must fit the context of `model` where the registry knows it without loading the model
-    (a hub id or a local model is checked once loaded)."""
-    from kvlab.models.registry import MODELS
-
-    spec = MODELS.get(model)
-    context = spec.known_context_length if spec is not None else None
-    if context is not None and tokens > context:
-        raise PromptTooLongError(f"{what} ({tokens} tokens) exceeds {model}'s context of {context} tokens")
 
 
 def from_dict(data: dict[str, Any]) -> BenchConfig:

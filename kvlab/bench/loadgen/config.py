@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.bench.core.config import ExperimentConfig, as_lists, check_keys, layer, positive, take_section
+from kvlab.bench.core.config import (
+    ExperimentConfig,
+    as_lists,
+    check_context,
+    check_keys,
+    layer,
+    positive,
+    take_section,
+)
 from kvlab.engine.config import EngineConfig
 from kvlab.errors import ConfigError
 
@@ -80,6 +88,9 @@ class LoadBenchConfig(ExperimentConfig):
                 f"the serving bench has no baseline/optimized split; method must be 'both', got {self.method!r}"
             )
         self.load.validate()
+        check_context(
+            self.model, self.load.prompt_len_max + self.load.output_len_max, "load's longest request"
+        )
         if not isinstance(self.ray_replicas, list) or len(set(self.ray_replicas)) != len(self.ray_replicas):
             raise ConfigError(
                 f"ray_replicas must be a list of distinct replica counts, got {self.ray_replicas!r}"

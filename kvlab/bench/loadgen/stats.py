@@ -62,7 +62,8 @@ def agreement(records: list[RequestRecord], reference: list[RequestRecord]) -> d
         "differing_requests": differ,
         "aborted_compared": len(partial),
         "aborted_not_a_prefix": not_prefix,
-        "equal": not differ
+        "equal": bool(compared)  # nothing compared (every request failed or was aborted) proves nothing
+        and not differ
         and not not_prefix
         and len(compared) == sum(r.outcome == "completed" for r in records),
     }

@@ -9,6 +9,7 @@ from typing import Any
 from kvlab.bench.core.config import (
     ExperimentConfig,
     as_lists,
+    check_context,
     check_keys,
     flag,
     layer,
@@ -124,6 +125,19 @@ class ServingConfig(ExperimentConfig):
             )
             press.budget(self.compression.prompt_len, num_layers=1)
         self.engine_config(self.dtype)  # unknown or bad engine keys fail here, before any model loads
+        check_context(self.model, self.longest_request(), "the longest request (prompt + output)")
+
+    def longest_request(self) -> int:
+        """Tokens of context the longest request of any workload needs (the engine caps an output at
+        the context, so a longer one would be cut short and its throughput miscounted)."""
+        lengths = [
+            self.mixed.prompt_len_max + self.mixed.output_len_max,
+            max(self.decode.prompt_lens) + self.decode.new_tokens,
+            self.prefix.prefix_len + self.prefix.suffix_len + self.prefix.output_len,
+        ]
+        if self.compression.enabled:
+            lengths.append(self.compression.prompt_len + self.compression.output_len)
+        return max(lengths)
 
     def engine_config(self, dtype: str, **changes: Any) -> EngineConfig:
         for key in ("dtype", "device"):

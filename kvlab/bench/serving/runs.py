@@ -60,11 +60,7 @@ def run_all(config: ServingConfig) -> dict[str, Any]:
     prepare_kernels()  # a kernel build or calibration must never fall inside a measured time
     loaded = load_model(config.model, dtype=config.dtype, device=config.device, seed=config.seed)
     model_resident = model_resident_bytes(loaded.model)
-    longest = max(
-        config.mixed.prompt_len_max + config.mixed.output_len_max,
-        max(config.decode.prompt_lens) + config.decode.new_tokens,
-        config.prefix.prefix_len + config.prefix.suffix_len + config.prefix.output_len,
-    )
+    longest = config.longest_request()  # checked before loading for a registry model; here for any
     if longest > loaded.context_length:
         raise ConfigError(
             f"the workload needs {longest} tokens of context; {config.model} has {loaded.context_length}"
@@ -243,7 +239,7 @@ def measure_compression(loaded, engine, requests: list[BenchRequest], workload) 
     ):
         run = serve(with_changes(engine), requests, press=request_press)
         result[label] = run | {
-            "output_tokens_per_s": sum(r.output_len for r in requests) / run["wall_s"],
+            "output_tokens_per_s": sum(len(tokens) for tokens in run["tokens"]) / run["wall_s"],
             "peak_kv_bytes_in_use": paged_kv_bytes(max(run["used_blocks"]), pool_bytes, num_blocks),
         }
     cache = PressCache(press, loaded.model, max_cache_tokens=workload.max_cache_tokens)
