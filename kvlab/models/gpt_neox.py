@@ -27,9 +27,9 @@ class GPTNeoXLayer:
     ln1: tuple[Tensor, Tensor]  # (weight, bias)
     ln2: tuple[Tensor, Tensor]
     qkv: Tensor  # (3 * H * D, hidden), rows reordered to q | k | v (HF interleaves per head)
-    qkv_bias: Tensor
+    qkv_bias: Tensor | None  # None where the config has attention_bias=False
     dense: Tensor
-    dense_bias: Tensor
+    dense_bias: Tensor | None
     up: Tensor
     up_bias: Tensor
     down: Tensor
@@ -67,7 +67,11 @@ class GPTNeoXEngineModel(EngineModel):
         regroup = regroup.transpose(0, 1).reshape(-1)
         weight = quantized_weight_of(attn.query_key_value)
         qkv = weight.select_rows(regroup) if isinstance(weight, QuantizedWeight) else weight[regroup]
-        bias = attn.query_key_value.bias.detach().view(self.num_heads, 3, self.head_dim)
+        bias = attn.query_key_value.bias
+        if bias is not None:
+            bias = (
+                bias.detach().view(self.num_heads, 3, self.head_dim).transpose(0, 1).reshape(-1).contiguous()
+            )
         return GPTNeoXLayer(
             ln1=(layer.input_layernorm.weight.detach(), layer.input_layernorm.bias.detach()),
             ln2=(
@@ -75,9 +79,9 @@ class GPTNeoXEngineModel(EngineModel):
                 layer.post_attention_layernorm.bias.detach(),
             ),
             qkv=qkv,
-            qkv_bias=bias.transpose(0, 1).reshape(-1).contiguous(),
+            qkv_bias=bias,
             dense=quantized_weight_of(attn.dense),
-            dense_bias=attn.dense.bias.detach(),
+            dense_bias=None if attn.dense.bias is None else attn.dense.bias.detach(),
             up=quantized_weight_of(mlp.dense_h_to_4h),
             up_bias=mlp.dense_h_to_4h.bias.detach(),
             down=quantized_weight_of(mlp.dense_4h_to_h),

@@ -7,6 +7,7 @@ load_model("tiny-llama")                        random weights built in-process
 load_model("smollm2-135m", native_quant=True)   a GGUF's Q4_0 / Q4_1 / Q8_0 blocks kept as they are
 """
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -87,6 +88,8 @@ def load_model(
         loaded = _load_gguf_file(Path(name))
     elif Path(name).is_dir():
         loaded = _load_directory(Path(name), name, source=f"local directory {name}")
+    elif name.startswith(("/", "./", "../", "~")) or name.endswith("/"):
+        raise ModelUnavailableError(f"local model directory {name} does not exist")
     elif "/" in name:
         hub_id, _, revision = name.partition("@")
         loaded = _load_hub(hub_id, revision or None, name)
@@ -95,7 +98,17 @@ def load_model(
             f"unknown model {name!r}; known short names: {', '.join(MODELS)} "
             "(or give a hub id[@revision], a local model directory or a .gguf file)"
         )
+    # RoPE's inverse frequencies stay float32, as from_pretrained(dtype=...) keeps them (a cast rounded
+    # them to bf16: cos / sin off by up to 0.08 at position 500, the baseline no longer HF's own).
+    frequencies = {
+        (module, name): buffer.clone()
+        for module in loaded.model.modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name in ("inv_freq", "original_inv_freq") and buffer.dtype == torch.float32
+    }
     loaded.model.to(device=torch_device, dtype=torch_dtype).eval()
+    for (module, name), buffer in frequencies.items():
+        setattr(module, name, buffer.to(torch_device))
     if gguf_file is not None:
         # After the cast: .to(dtype) would turn the float16 scales into `dtype` too.
         from kvlab.quant.gguf import apply_gguf_weights
@@ -208,7 +221,13 @@ def _converted_path(spec: ModelSpec) -> Path:
 def _load_gguf_file(path: Path) -> LoadedModel:
     if not path.is_file():
         raise ModelUnavailableError(f"GGUF file {path} does not exist")
-    target = cache_dir() / "models" / f"gguf-{path.stem}"
+    # Keyed by the file's place, size and modification time: two files of one name, or a file
+    # replaced in place, each get their own conversion.
+    stat = path.stat()
+    fingerprint = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[
+        :12
+    ]
+    target = cache_dir() / "models" / f"gguf-{path.stem}-{fingerprint}"
     if not (target / "model.safetensors").is_file():
         _convert_gguf(path, target)
     return _load_directory(target, str(path), source=f"{path} (cached at {target})")

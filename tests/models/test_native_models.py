@@ -210,3 +210,63 @@ def test_the_registry_knows_each_loaded_models_context_without_loading_it(smollm
 
     for loaded in (smollm2, tiny_model):
         assert MODELS[loaded.name].known_context_length == loaded.context_length
+
+
+def test_a_gpt_neox_without_attention_biases_runs_on_its_twin():
+    # attention_bias=False leaves query_key_value and dense without a bias; the twin read .bias.detach().
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvlab.generate import generate
+    from kvlab.models.registry import MODELS
+
+    settings = dict(MODELS["tiny-gpt-neox"].config, attention_bias=False)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)  # context-dependent outputs
+    ids = torch.randint(10, 49000, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    result = generate(model, ids, 6, path="native")
+    assert torch.equal(result.tokens, expected[:, 12:])
+
+
+def test_a_bfloat16_load_keeps_the_rotary_frequencies_in_float32():
+    # As from_pretrained(dtype=bfloat16) keeps them; cast with the weights they were rounded to bf16.
+    from kvlab.models.loader import load_model
+
+    def frequencies(dtype):
+        model = load_model("tiny-llama", dtype=dtype).model
+        return [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
+
+    half, full = frequencies("bfloat16"), frequencies("float32")
+    assert half and all(
+        h.dtype == torch.float32 and torch.equal(h, f) for h, f in zip(half, full, strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", ["./no-such-dir/", "/no/such/model", "~/nowhere"])
+def test_a_missing_local_directory_is_named_as_such(name):
+    from kvlab.errors import ModelUnavailableError
+    from kvlab.models.loader import load_model
+
+    with pytest.raises(ModelUnavailableError, match="local model directory .* does not exist"):
+        load_model(name)
+
+
+def test_two_gguf_files_of_one_name_get_their_own_conversions(tmp_path, monkeypatch):
+    # Keyed by the file name alone, the second file loaded the first's cached weights.
+    from kvlab.models import loader
+
+    targets = []
+    monkeypatch.setattr(loader, "_convert_gguf", lambda path, target: targets.append(target))
+    monkeypatch.setattr(loader, "_load_directory", lambda target, name, source: target)
+    files = []
+    for folder, content in (("a", b"one"), ("b", b"other")):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "model.gguf")
+        files[-1].write_bytes(content)
+    first, second = (loader._load_gguf_file(path) for path in files)
+    assert first != second and targets == [first, second]
+    assert loader._load_gguf_file(files[0]) == first  # the same file: the same conversion
