@@ -52,7 +52,6 @@ class GenerationResult:
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else float("nan")
 
 
-@torch.inference_mode()
 def check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
     """An attention mask as `model.generate` takes it: input_ids' shape, 0 / 1, zeros (padding) only
     before the ones of each row, and at least one token per row."""
@@ -68,6 +67,7 @@ def check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) ->
         raise ConfigError("every row of attention_mask needs at least one token (a 1)")
 
 
+@torch.inference_mode()
 def generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,

@@ -147,3 +147,12 @@ def test_a_press_on_the_hf_path_refuses_a_padded_batch(tiny_model, prompt_ids):
             press=get_press("h2o"),
             budget=Budget(compression_ratio=0.5),
         )
+
+
+def test_generation_runs_without_autograd(tiny_model, prompt_ids):
+    # Every step's activations would otherwise be kept for a backward pass that never comes.
+    modes = []
+    generate(
+        tiny_model.model, prompt_ids, 3, on_token=lambda _: modes.append(torch.is_inference_mode_enabled())
+    )
+    assert modes == [True] * 3
