@@ -126,8 +126,6 @@ class NativeForward:
         if attention_mask is None:
             self.lengths = [prompt_len] * batch
         else:
-            if not torch.equal(attention_mask, attention_mask.sort(dim=-1).values):
-                raise ConfigError("attention_mask must be left padding (zeros before ones in every row)")
             self.lengths = attention_mask.sum(-1).tolist()
         # Positions past the model's context are untrained but computable (HF computes RoPE on the
         # fly); a bounded press cache may stream there, so the tables cover every position fed.
@@ -221,6 +219,21 @@ class NativeForward:
         return contextlib.nullcontext()
 
 
+def check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """An attention mask as `model.generate` takes it: input_ids' shape, 0 / 1, zeros (padding) only
+    before the ones of each row, and at least one token per row."""
+    if attention_mask.shape != input_ids.shape:
+        raise ConfigError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ConfigError("attention_mask must hold only 0 (padding) and 1")
+    if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+        raise ConfigError("attention_mask must be left padding (zeros before ones in every row)")
+    if not bool(attention_mask[:, -1].all()):
+        raise ConfigError("every row of attention_mask needs at least one token (a 1)")
+
+
 def select_forward(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -238,6 +251,8 @@ def select_forward(
     press, or a `PreallocatedCache` sized for the request."""
     if path not in ("auto", "native", "hf"):
         raise ConfigError(f"unknown forward path {path!r}; choose auto, native or hf")
+    if attention_mask is not None:
+        check_left_padding(attention_mask, input_ids)
     if path == "native" and cache is not None:
         raise ConfigError("the native path keeps its own static K/V buffer; pass cache=None or path='hf'")
     why_not_native = None if model.config.model_type in ARCHITECTURES else "no engine-native twin"

@@ -52,21 +52,6 @@ class GenerationResult:
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else float("nan")
 
 
-def check_left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
-    """An attention mask as `model.generate` takes it: input_ids' shape, 0 / 1, zeros (padding) only
-    before the ones of each row, and at least one token per row."""
-    if attention_mask.shape != input_ids.shape:
-        raise ConfigError(
-            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-        )
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ConfigError("attention_mask must hold only 0 (padding) and 1")
-    if not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
-        raise ConfigError("attention_mask must be left padding (zeros before ones in every row)")
-    if not bool(attention_mask[:, -1].all()):
-        raise ConfigError("every row of attention_mask needs at least one token (a 1)")
-
-
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -102,8 +87,6 @@ def generate(
         or max_new_tokens <= 0
     ):
         raise ConfigError(f"max_new_tokens must be an integer > 0, got {max_new_tokens!r}")
-    if attention_mask is not None:
-        check_left_padding(attention_mask, input_ids)
     if press is not None and not isinstance(press, Press):
         raise ConfigError(f"press must be a Press (kvlab.get_press(name, ...)), got {press!r}")
     if budget is not None and not isinstance(budget, Budget):

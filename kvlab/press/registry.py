@@ -71,14 +71,13 @@ def get_press(name: str, *, rerotate: bool = False, per_head: bool = False, **op
         raise ConfigError(
             "key re-rotation and per-head budgets do not combine; choose one of rerotate, per_head"
         )
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
         raise ConfigError(
             f"press {name!r} has no option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known)) or 'none'}"
+            f"known: {', '.join(sorted(fields)) or 'none'}"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     options = {key: _check_option(name, fields[key], value) for key, value in options.items()}
     press: Press = cls(**options)
     if per_head:
