@@ -13,6 +13,14 @@ round and each call's minimum over the rounds counts, so a noisy neighbour skews
 table is keyed by the kernel sources, CPU model, torch version, thread count and the candidates, and
 stored as JSON in the build folder: a new build, CPU, torch or thread count calibrates afresh.
 
+At one row the walk is also timed with non-temporal requests ("<variant>/nt", skinny_tile.h). Its
+pass takes about as long; what it changes is what the caches still hold after it, where the host
+work between decode steps (Python, torch's dispatch, the K/V cache) finds its data. So one-row
+candidates are scored by their pass plus a footprint probe right after it: a gather over a 4 MiB
+table that was warm before the pass, a stand-in for that host work, whose cost adds to a step's
+the same way. On a 2-core Zen 4 EPYC the gather took 330-580 us after a non-temporal pass of
+SmolLM2's bf16 matrices, 700-750 after a plain one, ~130 warm.
+
 The quantized GEMM's variants (quant_gemm.cpp) are timed the same way at one input row, per weight
 format (int8 per channel, int4 in groups of 128), over the same shapes' codes: the float variants
 convert every weight to float32, the integer one (avx512vnni-x16) rounds the inputs to int16 and
@@ -46,6 +54,11 @@ DEFAULT_WORKING_SET = 512 * 2**20
 ROUNDS = 6  # the first is a warm-up
 TIE = 0.03  # relative difference below which two candidates count as equally fast
 TILES = "/tiles"  # a variant name's suffix: the register tiles at one input row (one_row_options)
+NON_TEMPORAL = "/nt"  # a variant name's suffix: the one-row walk with non-temporal requests
+# The footprint probe: a gather of HOT_GATHERS random entries of a HOT_SET-byte table, warm before the
+# pass; past a core's L2 (1-2 MiB) and well inside a last-level cache, as the host's working set is.
+HOT_SET = 4 * 2**20
+HOT_GATHERS = 65536
 # Weight formats the quantized GEMM's calibration times, as kvlab.quant spells them: bits -> format.
 QUANT_FORMATS = {8: "int8", 4: "int4-g128"}
 QUANT_WORKING_SET = 128 * 2**20  # bytes of codes per pass: as many int8 weights as the float32 set's
@@ -66,6 +79,8 @@ class Decision:
     kernel: str  # "torch" or the variant's name
     variant: str  # the fastest skinny GEMM variant, used when kvlab's kernel is asked for anyway
     ms: dict[str, float] = field(default_factory=dict)  # per candidate: ms per pass (minimum)
+    # At one row, per kvlab candidate: us of the footprint probe right after a pass (added to its ms).
+    hot_set_us: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -92,7 +107,12 @@ class Calibration:
     def to_json(self) -> dict:
         table: dict[str, dict[str, dict]] = {}
         for (dtype, rows), d in self.decisions.items():
-            table.setdefault(dtype, {})[str(rows)] = {"kernel": d.kernel, "variant": d.variant, "ms": d.ms}
+            table.setdefault(dtype, {})[str(rows)] = {
+                "kernel": d.kernel,
+                "variant": d.variant,
+                "ms": d.ms,
+                "hot_set_us": d.hot_set_us,
+            }
         quant = {
             name: {"kernel": d.kernel, "variant": d.variant, "ms": d.ms} for name, d in self.quant.items()
         }
@@ -101,7 +121,9 @@ class Calibration:
     @classmethod
     def from_json(cls, data: dict, path: Path) -> "Calibration":
         decisions = {
-            (dtype, int(rows)): Decision(entry["kernel"], entry["variant"], entry["ms"])
+            (dtype, int(rows)): Decision(
+                entry["kernel"], entry["variant"], entry["ms"], entry.get("hot_set_us", {})
+            )
             for dtype, by_rows in data["decisions"].items()
             for rows, entry in by_rows.items()
         }
@@ -184,11 +206,38 @@ def distinct_variants(dtype: torch.dtype, variants: Sequence[str]) -> list[str]:
 
 def one_row_options(variants: Sequence[str]) -> list[str]:
     """At one input row each variant walks the weight rows one at a time (one sequential stream per
-    thread, which the hardware prefetcher follows) or, as "<variant>/tiles", runs the register tiles
-    with software prefetch as at several rows: the walk read 54 GB/s where the tiles read 39 on a Zen 4
-    EPYC, and the tiles' prefetch distance was tuned on a Sapphire Rapids, so both are timed. Ties
-    go to the walk."""
-    return [*variants, *(f"{variant}{TILES}" for variant in variants)]
+    thread, which the hardware prefetcher follows), the same with non-temporal requests
+    ("<variant>/nt"), or, as "<variant>/tiles", runs the register tiles with software prefetch as at
+    several rows: the walk read 54 GB/s where the tiles read 39 on a Zen 4 EPYC, and the tiles'
+    prefetch distance was tuned on a Sapphire Rapids, so all are timed (with the footprint probe).
+    Ties go to the plain walk."""
+    return [
+        *variants,
+        *(f"{variant}{NON_TEMPORAL}" for variant in variants),
+        *(f"{variant}{TILES}" for variant in variants),
+    ]
+
+
+def _hot_set_us(
+    candidates: dict[str, Callable], weights: Sequence, inputs: Sequence[torch.Tensor], rounds: int
+) -> dict[str, float]:
+    """Per candidate, us of the footprint probe (a gather over a warm HOT_SET table) right after a pass
+    over `weights`; the fastest of the rounds after the first."""
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(HOT_SET // 4, generator=generator)
+    order = torch.randperm(table.numel(), generator=generator)[:HOT_GATHERS]
+    fastest = {name: float("inf") for name in candidates}
+    for round_index in range(rounds):
+        for name, run in candidates.items():
+            table.take(order)  # warm: the probe measures what the pass left of it
+            for x, w in zip(inputs, weights, strict=True):
+                run(x, w)
+            start = time.perf_counter()
+            table.take(order)
+            elapsed = time.perf_counter() - start
+            if round_index > 0:
+                fastest[name] = min(fastest[name], elapsed)
+    return {name: seconds * 1e6 for name, seconds in fastest.items()}
 
 
 def _pass_ms(
@@ -275,11 +324,18 @@ def measure(
                 name: (lambda x, w, name=name: skinny(x, w, name)) for name in names
             }
             candidates[TORCH] = F.linear  # what kvlab.models.native.linear runs when torch is chosen
-            best = _pass_ms(candidates, weights, [inputs[w.shape[1]] for w in weights], rounds)
-            variant = _fastest(names, best)
-            kernel = _fastest(list(candidates), best)
+            ordered = [inputs[w.shape[1]] for w in weights]
+            best = _pass_ms(candidates, weights, ordered, rounds)
+            score, hot = best, {}
+            if rows == 1:
+                hot = _hot_set_us({name: candidates[name] for name in names}, weights, ordered, rounds)
+                score = {name: best[name] + hot[name] / 1e3 for name in names}
+            variant = _fastest(names, score)
+            # torch's matmul against the chosen kernel's pass (ties to kvlab's)
+            kernel = _fastest([variant, TORCH], {variant: best[variant], TORCH: best[TORCH]})
             ms = {name: round(value, 4) for name, value in best.items()}
-            decisions[(dtype_name, rows)] = Decision(kernel, variant, ms)
+            hot = {name: round(value, 1) for name, value in hot.items()}
+            decisions[(dtype_name, rows)] = Decision(kernel, variant, ms, hot)
     return decisions
 
 

@@ -66,7 +66,7 @@ struct Matrix {
 // The kernels a step's matmuls run, and this thread's room for a quantized GEMM's per-group input sums.
 struct Gemm {
   sk::Kernel dense;
-  bool one_row_tiles;
+  sk::OneRow one_row;
   qt::Kernel quantized;
   std::vector<float>* group_sums;
 };
@@ -76,7 +76,7 @@ struct Gemm {
 void multiply(const Gemm& gemm, const Matrix& w, const float* xf, const void* xk, int64_t M, int64_t K, int64_t N,
               float* y, int64_t lo, int64_t hi) {
   if (w.scales == nullptr) {
-    gemm.dense(sk::Problem{xk, w.w, y, M, K, N, gemm.one_row_tiles}, lo, hi);
+    gemm.dense(sk::Problem{xk, w.w, y, M, K, N, gemm.one_row}, lo, hi);
     return;
   }
   // Each thread sums its own copy of the few input values per group (the offsets' share of the product,
@@ -240,7 +240,7 @@ void decode_layers(const Shapes& s, const std::vector<LayerWeights>& weights, co
       normed_b[tid].resize(M * hidden);
       attn_b.resize(M * q_size);
     }
-    const Gemm gemm{kernel, choice.one_row_tiles, quantized, &group_sums[tid]};
+    const Gemm gemm{kernel, choice.one_row, quantized, &group_sums[tid]};
     float* scores = scratch[tid].data();
     float* q_group = scores + G * share_len;
     for (int64_t m = 0; m < M; ++m) {

@@ -104,6 +104,6 @@ void avx512_bf16(const Problem& p, int64_t n_begin, int64_t n_end) {
   thread_local std::vector<float> split;
   split.resize(p.K);
   split_pairs(static_cast<const float*>(p.x), p.K, split.data());
-  run<Avx512Bf16Halves>(Problem{split.data(), p.w, p.y, p.M, p.K, p.N}, n_begin, n_end);
+  run<Avx512Bf16Halves>(Problem{split.data(), p.w, p.y, p.M, p.K, p.N, p.one_row}, n_begin, n_end);
 }
 }  // namespace kvlab::skinny

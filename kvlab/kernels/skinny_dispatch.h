@@ -23,11 +23,11 @@ struct Variant {
 // The variant called `name`; a clear error if it is unknown or this CPU lacks its instructions.
 const Variant& find_variant(const std::string& name);
 
-// A variant as the ops name it: "<variant>" (at one input row, the row-at-a-time walk) or
-// "<variant>/tiles" (the register tiles at one row too).
+// A variant as the ops name it: "<variant>" (at one input row, the row-at-a-time walk),
+// "<variant>/nt" (the walk with non-temporal requests) or "<variant>/tiles" (the register tiles).
 struct Choice {
   const Variant& variant;
-  bool one_row_tiles;
+  OneRow one_row;
 };
 Choice parse_variant(const std::string& name);
 

@@ -68,12 +68,12 @@ const Variant& find_variant(const std::string& name) {
 }
 
 Choice parse_variant(const std::string& name) {
-  static const std::string kTiles = "/tiles";
   const size_t slash = name.find('/');
-  if (slash == std::string::npos) return {find_variant(name), false};
-  TORCH_CHECK(name.compare(slash, std::string::npos, kTiles) == 0, "skinny_linear: unknown variant option '",
-              name.substr(slash), "' in '", name, "' (only ", kTiles, ")");
-  return {find_variant(name.substr(0, slash)), true};
+  if (slash == std::string::npos) return {find_variant(name), OneRow::kWalk};
+  const std::string option = name.substr(slash);
+  TORCH_CHECK(option == "/nt" || option == "/tiles", "skinny_linear: unknown variant option '", option, "' in '",
+              name, "' (/nt or /tiles)");
+  return {find_variant(name.substr(0, slash)), option == "/nt" ? OneRow::kWalkNonTemporal : OneRow::kTiles};
 }
 
 std::vector<std::string> skinny_variants() {
@@ -114,7 +114,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight, const st
   const at::Tensor xin = (bf16 && variant.bf16_reads_bf16_inputs) ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const sk::Problem problem{xin.const_data_ptr(), weight.const_data_ptr(), y.mutable_data_ptr<float>(), M, K, N,
-                            choice.one_row_tiles};
+                            choice.one_row};
   const sk::Kernel kernel = bf16 ? variant.bf16 : variant.f32;
   // Threads split the weight rows in whole blocks, so each streams its own share exactly once;
   // a chunk of at least 64 KiB of weights pays for waking a thread.

@@ -8,6 +8,14 @@
 
 namespace kvlab::skinny {
 
+// How a kernel reads the weights at one input row (skinny_tile.h); which serves is measured
+// (kvlab/kernels/calibrate.py): the variant's name alone, "<variant>/nt" or "<variant>/tiles".
+enum class OneRow : uint8_t {
+  kWalk,             // the weight rows one at a time, one sequential stream per thread
+  kWalkNonTemporal,  // the same walk, each line requested non-temporal just ahead (PREFETCHNTA)
+  kTiles,            // the register tiles, as at several input rows
+};
+
 // y (M, N) = x (M, K) @ w (N, K)^T for the weight rows [n_begin, n_end), float32 accumulation.
 // x is float32, except for variants whose bf16 kernel reads bfloat16 inputs (x_is_bf16 below).
 struct Problem {
@@ -15,9 +23,7 @@ struct Problem {
   const void* w;
   float* y;
   int64_t M, K, N;
-  // At one input row, the register tiles as at several instead of the row-at-a-time walk
-  // (skinny_tile.h); which is faster is measured (kvlab/kernels/calibrate.py), as "<variant>/tiles".
-  bool one_row_tiles = false;
+  OneRow one_row = OneRow::kWalk;
 };
 
 using Kernel = void (*)(const Problem&, int64_t n_begin, int64_t n_end);

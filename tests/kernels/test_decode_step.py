@@ -130,6 +130,26 @@ def test_the_lm_head_inside_the_step_gives_the_logits_of_the_head_after_it(
     assert torch.equal(inside, apart)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_one_row_step_computes_alike_in_every_walk(tiny_llama, fused_calls, monkeypatch, dtype):
+    """At one row the step's matmuls walk the weights, walk them with non-temporal requests ("/nt":
+    only cache hints, so the same floats) or run the register tiles (another summation order)."""
+    chosen = cpu_kernels.fused_decode_variant
+    logits = {}
+    for option in ("", "/nt", "/tiles"):
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                cpu_kernels,
+                "fused_decode_variant",
+                lambda *args, option=option: chosen(*args).split("/")[0] + option,
+            )
+            logits[option], _ = decode_logits(tiny_llama.model, dtype, [21], 3)
+    assert fused_calls == [1] * 9
+    assert torch.equal(logits["/nt"], logits[""])
+    scale = logits[""].abs().max().item()
+    torch.testing.assert_close(logits["/tiles"], logits[""], atol=0.02 * scale, rtol=0.02)
+
+
 @pytest.mark.parametrize("variant", [None, "amx"])
 def test_bfloat16_fused_steps_round_where_the_op_by_op_forward_rounds(
     tiny_llama, fused_calls, monkeypatch, variant

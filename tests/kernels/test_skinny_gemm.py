@@ -110,6 +110,21 @@ def test_one_row_with_the_tiles_option_is_computed_as_in_a_batch(variant):
     torch.testing.assert_close(walked, batched[:1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_non_temporal_walk_computes_what_the_walk_computes(variant, dtype):
+    """ "<variant>/nt" only adds cache hints to the one-row walk: the same floats, in every K tail
+    (577 and 33 columns leave partial vectors; 64 none)."""
+    _supported(variant)
+    generator = torch.Generator().manual_seed(8)
+    for columns in (577, 33, 64):
+        x = torch.randn(1, columns, generator=generator).to(dtype)
+        weight = torch.randn(41, columns, generator=generator).to(dtype)
+        walked = cpu_kernels.skinny_linear(x, weight, variant=variant)
+        assert torch.equal(cpu_kernels.skinny_linear(x, weight, variant=f"{variant}/nt"), walked)
+        torch.testing.assert_close(walked.float(), x.float() @ weight.float().T, rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_variant_reports_its_multiply_add_peak(dtype):
     """The kernel bench's arithmetic floor: each variant's multiply-add on registers, all threads."""
@@ -130,7 +145,7 @@ def test_the_multiply_add_peak_refuses_bad_arguments():
 
 
 def test_op_rejects_an_unknown_variant_option():
-    with pytest.raises(RuntimeError, match="unknown variant option '/rows'"):
+    with pytest.raises(RuntimeError, match=r"unknown variant option '/rows'.*\(/nt or /tiles\)"):
         cpu_kernels.skinny_linear(torch.randn(1, 8), torch.randn(4, 8), variant="avx2/rows")
 
 
@@ -163,7 +178,7 @@ def test_forced_avx2_runs_avx2_everywhere():
         "from kvlab.models.native import linear\n"
         "assert cpu.variants() == ('avx2',), cpu.variants()\n"
         "table = cpu.calibration()\n"
-        "assert {d.variant for d in table.decisions.values()} == {'avx2'}\n"
+        "assert {d.variant.split('/')[0] for d in table.decisions.values()} == {'avx2'}\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
         "    x, w = torch.randn(3, 40).to(dtype), torch.randn(24, 40).to(dtype)\n"
         "    assert cpu.skinny_variant(dtype, 3) == 'avx2'\n"
@@ -204,6 +219,55 @@ def _tiny_measure(skinny, variants):
     return calibrate.measure(skinny, variants, shapes=((8, 16),), working_set=4096, rounds=3)
 
 
+def _base(name: str) -> str:
+    """A variant's name without its one-row option (/nt, /tiles)."""
+    return name.split("/")[0]
+
+
+@pytest.mark.parametrize("non_temporal_gather_us, expected", [(300.0, "avx2/nt"), (700.0, "avx2")])
+def test_one_row_is_scored_by_its_pass_plus_what_it_leaves_in_the_caches(
+    monkeypatch, non_temporal_gather_us, expected
+):
+    """Walks whose passes tie are told apart by the footprint probe (a gather over a table warm before
+    the pass): the non-temporal walk wins where the gather after it is faster, the plain walk on a tie.
+    The probe's reading is the calibration's record."""
+    probes = {"avx2": 700.0, "avx2/nt": non_temporal_gather_us, "avx2/tiles": 900.0}
+    monkeypatch.setattr(calibrate, "_hot_set_us", lambda candidates, *args: {n: probes[n] for n in candidates})
+    decisions = _tiny_measure(lambda x, w, name: x, ["avx2"])
+    for dtype in calibrate.DTYPES:
+        one = decisions[(dtype, 1)]
+        assert (one.variant, one.kernel) == (expected, expected)
+        assert one.hot_set_us == probes
+        assert all(decisions[(dtype, rows)].hot_set_us == {} for rows in calibrate.ROW_BUCKETS[1:])
+
+
+def test_a_faster_pass_is_not_outvoted_by_the_footprint_probe(monkeypatch):
+    """A walk 20 ms a pass slower loses though the probe favours it by 0.4 ms."""
+    monkeypatch.setattr(
+        calibrate,
+        "_hot_set_us",
+        lambda candidates, *args: {n: 300.0 if n.endswith("/nt") else 700.0 for n in candidates},
+    )
+
+    def skinny(x, w, name):
+        if name.endswith("/nt"):
+            time.sleep(0.02)
+        return x
+
+    decisions = _tiny_measure(skinny, ["avx2"])
+    assert all(decisions[(dtype, 1)].variant in ("avx2", "avx2/tiles") for dtype in calibrate.DTYPES)
+
+
+def test_the_footprint_probe_times_each_candidate_after_its_pass():
+    calls = []
+    weights, inputs = [torch.randn(8, 16)], [torch.randn(1, 16)]
+    probes = calibrate._hot_set_us(
+        {"a": lambda x, w: calls.append("a"), "b": lambda x, w: calls.append("b")}, weights, inputs, 3
+    )
+    assert calls == ["a", "b"] * 3
+    assert set(probes) == {"a", "b"} and all(0 < us < 1e6 for us in probes.values())
+
+
 def test_calibration_picks_torch_where_the_kernel_is_slower():
     """A kernel that takes 20 ms per call loses to torch on a tiny matrix; an instant one wins."""
 
@@ -216,9 +280,7 @@ def test_calibration_picks_torch_where_the_kernel_is_slower():
 
     assert {d.kernel for d in _tiny_measure(slow, ["avx2"]).values()} == {"torch"}
     fast = _tiny_measure(instant, ["avx2"])
-    assert {d.kernel.removesuffix(calibrate.TILES) for d in fast.values()} == {
-        "avx2"
-    }  # the walk or the tiles
+    assert {_base(d.kernel) for d in fast.values()} == {"avx2"}  # the walk, /nt or the tiles
     assert set(fast) == {(dtype, rows) for dtype in calibrate.DTYPES for rows in calibrate.ROW_BUCKETS}
 
 
@@ -229,7 +291,7 @@ def test_calibration_picks_the_faster_variant():
         return x
 
     decisions = _tiny_measure(skinny, ["avx512", "avx2"])
-    assert {d.variant.removesuffix(calibrate.TILES) for d in decisions.values()} == {"avx512"}
+    assert {_base(d.variant) for d in decisions.values()} == {"avx512"}
     assert all(d.ms["avx2"] > d.ms["avx512"] for d in decisions.values())
 
 
@@ -242,7 +304,7 @@ def test_calibration_times_the_tiles_against_the_walk_at_one_row():
     decisions = _tiny_measure(skinny, ["avx2"])
     for dtype in calibrate.DTYPES:
         assert decisions[(dtype, 1)].variant == "avx2/tiles"
-        assert set(decisions[(dtype, 1)].ms) == {"avx2", "avx2/tiles", "torch"}
+        assert set(decisions[(dtype, 1)].ms) == {"avx2", "avx2/nt", "avx2/tiles", "torch"}
         assert {decisions[(dtype, rows)].variant for rows in calibrate.ROW_BUCKETS[1:]} == {"avx2"}
 
 
