@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming mode: configuration(s) to compare (full, window, streaming_llm, h2o, tova, recompute); repeatable",
     )
     ppl.add_argument(
-        "--cache-tokens", type=int, default=None, help="streaming mode: KV budget per layer (default 1024)"
+        "--cache-tokens", type=int, default=None, help="streaming mode: KV budget per layer (default: the streaming bench's)"
     )
     ppl.add_argument("--output", type=Path, default=None, help="streaming mode: write JSON + plot here")
     ppl.add_argument(
@@ -313,17 +313,20 @@ def cmd_ppl(args, argv) -> int:
     if args.mode == "streaming":
         from kvlab.bench.eval.streaming_report import DEFAULT_CONFIGS, StreamingConfig, run_streaming
 
-        config = StreamingConfig(
+        given_options = {
+            "cache_tokens": args.cache_tokens,
+            "score_from": args.score_from,
+            "model": args.model,
+            "dtype": args.dtype,
+            "device": args.device,
+        }
+        config = StreamingConfig(  # an option not given keeps StreamingConfig's default
             dataset=args.dataset,
             data_dir=args.data_dir,
             configs=args.press or list(DEFAULT_CONFIGS),
-            cache_tokens=1024 if args.cache_tokens is None else args.cache_tokens,
-            score_from=1 if args.score_from is None else args.score_from,
             max_tokens=args.max_tokens,
-            model=args.model or "smollm2-135m",
-            dtype=args.dtype or "float32",
-            device=args.device or "cpu",
             output=args.output,
+            **{name: value for name, value in given_options.items() if value is not None},
         )
         config.validate()
         path = run_streaming(config, text, "kvlab " + " ".join(shlex.quote(a) for a in argv))
