@@ -226,6 +226,7 @@ def test_one_row_rounds_are_probed_around_and_measured_again_when_the_probes_dis
     samples, rounds, remeasured = runs.time_passes(kernels, weights, inputs, 3, probed_model="model")
     assert calls == ["model"] * 3 and remeasured == 1
     assert rounds == [{"stream sum": 50e9 + i} for i in (1, 2, 3)]
-    assert len(samples["k"]) == 3 and len(ran) == 2 * (1 + 4)  # the warm-up, 3 rounds, 1 round again
+    # the warm-up round, 3 rounds, 1 round again; each pass right after an untimed call of its kernel
+    assert len(samples["k"]) == 3 and ran == [(4, 3), (4, 3), (2, 5)] * (1 + 4)
     samples, rounds, remeasured = runs.time_passes(kernels, weights, inputs, 2)
     assert len(samples["k"]) == 2 and rounds == [] and remeasured == 0 and len(calls) == 3

@@ -80,13 +80,18 @@ def time_passes(
     samples: dict[str, list[float]] = {name: [] for name in [*kernels, *steps]}
 
     def one_round() -> dict[str, float]:
+        # Each timed pass right after an untimed call of the same kernel, as decode steps follow each
+        # other: the first call after the probes (which map and free ~1.5 GiB) or after another kernel
+        # took up to 3x its steady time in some rounds (bf16 one-row steps of 18-20 ms between 6-9 ms).
         seconds = {}
         for name, run in kernels.items():
+            run(inputs[weights[0].shape[1]], weights[0])
             start = time.perf_counter()
             for w in weights:
                 run(inputs[w.shape[1]], w)
             seconds[name] = time.perf_counter() - start
         for name, step in steps.items():
+            step()
             start = time.perf_counter()
             step()
             seconds[name] = time.perf_counter() - start
