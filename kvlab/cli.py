@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="streaming mode: configuration(s) to compare (full, window, streaming_llm, h2o, tova, recompute); repeatable",
     )
     ppl.add_argument(
-        "--cache-tokens", type=int, default=None, help="streaming mode: KV budget per layer (default: the streaming bench's)"
+        "--cache-tokens",
+        type=int,
+        default=None,
+        help="streaming mode: KV budget per layer (default: the streaming bench's)",
     )
     ppl.add_argument("--output", type=Path, default=None, help="streaming mode: write JSON + plot here")
     ppl.add_argument(
