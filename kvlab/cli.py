@@ -319,9 +319,9 @@ def cmd_ppl(args, argv) -> int:
         given_options = {
             "cache_tokens": args.cache_tokens,
             "score_from": args.score_from,
-            "model": args.model,
-            "dtype": args.dtype,
-            "device": args.device,
+            "model": args.model or None,
+            "dtype": args.dtype or None,
+            "device": args.device or None,
         }
         config = StreamingConfig(  # an option not given keeps StreamingConfig's default
             dataset=args.dataset,

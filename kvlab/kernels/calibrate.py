@@ -213,7 +213,8 @@ def one_row_options(variants: Sequence[str]) -> list[str]:
     Ties go to the plain walk."""
     return [
         *variants,
-        *(f"{variant}{NON_TEMPORAL}" for variant in variants),
+        # the AMX kernel multiplies one row in its tiles: it has no walk to make non-temporal
+        *(f"{variant}{NON_TEMPORAL}" for variant in variants if variant != "amx"),
         *(f"{variant}{TILES}" for variant in variants),
     ]
 
@@ -331,8 +332,8 @@ def measure(
                 hot = _hot_set_us({name: candidates[name] for name in names}, weights, ordered, rounds)
                 score = {name: best[name] + hot[name] / 1e3 for name in names}
             variant = _fastest(names, score)
-            # torch's matmul against the chosen kernel's pass (ties to kvlab's)
-            kernel = _fastest([variant, TORCH], {variant: best[variant], TORCH: best[TORCH]})
+            # torch only where its pass beats every kvlab candidate's (ties to kvlab's)
+            kernel = TORCH if _fastest([*names, TORCH], best) == TORCH else variant
             ms = {name: round(value, 4) for name, value in best.items()}
             hot = {name: round(value, 1) for name, value in hot.items()}
             decisions[(dtype_name, rows)] = Decision(kernel, variant, ms, hot)

@@ -141,9 +141,13 @@ def test_a_one_row_step_computes_alike_in_every_walk(tiny_llama, fused_calls, mo
             patch.setattr(
                 cpu_kernels,
                 "fused_decode_variant",
-                lambda *args, option=option: chosen(*args).split("/")[0] + option,
+                lambda *args, option=option: (
+                    None if chosen(*args) is None else chosen(*args).split("/")[0] + option
+                ),
             )
             logits[option], _ = decode_logits(tiny_llama.model, dtype, [21], 3)
+    if not fused_calls:
+        pytest.skip("the calibration gave one-row steps to torch here")
     assert fused_calls == [1] * 9
     assert torch.equal(logits["/nt"], logits[""])
     scale = logits[""].abs().max().item()

@@ -232,7 +232,9 @@ def test_one_row_is_scored_by_its_pass_plus_what_it_leaves_in_the_caches(
     the pass): the non-temporal walk wins where the gather after it is faster, the plain walk on a tie.
     The probe's reading is the calibration's record."""
     probes = {"avx2": 700.0, "avx2/nt": non_temporal_gather_us, "avx2/tiles": 900.0}
-    monkeypatch.setattr(calibrate, "_hot_set_us", lambda candidates, *args: {n: probes[n] for n in candidates})
+    monkeypatch.setattr(
+        calibrate, "_hot_set_us", lambda candidates, *args: {n: probes[n] for n in candidates}
+    )
     decisions = _tiny_measure(lambda x, w, name: x, ["avx2"])
     for dtype in calibrate.DTYPES:
         one = decisions[(dtype, 1)]
@@ -256,6 +258,43 @@ def test_a_faster_pass_is_not_outvoted_by_the_footprint_probe(monkeypatch):
 
     decisions = _tiny_measure(skinny, ["avx2"])
     assert all(decisions[(dtype, 1)].variant in ("avx2", "avx2/tiles") for dtype in calibrate.DTYPES)
+
+
+@pytest.mark.parametrize(
+    "variants, passes, probes, rows, expected",
+    [
+        # the probe picks /nt; torch ties the plain walk's pass, not /nt's: kvlab keeps the bucket
+        (
+            ["avx2"],
+            {"avx2": 2.0, "avx2/nt": 2.05, "avx2/tiles": 3.0},
+            {"avx2/nt": 300.0},
+            1,
+            ("avx2/nt", "avx2/nt"),
+        ),
+        # ties do not chain: torch within 3% of avx2 (10.0) loses though avx512 (10.2) won its tie with avx2
+        (["avx512", "avx2"], {"avx512": 10.2, "avx2": 10.0}, {}, 2, ("avx512", "avx512")),
+        # torch more than 3% faster than every kvlab candidate takes the bucket
+        (["avx2"], {"avx2": 2.0, "avx2/nt": 2.0, "avx2/tiles": 3.0}, {}, 1, ("torch", "avx2")),
+    ],
+)
+def test_torch_takes_a_bucket_only_where_it_beats_every_kvlab_candidate(
+    monkeypatch, variants, passes, probes, rows, expected
+):
+    torch_ms = 1.95 if expected[0] != "torch" else 1.9
+    passes = {**passes, "torch": 9.9 if rows == 2 else torch_ms}
+    monkeypatch.setattr(
+        calibrate, "_pass_ms", lambda candidates, *args: {n: passes.get(n, 50.0) for n in candidates}
+    )
+    monkeypatch.setattr(
+        calibrate, "_hot_set_us", lambda candidates, *args: {n: probes.get(n, 700.0) for n in candidates}
+    )
+    decision = _tiny_measure(lambda x, w, name: x, variants)[("float32", rows)]
+    assert (decision.kernel, decision.variant) == expected
+
+
+def test_the_amx_kernel_has_no_non_temporal_walk_to_time():
+    """At one row the AMX kernel runs its tiles whatever the option: only a walk gets a /nt twin."""
+    assert calibrate.one_row_options(["amx", "avx2"]) == ["amx", "avx2", "avx2/nt", "amx/tiles", "avx2/tiles"]
 
 
 def test_the_footprint_probe_times_each_candidate_after_its_pass():
