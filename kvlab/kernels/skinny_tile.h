@@ -119,10 +119,11 @@ inline void block(const typename T::X* x, const typename T::W* w, float* y, int6
 // data), so the host work around each step runs from memory. The non-temporal hint asks the CPU to
 // keep the line out of the outer caches (AMD's optimization guides: a PREFETCHNTA that misses L2 is
 // not evicted into L2 later; Zen's L3 is filled only by L2 evictions). Measured on a 2-core Zen 4 EPYC
-// (bf16 SmolLM2, kvlab.generate at prompt 128, alternated in one process): the host time between
-// steps fell from ~410 to ~270 us, the steps themselves by ~3%, TPOT 6.42 -> 5.94 ms; PREFETCHT0 at
-// the same distance made it slower, and distances past 4 lines lost the effect. Whether a CPU keeps
-// its caches this way is measured (kvlab/kernels/calibrate.py), not assumed.
+// (bf16 SmolLM2, kvlab.generate at prompt 128, alternated per generation in one process): TPOT 5.65
+// against 6.26 ms in a fast memory spell, 7.52 against 8.28 in a slow one (float32 14.91 against
+// 15.53); with requests four lines ahead, the host time between steps had fallen from ~410 to ~270 us
+// and the steps by ~3%. PREFETCHT0 at the same distance made it slower, and distances past 4 lines
+// lost the effect. Whether a CPU keeps its caches this way is measured (kvlab/kernels/calibrate.py).
 // The sums' order differs from the tiles' (each output is still computed one way, whatever the split).
 template <class T, bool kNonTemporal>
 inline void one_row(const typename T::X* x, const typename T::W* w, float* y, int64_t K, int64_t n_begin,
