@@ -224,12 +224,15 @@ def _base(name: str) -> str:
     return name.split("/")[0]
 
 
-@pytest.mark.parametrize("non_temporal_gather_us, expected", [(300.0, "avx2/nt"), (700.0, "avx2")])
+@pytest.mark.parametrize(
+    "non_temporal_gather_us, expected", [(300.0, "avx2/nt"), (700.0, "avx2/nt"), (1000.0, "avx2")]
+)
 def test_one_row_is_scored_by_its_pass_plus_what_it_leaves_in_the_caches(
     monkeypatch, non_temporal_gather_us, expected
 ):
     """Walks whose passes tie are told apart by the footprint probe (a gather over a table warm before
-    the pass): the non-temporal walk wins where the gather after it is faster, the plain walk on a tie.
+    the pass): the plain walk wins only where the gather after it is faster; a tie goes to the
+    non-temporal walk (the same reads, hints added).
     The probe's reading is the calibration's record."""
     probes = {"avx2": 700.0, "avx2/nt": non_temporal_gather_us, "avx2/tiles": 900.0}
     monkeypatch.setattr(
@@ -274,7 +277,7 @@ def test_a_faster_pass_is_not_outvoted_by_the_footprint_probe(monkeypatch):
         # ties do not chain: torch within 3% of avx2 (10.0) loses though avx512 (10.2) won its tie with avx2
         (["avx512", "avx2"], {"avx512": 10.2, "avx2": 10.0}, {}, 2, ("avx512", "avx512")),
         # torch more than 3% faster than every kvlab candidate takes the bucket
-        (["avx2"], {"avx2": 2.0, "avx2/nt": 2.0, "avx2/tiles": 3.0}, {}, 1, ("torch", "avx2")),
+        (["avx2"], {"avx2": 2.0, "avx2/nt": 2.0, "avx2/tiles": 3.0}, {}, 1, ("torch", "avx2/nt")),
     ],
 )
 def test_torch_takes_a_bucket_only_where_it_beats_every_kvlab_candidate(
@@ -294,7 +297,7 @@ def test_torch_takes_a_bucket_only_where_it_beats_every_kvlab_candidate(
 
 def test_the_amx_kernel_has_no_non_temporal_walk_to_time():
     """At one row the AMX kernel runs its tiles whatever the option: only a walk gets a /nt twin."""
-    assert calibrate.one_row_options(["amx", "avx2"]) == ["amx", "avx2", "avx2/nt", "amx/tiles", "avx2/tiles"]
+    assert calibrate.one_row_options(["amx", "avx2"]) == ["avx2/nt", "amx", "avx2", "amx/tiles", "avx2/tiles"]
 
 
 def test_the_footprint_probe_times_each_candidate_after_its_pass():
